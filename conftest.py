@@ -1,0 +1,161 @@
+"""Shared pytest fixtures and helpers for the Kokoa suite.
+
+Tests that need root or an external tool call `require_tools()` / `require_root()`: they skip
+when the tool is absent, except under KOKOA_REQUIRE_E2E=1 (set by .ci/run), where they fail.
+"""
+
+import base64
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent
+REQUIRE_E2E = os.environ.get("KOKOA_REQUIRE_E2E") == "1"
+
+
+def require(condition, reason):
+    """Skip the test when `condition` is false, or fail it under KOKOA_REQUIRE_E2E=1."""
+    if condition:
+        return
+    if REQUIRE_E2E:
+        pytest.fail(f"{reason} (KOKOA_REQUIRE_E2E=1 forbids skipping)")
+    pytest.skip(reason)
+
+
+def require_tools(*names):
+    """Require every named executable on PATH (or an absolute path that exists)."""
+    missing = [n for n in names if shutil.which(n) is None]
+    require(not missing, f"missing tools: {', '.join(missing)}")
+
+
+def require_root():
+    """Require uid 0 (network namespaces, binding privileged things)."""
+    require(os.geteuid() == 0, "needs root")
+
+
+def free_port(host="127.0.0.1"):
+    """Return a TCP port that was free on `host` a moment ago."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+def wait_until(predicate, timeout=15.0, interval=0.05, what="condition"):
+    """Poll `predicate` until it returns a truthy value; fail after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def stop_process(proc, timeout=10.0):
+    """Terminate a Popen (then kill it) and reap it."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=timeout)
+
+
+class KokoaServer:
+    """A real `python kokoa.py serve` subprocess on a loopback port, with helpers to call it."""
+
+    def __init__(self, workdir, env_overrides=None):
+        self.workdir = Path(workdir)
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.db = self.workdir / "kokoa.db"
+        self.secret = os.urandom(32).hex()
+        self.bootstrap_token = base64.urlsafe_b64encode(os.urandom(24)).decode().rstrip("=")
+        self.admin_user = "admin"
+        self.admin_password = base64.urlsafe_b64encode(os.urandom(18)).decode()
+        self.env = dict(os.environ)
+        self.env.update({
+            "WIREGUARD_KEY_ENC_SECRET": self.secret,
+            "KOKOA_BOOTSTRAP_TOKEN": self.bootstrap_token,
+            "KOKOA_ADMIN_USER": self.admin_user,
+            "KOKOA_ADMIN_PASSWORD": self.admin_password,
+        })
+        self.env.update(env_overrides or {})
+        self.log_path = self.workdir / "kokoa-serve.log"
+        self.proc = None
+
+    def start(self):
+        """Start the server and wait until /healthz answers."""
+        log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, str(REPO / "kokoa.py"), "serve",
+             "--listen", f"127.0.0.1:{self.port}", "--db", str(self.db)],
+            cwd=self.workdir, env=self.env, stdout=log, stderr=subprocess.STDOUT)
+        log.close()
+        wait_until(self._healthy, timeout=20, what="kokoa /healthz")
+        return self
+
+    def _healthy(self):
+        if self.proc.poll() is not None:
+            raise AssertionError(f"kokoa exited early:\n{self.log_path.read_text()}")
+        try:
+            with urllib.request.urlopen(self.url + "/healthz", timeout=2) as resp:
+                return resp.status == 200
+        except (urllib.error.URLError, ConnectionError, OSError):
+            return False
+
+    def stop(self):
+        """Stop the server process."""
+        if self.proc is not None:
+            stop_process(self.proc)
+
+    def request(self, method, path, body=None, headers=None, auth="admin"):
+        """Send a request; return (status, headers, parsed JSON or raw bytes)."""
+        hdrs = dict(headers or {})
+        if auth == "admin":
+            creds = f"{self.admin_user}:{self.admin_password}".encode()
+            hdrs["Authorization"] = "Basic " + base64.b64encode(creds).decode()
+        elif auth:
+            hdrs["Authorization"] = f"Bearer {auth}"
+        data = None
+        if body is not None:
+            data = json.dumps(body).encode()
+            hdrs.setdefault("Content-Type", "application/json")
+        req = urllib.request.Request(self.url + path, data=data, method=method, headers=hdrs)
+        try:
+            with urllib.request.urlopen(req, timeout=30) as resp:
+                return resp.status, resp.headers, _decode(resp.read(), resp.headers)
+        except urllib.error.HTTPError as err:
+            return err.code, err.headers, _decode(err.read(), err.headers)
+
+    def register_edge(self, name, **fields):
+        """Register an edge with the bootstrap token; return (id, node token)."""
+        body = {"bootstrap_token": self.bootstrap_token, "name": name, **fields}
+        status, _, data = self.request("POST", "/api/v1/edge-nodes/register", body, auth=None)
+        assert status == 201, data
+        return data["id"], data["token"]
+
+
+def _decode(raw, headers):
+    if (headers.get("Content-Type") or "").startswith("application/json") and raw:
+        return json.loads(raw)
+    return raw
+
+
+@pytest.fixture
+def kokoa_server(tmp_path):
+    """A running control plane (function scope) in a fresh directory."""
+    server = KokoaServer(tmp_path).start()
+    yield server
+    server.stop()

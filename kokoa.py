@@ -1,0 +1,1963 @@
+"""Kokoa control plane: desired state for a fleet of nginx + WireGuard edges.
+
+Edges pull their config (an nginx `map $host`, the hostnames to certify, the WireGuard peers)
+from this WSGI app with a bearer token; operators manage origins and routes through the JSON
+API and the static web UI. The control plane is never in the data path.
+
+Usage:
+    python3 kokoa.py init                  write kokoa.env with fresh secrets (never overwrites)
+    python3 kokoa.py serve [--listen HOST:PORT] [--db PATH] [--env-file FILE]
+    python3 kokoa.py migrate [--db PATH]   create or upgrade the database schema
+    python3 kokoa.py backup PATH           consistent online copy of the database
+    python3 kokoa.py rotate-key            re-encrypt secrets from the old key to the current one
+
+Environment (real variables win over kokoa.env):
+    KOKOA_DB                      database path (default ./kokoa.db)
+    KOKOA_LISTEN                  HOST:PORT to serve on (default 127.0.0.1:8080)
+    KOKOA_LOG_LEVEL               DEBUG, INFO (default), WARNING, ERROR
+    WIREGUARD_KEY_ENC_SECRET      32-byte key (64 hex, or base64) encrypting WireGuard keys
+    WIREGUARD_KEY_ENC_SECRET_OLD  the previous key, read by rotate-key (and to read old rows)
+    KOKOA_BOOTSTRAP_TOKEN         token with which edges register
+    KOKOA_ADMIN_USER              admin user name for HTTP Basic (default admin)
+    KOKOA_ADMIN_PASSWORD          admin password; unset or empty: admin API on loopback only
+    KOKOA_WG_NETWORK              optional CIDR that every wg_ip must lie in
+"""
+
+__version__ = "0.1.0"
+
+import argparse
+import base64
+import binascii
+import collections
+import contextlib
+import dataclasses
+import datetime
+import hashlib
+import hmac
+import ipaddress
+import json
+import logging
+import os
+import re
+import secrets
+import sqlite3
+import sys
+import threading
+import time
+import unicodedata
+import uuid
+from pathlib import Path
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+log = logging.getLogger("kokoa")
+
+
+# Configuration & constants ###################################################################
+
+DEFAULT_LISTEN = "127.0.0.1:8080"
+DEFAULT_DB = "kokoa.db"
+DEFAULT_ENV_FILE = "kokoa.env"
+MAX_BODY_BYTES = 1024 * 1024
+STATIC_DIR = Path(__file__).resolve().parent / "static"
+AUTH_FAILURE_LIMIT = 10           # failed attempts per client address ...
+AUTH_FAILURE_WINDOW = 60.0        # ... per this many seconds
+LAST_SEEN_FLUSH_SECONDS = 30.0    # how stale the stored last_seen of an edge may get
+TOKEN_CACHE_SECONDS = 60.0
+UPSTREAM_KEEPALIVE = 32
+REQUEST_ID_RE = re.compile(r"[A-Za-z0-9._-]{1,128}")
+UUID_RE = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}")
+HEX64_RE = re.compile(r"[0-9a-f]{64}")
+LABEL_RE = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
+DEFAULT_SETTINGS = {"acme_staging": False}
+CERT_STATUSES = ("valid", "pending", "failed")
+
+
+@dataclasses.dataclass
+class Config:
+    """Everything the WSGI app needs, resolved from the environment by the CLI."""
+
+    db_path: str
+    keyring: "Keyring"
+    bootstrap_token: str = ""
+    admin_user: str = "admin"
+    admin_password: str = ""
+    wg_network: object = None   # ipaddress.ip_network or None
+
+
+def read_env_file(path):
+    """Parse KEY=VALUE lines (# comments, blank lines, optional surrounding quotes)."""
+    values = {}
+    for number, raw in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        key, sep, value = line.partition("=")
+        key = key.strip()
+        if key.startswith("export "):
+            key = key[len("export "):].strip()
+        if not sep or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key):
+            raise ValueError(f"{path}:{number}: expected KEY=VALUE")
+        value = value.strip()
+        if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+            value = value[1:-1]
+        values[key] = value
+    return values
+
+
+def decode_key(text):
+    """Decode a 32-byte key from 64 hex characters, else standard or url-safe base64."""
+    text = (text or "").strip()
+    if re.fullmatch(r"[0-9a-fA-F]{64}", text):
+        return bytes.fromhex(text)
+    padded = text + "=" * (-len(text) % 4)
+    for altchars in (None, b"-_"):
+        try:
+            raw = base64.b64decode(padded, altchars=altchars, validate=True)
+        except (binascii.Error, ValueError):
+            continue
+        if len(raw) == 32:
+            return raw
+    raise ValueError("must be 32 bytes: 64 hex characters or base64")
+
+
+def parse_listen(text):
+    """Split HOST:PORT (or [v6]:PORT) into (host, port)."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536 or not host:
+        raise ValueError(f"--listen must be HOST:PORT, got {text!r}")
+    return host.strip("[]"), int(port)
+
+
+# Errors ######################################################################################
+
+class HTTPError(Exception):
+    """An error answered as a JSON envelope: {"error": {"code", "message", "field"?}}."""
+
+    def __init__(self, status, code, message, field=None, headers=None):
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.field = field
+        self.headers = headers or []
+
+    def body(self):
+        """The JSON envelope as a dict."""
+        error = {"code": self.code, "message": self.message}
+        if self.field is not None:
+            error["field"] = self.field
+        return {"error": error}
+
+
+def invalid(field, message):
+    """A 400 invalid_field error naming `field`."""
+    return HTTPError(400, "invalid_field", message, field=field)
+
+
+def conflict(field, message):
+    """A 409 conflict error naming `field`."""
+    return HTTPError(409, "conflict", message, field=field)
+
+
+def not_found(what="resource"):
+    """A 404 not_found error."""
+    return HTTPError(404, "not_found", f"{what} not found")
+
+
+class SecretError(Exception):
+    """A stored secret could not be decrypted (wrong key, tampered or swapped blob)."""
+
+
+# Utilities ###################################################################################
+
+def utc_now():
+    """The current UTC time as ISO 8601 with a Z suffix, to the second."""
+    return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def new_id():
+    """A fresh UUIDv4 string."""
+    return str(uuid.uuid4())
+
+
+def canonical_json(value):
+    """Canonical JSON bytes: sorted keys, no spaces, ASCII only."""
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
+
+
+def sha256_hex(data):
+    """Hex SHA-256 of bytes or str."""
+    if isinstance(data, str):
+        data = data.encode()
+    return hashlib.sha256(data).hexdigest()
+
+
+def next_power_of_two(n):
+    """The smallest power of two >= n (and >= 1)."""
+    return 1 << max(0, (n - 1).bit_length())
+
+
+class RateLimiter:
+    """Counts failures per key in a sliding window; over the limit, answers 429."""
+
+    def __init__(self, limit=AUTH_FAILURE_LIMIT, window=AUTH_FAILURE_WINDOW, max_keys=10000):
+        self.limit = limit
+        self.window = window
+        self.max_keys = max_keys
+        self._failures = collections.OrderedDict()
+        self._lock = threading.Lock()
+
+    def check(self, key):
+        """Raise a 429 HTTPError if `key` has used up its failures in the window."""
+        with self._lock:
+            times = self._prune(key, time.monotonic())
+            if times is not None and len(times) >= self.limit:
+                retry = max(1, int(times[0] + self.window - time.monotonic()) + 1)
+                raise HTTPError(429, "too_many_requests",
+                                "too many failed attempts; try again later",
+                                headers=[("Retry-After", str(retry))])
+
+    def fail(self, key):
+        """Record one failed attempt by `key`."""
+        with self._lock:
+            now = time.monotonic()
+            times = self._prune(key, now)
+            if times is None:
+                times = self._failures[key] = collections.deque()
+            times.append(now)
+            self._failures.move_to_end(key)
+            while len(self._failures) > self.max_keys:
+                self._failures.popitem(last=False)
+
+    def _prune(self, key, now):
+        times = self._failures.get(key)
+        if times is None:
+            return None
+        while times and times[0] <= now - self.window:
+            times.popleft()
+        if not times:
+            del self._failures[key]
+            return None
+        return times
+
+
+# Crypto (tokens, secrets) ####################################################################
+
+SECRET_BLOB_VERSION = 1
+NONCE_BYTES = 12
+KEY_ID_BYTES = 4
+
+
+def hash_token(token):
+    """SHA-256 hex of a high-entropy token: what is stored instead of the token."""
+    return sha256_hex(token)
+
+
+def new_token():
+    """A fresh node token: 32 random bytes, url-safe base64."""
+    return secrets.token_urlsafe(32)
+
+
+def tokens_equal(given, expected):
+    """Constant-time comparison of two secrets of any length."""
+    given_digest = hashlib.sha256(given.encode("utf-8", "surrogatepass")).digest()
+    expected_digest = hashlib.sha256(expected.encode("utf-8", "surrogatepass")).digest()
+    return hmac.compare_digest(given_digest, expected_digest)
+
+
+def key_id(key):
+    """A short public identifier of an encryption key, stored beside each blob."""
+    return hashlib.sha256(b"kokoa-key-id:" + key).digest()[:KEY_ID_BYTES]
+
+
+def seal(key, plaintext, aad):
+    """Encrypt: version byte | key id | 96-bit random nonce | AES-256-GCM ciphertext+tag."""
+    nonce = os.urandom(NONCE_BYTES)
+    sealed = AESGCM(key).encrypt(nonce, plaintext, aad)
+    return bytes([SECRET_BLOB_VERSION]) + key_id(key) + nonce + sealed
+
+
+def unseal(keys, blob, aad):
+    """Decrypt a blob from seal() with whichever of `keys` it names; SecretError otherwise."""
+    header = 1 + KEY_ID_BYTES + NONCE_BYTES
+    if len(blob) < header + 16 or blob[0] != SECRET_BLOB_VERSION:
+        raise SecretError("unknown secret format")
+    wanted = blob[1:1 + KEY_ID_BYTES]
+    key = next((k for k in keys if hmac.compare_digest(key_id(k), wanted)), None)
+    if key is None:
+        raise SecretError("secret was sealed with a key that is not configured")
+    try:
+        return AESGCM(key).decrypt(blob[1 + KEY_ID_BYTES:header], blob[header:], aad)
+    except InvalidTag:
+        raise SecretError("secret failed authentication (tampered or moved)") from None
+
+
+class Keyring:
+    """Local AES-GCM keys: seals with the current key, opens with current or old ones.
+
+    This is the seam a KMS would replace: anything with seal(), unseal() and is_current().
+    """
+
+    def __init__(self, current, old=()):
+        self.current = current
+        self.keys = [current, *old]
+
+    def seal(self, plaintext, aad):
+        """Encrypt `plaintext` bound to `aad` with the current key."""
+        return seal(self.current, plaintext, aad)
+
+    def unseal(self, blob, aad):
+        """Decrypt a blob; raises SecretError if no configured key opens it."""
+        return unseal(self.keys, blob, aad)
+
+    def is_current(self, blob):
+        """True if `blob` was sealed with the current key."""
+        return blob[1:1 + KEY_ID_BYTES] == key_id(self.current)
+
+
+def secret_aad(table, row_id, column):
+    """Associated data binding a secret to its row, so blobs cannot be swapped between rows."""
+    return f"kokoa:{table}:{row_id}:{column}".encode()
+
+
+def wg_public_from_private(private_raw):
+    """The X25519 (WireGuard) public key of a 32-byte private key."""
+    return X25519PrivateKey.from_private_bytes(private_raw).public_key().public_bytes_raw()
+
+
+def wg_generate_private():
+    """A fresh, clamped X25519 private key (as `wg genkey` makes)."""
+    raw = bytearray(X25519PrivateKey.generate().private_bytes_raw())
+    raw[0] &= 248
+    raw[31] = (raw[31] & 127) | 64
+    return bytes(raw)
+
+
+def b64(raw):
+    """Standard base64 text of bytes."""
+    return base64.b64encode(raw).decode("ascii")
+
+
+# Database (connect, migrations, queries) #####################################################
+
+NOW_SQL = "(strftime('%Y-%m-%dT%H:%M:%SZ','now'))"
+
+
+def _wg_ip_guard(table, other, event):
+    """A trigger keeping wg_ip unique across origins and edge_nodes."""
+    return f"""
+        CREATE TRIGGER {table}_wg_ip_unique_{event.lower()}
+        BEFORE {event} ON {table}
+        WHEN NEW.wg_ip IS NOT NULL
+         AND EXISTS (SELECT 1 FROM {other} WHERE wg_ip = NEW.wg_ip)
+        BEGIN
+            SELECT RAISE(ABORT, 'UNIQUE constraint failed: {table}.wg_ip');
+        END"""
+
+
+# Append-only: version = index + 1. Never edit a shipped entry; add a new one.
+MIGRATIONS = [
+    [
+        f"""
+        CREATE TABLE origins (
+            id                 TEXT PRIMARY KEY CHECK (length(id) = 36),
+            name               TEXT NOT NULL CHECK (length(name) BETWEEN 1 AND 64),
+            name_key           TEXT NOT NULL UNIQUE,
+            wg_ip              TEXT NOT NULL UNIQUE,
+            wg_public_key      TEXT NOT NULL UNIQUE CHECK (length(wg_public_key) = 44),
+            wg_private_key_enc BLOB,
+            wg_endpoint        TEXT,
+            created_at         TEXT NOT NULL DEFAULT {NOW_SQL}
+        )""",
+        f"""
+        CREATE TABLE routes (
+            id          TEXT PRIMARY KEY CHECK (length(id) = 36),
+            hostname    TEXT NOT NULL UNIQUE CHECK (length(hostname) BETWEEN 1 AND 253),
+            origin_id   TEXT NOT NULL REFERENCES origins (id) ON DELETE RESTRICT,
+            target_port INTEGER NOT NULL
+                        CHECK (typeof(target_port) = 'integer'
+                               AND target_port BETWEEN 1 AND 65535),
+            created_at  TEXT NOT NULL DEFAULT {NOW_SQL}
+        )""",
+        "CREATE INDEX routes_origin_id ON routes (origin_id)",
+        f"""
+        CREATE TABLE edge_nodes (
+            id             TEXT PRIMARY KEY CHECK (length(id) = 36),
+            name           TEXT NOT NULL CHECK (length(name) BETWEEN 1 AND 64),
+            name_key       TEXT NOT NULL UNIQUE,
+            token_hash     TEXT NOT NULL UNIQUE CHECK (length(token_hash) = 64),
+            wg_ip          TEXT UNIQUE,
+            wg_public_key  TEXT UNIQUE,
+            wg_endpoint    TEXT,
+            created_at     TEXT NOT NULL DEFAULT {NOW_SQL},
+            last_seen      TEXT,
+            applied_hash   TEXT,
+            status_ok      INTEGER,
+            last_error     TEXT,
+            last_status_at TEXT,
+            certificates   TEXT NOT NULL DEFAULT '{{}}'
+        )""",
+        """
+        CREATE TABLE settings (
+            key   TEXT PRIMARY KEY,
+            value TEXT NOT NULL
+        )""",
+        _wg_ip_guard("origins", "edge_nodes", "INSERT"),
+        _wg_ip_guard("origins", "edge_nodes", "UPDATE"),
+        _wg_ip_guard("edge_nodes", "origins", "INSERT"),
+        _wg_ip_guard("edge_nodes", "origins", "UPDATE"),
+    ],
+]
+
+
+def connect(path):
+    """Open a connection: autocommit mode, foreign keys, busy timeout, WAL, durable commits."""
+    db = sqlite3.connect(path, isolation_level=None, timeout=5.0)
+    db.row_factory = sqlite3.Row
+    db.execute("PRAGMA foreign_keys = ON")
+    db.execute("PRAGMA busy_timeout = 5000")
+    if path != ":memory:":
+        db.execute("PRAGMA journal_mode = WAL")
+    db.execute("PRAGMA synchronous = FULL")
+    return db
+
+
+@contextlib.contextmanager
+def transaction(db):
+    """BEGIN IMMEDIATE ... COMMIT, or ROLLBACK on any exception."""
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        yield db
+    except BaseException:
+        db.execute("ROLLBACK")
+        raise
+    db.execute("COMMIT")
+
+
+def schema_version(db):
+    """The database's PRAGMA user_version."""
+    (version,) = db.execute("PRAGMA user_version").fetchone()
+    return version
+
+
+def migrate(db, migrations=None):
+    """Apply pending migrations, each with its user_version bump in one transaction."""
+    migrations = MIGRATIONS if migrations is None else migrations
+    current = schema_version(db)
+    if current > len(migrations):
+        raise RuntimeError(
+            f"database schema v{current} is newer than this kokoa {__version__} "
+            f"(knows v{len(migrations)}); refusing to touch it")
+    for version, statements in enumerate(migrations[current:], start=current + 1):
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            for statement in statements:
+                db.execute(statement)
+            db.execute(f"PRAGMA user_version = {version:d}")
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        log.info("migrated database to schema v%d", version)
+    return schema_version(db)
+
+
+def query_origins(db, origin_id=None):
+    """Origin rows with their route counts (all, or the one with `origin_id`)."""
+    sql = """
+        SELECT o.*,
+               (SELECT count(*) FROM routes AS r WHERE r.origin_id = o.id) AS route_count
+          FROM origins AS o"""
+    if origin_id is None:
+        return db.execute(sql + " ORDER BY o.name_key").fetchall()
+    return db.execute(sql + " WHERE o.id = ?", (origin_id,)).fetchall()
+
+
+def query_routes(db, route_id=None):
+    """Route rows joined with their origin's name and wg_ip."""
+    sql = """
+        SELECT r.*, o.name AS origin_name, o.wg_ip AS origin_wg_ip
+          FROM routes AS r
+          JOIN origins AS o ON o.id = r.origin_id"""
+    if route_id is None:
+        return db.execute(sql + " ORDER BY r.hostname").fetchall()
+    return db.execute(sql + " WHERE r.id = ?", (route_id,)).fetchall()
+
+
+def query_edges(db, edge_id=None):
+    """Edge node rows (all, or the one with `edge_id`)."""
+    if edge_id is None:
+        return db.execute("SELECT * FROM edge_nodes ORDER BY name_key").fetchall()
+    return db.execute("SELECT * FROM edge_nodes WHERE id = ?", (edge_id,)).fetchall()
+
+
+def read_settings(db):
+    """All settings, defaults filled in."""
+    settings = dict(DEFAULT_SETTINGS)
+    for row in db.execute("SELECT key, value FROM settings"):
+        if row["key"] in settings:
+            settings[row["key"]] = json.loads(row["value"])
+    return settings
+
+
+def write_setting(db, key, value):
+    """Insert or replace one setting (JSON-encoded)."""
+    db.execute(
+        """
+        INSERT INTO settings (key, value)
+        VALUES (?, ?)
+        ON CONFLICT (key) DO UPDATE SET value = excluded.value""",
+        (key, json.dumps(value)))
+
+
+def wg_ip_owner(db, wg_ip, exclude_id=None):
+    """Which table ('origin' or 'edge node') already holds `wg_ip`, ignoring one row id."""
+    row = db.execute(
+        """
+        SELECT 'origin' AS kind FROM origins WHERE wg_ip = :ip AND id IS NOT :skip
+        UNION ALL
+        SELECT 'edge node' FROM edge_nodes WHERE wg_ip = :ip AND id IS NOT :skip
+        LIMIT 1""",
+        {"ip": wg_ip, "skip": exclude_id}).fetchone()
+    return row["kind"] if row else None
+
+
+def backup_database(source_path, target_path):
+    """Copy a live database consistently with sqlite3's online backup API."""
+    source = connect(source_path)
+    target = sqlite3.connect(target_path)
+    try:
+        source.backup(target)
+    finally:
+        target.close()
+        source.close()
+
+
+# Domain logic ################################################################################
+
+def check_fields(body, allowed, required=()):
+    """Reject a body that is not an object, has unknown fields, or lacks required ones."""
+    if not isinstance(body, dict):
+        raise HTTPError(400, "invalid_json", "the body must be a JSON object")
+    for field in body:
+        if field not in allowed:
+            raise invalid(field, f"unknown field {field!r}")
+    for field in required:
+        if body.get(field) is None:
+            raise invalid(field, f"{field} is required")
+
+
+def check_text(value, field, max_length, allow_newlines=False):
+    """A string of at most `max_length` characters without control characters."""
+    if not isinstance(value, str):
+        raise invalid(field, f"{field} must be a string")
+    if len(value) > max_length:
+        raise invalid(field, f"{field} must be at most {max_length} characters")
+    for char in value:
+        if allow_newlines and char in "\n\t":
+            continue
+        if unicodedata.category(char) in ("Cc", "Cs"):
+            raise invalid(field, f"{field} must not contain control characters")
+    return value
+
+
+def validate_name(value, field="name"):
+    """A display name: 1-64 characters, no control characters, no outer whitespace."""
+    name = check_text(value, field, 64).strip()
+    if not name:
+        raise invalid(field, f"{field} must not be empty")
+    return name
+
+
+def name_key(name):
+    """The case-insensitive identity of a name."""
+    return unicodedata.normalize("NFKC", name).casefold()
+
+
+def is_ip_address(text):
+    """True if `text` parses as an IPv4 or IPv6 address."""
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
+
+
+def check_dns_name(name, field, min_labels):
+    """RFC 1123: labels of 1-63 letters, digits and inner hyphens; at most 253 in all."""
+    labels = name.split(".")
+    if len(name) > 253 or len(labels) < min_labels:
+        raise invalid(field, f"{field} must be a DNS name of at least {min_labels} "
+                             "labels and at most 253 characters")
+    for label in labels:
+        if not LABEL_RE.fullmatch(label):
+            raise invalid(field, f"{field} has an invalid label {label!r}: use 1-63 letters, "
+                                 "digits or inner hyphens")
+    if labels[-1].isdigit() or is_ip_address(name):
+        raise invalid(field, f"{field} must be a DNS name, not an IP address")
+    return name
+
+
+def normalize_hostname(value, field="hostname"):
+    """Lower-case, drop one trailing dot, IDN to punycode, then check RFC 1123 rules."""
+    text = check_text(value, field, 1024).strip().lower()
+    if text.endswith("."):
+        text = text[:-1]
+    if not text or is_ip_address(text.strip("[]")):
+        raise invalid(field, f"{field} must be a DNS name, not empty or an IP address")
+    try:
+        ascii_name = text.encode("idna").decode("ascii")
+    except UnicodeError:
+        raise invalid(field, f"{field} is not a valid internationalized name") from None
+    return check_dns_name(ascii_name.lower(), field, min_labels=2)
+
+
+def validate_port(value, field="target_port"):
+    """An integer port 1-65535 (not a bool, float or string)."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 65535:
+        raise invalid(field, f"{field} must be an integer from 1 to 65535")
+    return value
+
+
+def validate_wg_ip(value, network, field="wg_ip"):
+    """A unicast host address, not loopback/link-local/multicast/unspecified, inside network."""
+    check_text(value, field, 64)
+    try:
+        address = ipaddress.ip_address(value.strip())
+    except ValueError:
+        raise invalid(field, f"{field} must be an IPv4 or IPv6 address") from None
+    mapped = getattr(address, "ipv4_mapped", None)
+    for candidate in (address, mapped):
+        if candidate is not None and (
+                candidate.is_loopback or candidate.is_link_local or candidate.is_multicast
+                or candidate.is_unspecified or candidate.is_reserved):
+            raise invalid(field, f"{field} must not be a loopback, link-local, multicast, "
+                                 "reserved or unspecified address")
+    if network is not None:
+        if address not in network:
+            raise invalid(field, f"{field} must lie in {network}")
+        if network.num_addresses > 2 and address in (network.network_address,
+                                                     network.broadcast_address):
+            raise invalid(field, f"{field} must be a host address of {network}")
+    return str(address)
+
+
+def validate_wg_key(value, field):
+    """Standard base64 of exactly 32 bytes; returns (canonical text, raw bytes)."""
+    check_text(value, field, 64)
+    try:
+        raw = base64.b64decode(value.strip(), validate=True)
+    except (binascii.Error, ValueError):
+        raw = b""
+    if len(raw) != 32:
+        raise invalid(field, f"{field} must be base64 of 32 bytes (as `wg genkey` prints)")
+    return b64(raw), raw
+
+
+def validate_endpoint(value, field="wg_endpoint"):
+    """host:port or [v6]:port; None or "" means no endpoint."""
+    if value is None or value == "":
+        return None
+    text = check_text(value, field, 300).strip().lower()
+    match = re.fullmatch(r"\[([0-9a-f:.]+)\]:([0-9]{1,5})|([^:\[\]]+):([0-9]{1,5})", text)
+    if not match:
+        raise invalid(field, f"{field} must be host:port or [IPv6]:port")
+    host, port = (match.group(1), match.group(2)) if match.group(1) else match.group(3, 4)
+    if not 1 <= int(port) <= 65535:
+        raise invalid(field, f"{field} port must be from 1 to 65535")
+    if match.group(1):
+        try:
+            host = f"[{ipaddress.IPv6Address(host)}]"
+        except ValueError:
+            raise invalid(field, f"{field} has an invalid IPv6 address") from None
+    elif not is_ip_address(host):
+        check_dns_name(host.rstrip("."), field, min_labels=1)
+    return f"{host}:{int(port)}"
+
+
+def resolve_wg_keys(public_value, private_value):
+    """Check or complete a WireGuard key pair; returns (public b64, private raw or None).
+
+    Private alone: derive the public key. Both: they must match. Neither: generate a pair.
+    """
+    private_raw = None
+    if private_value is not None:
+        _, private_raw = validate_wg_key(private_value, "wg_private_key")
+    if public_value is not None:
+        public_text, public_raw = validate_wg_key(public_value, "wg_public_key")
+        if private_raw is not None and wg_public_from_private(private_raw) != public_raw:
+            raise invalid("wg_private_key", "wg_private_key does not match wg_public_key")
+        return public_text, private_raw
+    if private_raw is None:
+        private_raw = wg_generate_private()
+    return b64(wg_public_from_private(private_raw)), private_raw
+
+
+def check_unique(db, table, column, value, field, exclude_id=None):
+    """409 if another row of `table` has `value` in `column`."""
+    row = db.execute(
+        f"SELECT 1 FROM {quote_identifier(table)} "
+        f"WHERE {quote_identifier(column)} = ? AND id IS NOT ?",
+        (value, exclude_id)).fetchone()
+    if row:
+        raise conflict(field, f"{field} is already in use")
+
+
+def check_wg_ip_free(db, wg_ip, exclude_id=None):
+    """409 if an origin or an edge already has `wg_ip`."""
+    owner = wg_ip_owner(db, wg_ip, exclude_id)
+    if owner:
+        raise conflict("wg_ip", f"wg_ip {wg_ip} is already used by an {owner}")
+
+
+def quote_identifier(name):
+    """Quote an SQL identifier taken from code constants."""
+    return '"' + name.replace('"', '""') + '"'
+
+
+# Origins
+
+ORIGIN_FIELDS = ("name", "wg_ip", "wg_public_key", "wg_private_key", "wg_endpoint")
+
+
+def origin_json(row):
+    """The public JSON of an origin row (never the private key)."""
+    return {
+        "id": row["id"], "name": row["name"], "wg_ip": row["wg_ip"],
+        "wg_public_key": row["wg_public_key"], "wg_endpoint": row["wg_endpoint"],
+        "has_private_key": row["wg_private_key_enc"] is not None,
+        "route_count": row["route_count"], "created_at": row["created_at"],
+    }
+
+
+def get_origin_row(db, origin_id):
+    """The origin row with `origin_id`, or 404."""
+    rows = query_origins(db, origin_id) if UUID_RE.fullmatch(origin_id or "") else []
+    if not rows:
+        raise not_found("origin")
+    return rows[0]
+
+
+def seal_private_key(keyring, origin_id, private_raw):
+    """Encrypt an origin's WireGuard private key bound to its row."""
+    if private_raw is None:
+        return None
+    return keyring.seal(private_raw, secret_aad("origins", origin_id, "wg_private_key"))
+
+
+def insert_origin(db, config, body):
+    """Validate and insert an origin; returns its row."""
+    check_fields(body, ORIGIN_FIELDS, required=("name", "wg_ip"))
+    name = validate_name(body["name"])
+    wg_ip = validate_wg_ip(body["wg_ip"], config.wg_network)
+    endpoint = validate_endpoint(body.get("wg_endpoint"))
+    public, private_raw = resolve_wg_keys(body.get("wg_public_key"), body.get("wg_private_key"))
+    origin_id = new_id()
+    with transaction(db):
+        check_unique(db, "origins", "name_key", name_key(name), "name")
+        check_wg_ip_free(db, wg_ip)
+        check_unique(db, "origins", "wg_public_key", public, "wg_public_key")
+        db.execute(
+            """
+            INSERT INTO origins (id, name, name_key, wg_ip, wg_public_key,
+                                 wg_private_key_enc, wg_endpoint, created_at)
+            VALUES (?, ?, ?, ?, ?, ?, ?, ?)""",
+            (origin_id, name, name_key(name), wg_ip, public,
+             seal_private_key(config.keyring, origin_id, private_raw), endpoint, utc_now()))
+    return get_origin_row(db, origin_id)
+
+
+def origin_key_changes(config, row, body):
+    """New (public, sealed private) columns for a PATCH that touches the keys."""
+    public_value = body.get("wg_public_key", row["wg_public_key"])
+    if "wg_private_key" in body:
+        private_value = body["wg_private_key"]
+        if private_value is None:
+            _, public_raw = validate_wg_key(public_value, "wg_public_key")
+            return b64(public_raw), None
+        public_value = body.get("wg_public_key")
+        public, private_raw = resolve_wg_keys(public_value, private_value)
+        return public, seal_private_key(config.keyring, row["id"], private_raw)
+    public, _ = validate_wg_key(public_value, "wg_public_key")
+    sealed = row["wg_private_key_enc"]
+    if sealed is not None and public != row["wg_public_key"]:
+        raise invalid("wg_public_key", "wg_public_key does not match the stored private key; "
+                                       "send wg_private_key too (or null to drop it)")
+    return public, sealed
+
+
+def patch_origin(db, config, origin_id, body):
+    """Validate and apply a partial update to an origin; returns its row."""
+    check_fields(body, ORIGIN_FIELDS)
+    with transaction(db):
+        row = get_origin_row(db, origin_id)
+        name = validate_name(body["name"]) if "name" in body else row["name"]
+        wg_ip = row["wg_ip"]
+        if "wg_ip" in body:
+            wg_ip = validate_wg_ip(body["wg_ip"], config.wg_network)
+        endpoint = row["wg_endpoint"]
+        if "wg_endpoint" in body:
+            endpoint = validate_endpoint(body["wg_endpoint"])
+        public, sealed = origin_key_changes(config, row, body)
+        check_unique(db, "origins", "name_key", name_key(name), "name", origin_id)
+        check_wg_ip_free(db, wg_ip, origin_id)
+        check_unique(db, "origins", "wg_public_key", public, "wg_public_key", origin_id)
+        db.execute(
+            """
+            UPDATE origins
+               SET name = ?, name_key = ?, wg_ip = ?, wg_public_key = ?,
+                   wg_private_key_enc = ?, wg_endpoint = ?
+             WHERE id = ?""",
+            (name, name_key(name), wg_ip, public, sealed, endpoint, origin_id))
+    return get_origin_row(db, origin_id)
+
+
+def remove_origin(db, origin_id):
+    """Delete an origin; 409 while routes use it."""
+    with transaction(db):
+        row = get_origin_row(db, origin_id)
+        if row["route_count"]:
+            raise conflict(None, f"origin is in use by {row['route_count']} route(s); "
+                                 "delete or move them first")
+        db.execute("DELETE FROM origins WHERE id = ?", (origin_id,))
+
+
+# Routes
+
+ROUTE_FIELDS = ("hostname", "origin_id", "target_port")
+
+
+def route_json(row):
+    """The public JSON of a route row."""
+    return {
+        "id": row["id"], "hostname": row["hostname"], "origin_id": row["origin_id"],
+        "origin_name": row["origin_name"], "target_port": row["target_port"],
+        "created_at": row["created_at"],
+    }
+
+
+def get_route_row(db, route_id):
+    """The route row with `route_id`, or 404."""
+    rows = query_routes(db, route_id) if UUID_RE.fullmatch(route_id or "") else []
+    if not rows:
+        raise not_found("route")
+    return rows[0]
+
+
+def check_origin_exists(db, origin_id):
+    """400 naming origin_id unless it is an existing origin's id."""
+    if not isinstance(origin_id, str) or not UUID_RE.fullmatch(origin_id):
+        raise invalid("origin_id", "origin_id must be the id of an origin")
+    if not db.execute("SELECT 1 FROM origins WHERE id = ?", (origin_id,)).fetchone():
+        raise invalid("origin_id", "origin_id does not name an existing origin")
+    return origin_id
+
+
+def insert_route(db, body):
+    """Validate and insert a route; returns its row."""
+    check_fields(body, ROUTE_FIELDS, required=ROUTE_FIELDS)
+    hostname = normalize_hostname(body["hostname"])
+    port = validate_port(body["target_port"])
+    route_id = new_id()
+    with transaction(db):
+        origin_id = check_origin_exists(db, body["origin_id"])
+        check_unique(db, "routes", "hostname", hostname, "hostname")
+        db.execute(
+            """
+            INSERT INTO routes (id, hostname, origin_id, target_port, created_at)
+            VALUES (?, ?, ?, ?, ?)""",
+            (route_id, hostname, origin_id, port, utc_now()))
+    return get_route_row(db, route_id)
+
+
+def patch_route(db, route_id, body):
+    """Validate and apply a partial update to a route; returns its row."""
+    check_fields(body, ROUTE_FIELDS)
+    with transaction(db):
+        row = get_route_row(db, route_id)
+        hostname = row["hostname"]
+        if "hostname" in body:
+            hostname = normalize_hostname(body["hostname"])
+        port = validate_port(body["target_port"]) if "target_port" in body \
+            else row["target_port"]
+        origin_id = row["origin_id"]
+        if "origin_id" in body:
+            origin_id = check_origin_exists(db, body["origin_id"])
+        check_unique(db, "routes", "hostname", hostname, "hostname", route_id)
+        db.execute(
+            """
+            UPDATE routes
+               SET hostname = ?, origin_id = ?, target_port = ?
+             WHERE id = ?""",
+            (hostname, origin_id, port, route_id))
+    return get_route_row(db, route_id)
+
+
+def remove_route(db, route_id):
+    """Delete a route or 404."""
+    with transaction(db):
+        get_route_row(db, route_id)
+        db.execute("DELETE FROM routes WHERE id = ?", (route_id,))
+
+
+# Edge nodes
+
+REGISTER_FIELDS = ("bootstrap_token", "name", "wg_public_key", "wg_ip", "wg_endpoint")
+STATUS_FIELDS = ("applied_hash", "ok", "error", "certificates")
+CERT_FIELDS = ("status", "not_after", "error")
+
+
+def edge_json(row, config_hash, last_seen=None):
+    """The public JSON of an edge row (never its token hash)."""
+    return {
+        "id": row["id"], "name": row["name"], "wg_ip": row["wg_ip"],
+        "wg_public_key": row["wg_public_key"], "wg_endpoint": row["wg_endpoint"],
+        "created_at": row["created_at"], "last_seen": last_seen or row["last_seen"],
+        "applied_hash": row["applied_hash"],
+        "in_sync": row["applied_hash"] is not None and row["applied_hash"] == config_hash,
+        "status_ok": None if row["status_ok"] is None else bool(row["status_ok"]),
+        "last_error": row["last_error"], "last_status_at": row["last_status_at"],
+        "certificates": json.loads(row["certificates"]),
+    }
+
+
+def insert_edge(db, config, body):
+    """Validate and insert an edge node; returns (row, the node token shown once)."""
+    check_fields(body, REGISTER_FIELDS, required=("name",))
+    name = validate_name(body["name"])
+    public = None
+    if body.get("wg_public_key") is not None:
+        public, _ = validate_wg_key(body["wg_public_key"], "wg_public_key")
+    wg_ip = None
+    if body.get("wg_ip") is not None:
+        wg_ip = validate_wg_ip(body["wg_ip"], config.wg_network)
+    endpoint = validate_endpoint(body.get("wg_endpoint"))
+    token = new_token()
+    edge_id = new_id()
+    with transaction(db):
+        check_unique(db, "edge_nodes", "name_key", name_key(name), "name")
+        if wg_ip is not None:
+            check_wg_ip_free(db, wg_ip)
+        if public is not None:
+            check_unique(db, "edge_nodes", "wg_public_key", public, "wg_public_key")
+        db.execute(
+            """
+            INSERT INTO edge_nodes (id, name, name_key, token_hash, wg_ip, wg_public_key,
+                                    wg_endpoint, created_at)
+            VALUES (?, ?, ?, ?, ?, ?, ?, ?)""",
+            (edge_id, name, name_key(name), hash_token(token), wg_ip, public, endpoint,
+             utc_now()))
+    return query_edges(db, edge_id)[0], token
+
+
+def validate_certificates(value):
+    """hostname -> {"status", "not_after"?, "error"?}, as an agent reports them."""
+    if not isinstance(value, dict):
+        raise invalid("certificates", "certificates must be an object of hostname -> state")
+    clean = {}
+    for hostname, state in value.items():
+        host = normalize_hostname(hostname, "certificates")
+        if not isinstance(state, dict) or state.get("status") not in CERT_STATUSES:
+            raise invalid("certificates", "each certificate needs a status: "
+                                          + ", ".join(CERT_STATUSES))
+        check_fields(state, CERT_FIELDS)
+        entry = {"status": state["status"]}
+        for key in ("not_after", "error"):
+            if state.get(key) is not None:
+                entry[key] = check_text(state[key], "certificates", 2000, allow_newlines=True)
+        clean[host] = entry
+    return clean
+
+
+def record_edge_status(db, edge_id, body):
+    """Store what an edge reports: applied hash, ok/error, certificate states."""
+    check_fields(body, STATUS_FIELDS, required=("ok",))
+    if not isinstance(body["ok"], bool):
+        raise invalid("ok", "ok must be true or false")
+    applied = body.get("applied_hash")
+    if applied is not None and (not isinstance(applied, str) or not HEX64_RE.fullmatch(applied)):
+        raise invalid("applied_hash", "applied_hash must be a lower-case hex SHA-256")
+    error = body.get("error")
+    if error is not None:
+        error = check_text(error, "error", 4000, allow_newlines=True)
+    certificates = body.get("certificates")
+    if certificates is not None:
+        certificates = json.dumps(validate_certificates(certificates), sort_keys=True)
+    now = utc_now()
+    with transaction(db):
+        db.execute(
+            """
+            UPDATE edge_nodes
+               SET applied_hash = ?, status_ok = ?, last_error = ?, last_status_at = ?,
+                   last_seen = ?, certificates = coalesce(?, certificates)
+             WHERE id = ?""",
+            (applied, int(body["ok"]), None if body["ok"] else (error or "unknown error"),
+             now, now, certificates, edge_id))
+
+
+def revoke_edge(db, edge_id):
+    """Delete an edge node, which makes its token fail; 404 if unknown."""
+    if not UUID_RE.fullmatch(edge_id or ""):
+        raise not_found("edge node")
+    with transaction(db):
+        deleted = db.execute("DELETE FROM edge_nodes WHERE id = ?", (edge_id,)).rowcount
+    if not deleted:
+        raise not_found("edge node")
+
+
+# Settings
+
+def store_settings(db, body):
+    """Validate and store settings; returns all settings."""
+    check_fields(body, tuple(DEFAULT_SETTINGS))
+    for key, value in body.items():
+        if not isinstance(value, type(DEFAULT_SETTINGS[key])):
+            raise invalid(key, f"{key} must be a {type(DEFAULT_SETTINGS[key]).__name__}")
+    with transaction(db):
+        for key, value in body.items():
+            write_setting(db, key, value)
+    return read_settings(db)
+
+
+# The edge config
+
+def upstream_address(wg_ip, port):
+    """ip:port with IPv6 in brackets."""
+    host = f"[{wg_ip}]" if ":" in wg_ip else wg_ip
+    return f"{host}:{port}"
+
+
+def wireguard_peers(origins):
+    """The peers every edge needs: one per origin, sorted by public key."""
+    peers = []
+    for origin in origins:
+        prefix = 128 if ":" in origin["wg_ip"] else 32
+        peer = {"public_key": origin["wg_public_key"],
+                "allowed_ips": [f"{origin['wg_ip']}/{prefix}"]}
+        if origin["wg_endpoint"]:
+            peer["endpoint"] = origin["wg_endpoint"]
+        peers.append(peer)
+    return sorted(peers, key=lambda peer: peer["public_key"])
+
+
+def build_edge_config(db):
+    """The edge payload and its hash: a pure function of routes, origins and settings.
+
+    Returns (config_hash, response body bytes).
+    """
+    routes = {
+        row["hostname"]: upstream_address(row["wg_ip"], row["target_port"])
+        for row in db.execute(
+            """
+            SELECT r.hostname, r.target_port, o.wg_ip
+              FROM routes AS r
+              JOIN origins AS o ON o.id = r.origin_id""")
+    }
+    origins = db.execute("SELECT wg_ip, wg_public_key, wg_endpoint FROM origins").fetchall()
+    settings = read_settings(db)
+    payload = {
+        "hostnames": sorted(routes),
+        "routes": routes,
+        "acme": {"staging": bool(settings["acme_staging"])},
+        "nginx_map": render_nginx_map(routes),
+        "wireguard": {"peers": wireguard_peers(origins)},
+    }
+    config_hash = sha256_hex(canonical_json(payload))
+    payload["config_hash"] = config_hash
+    return config_hash, canonical_json(payload)
+
+
+# nginx config generator ######################################################################
+
+NGINX_HOSTNAME_RE = re.compile(r"[a-z0-9.-]{1,253}")
+NGINX_UPSTREAM_RE = re.compile(r"(\d{1,3}(\.\d{1,3}){3}|\[[0-9a-f:.]+\]):\d{1,5}")
+
+
+def upstream_name(address):
+    """A unique, stable nginx upstream name for ip:port, e.g. kokoa_v4_10_8_0_2_8080."""
+    host, _, port = address.rpartition(":")
+    if host.startswith("["):
+        return f"kokoa_v6_{ipaddress.IPv6Address(host[1:-1]).exploded.replace(':', '')}_{port}"
+    return f"kokoa_v4_{host.replace('.', '_')}_{port}"
+
+
+def map_hash_sizes(hostnames):
+    """(map_hash_max_size, map_hash_bucket_size) big enough for these names without warnings."""
+    longest = max((len(name) for name in hostnames), default=0)
+    element = (8 + longest + 2 + 7) // 8 * 8    # nginx: pointer + name + length, 8-aligned
+    bucket = max(128, next_power_of_two(element + 8))
+    max_size = max(1024, next_power_of_two(len(hostnames) + 1))
+    return max_size, bucket
+
+
+def render_nginx_map(routes):
+    """The text of map.conf from {hostname: "ip:port"}: upstreams with keepalive, then the map.
+
+    Pure and deterministic; every value is checked again against a strict pattern so that
+    nothing but a validated hostname or address can ever reach the text.
+    """
+    for hostname, address in routes.items():
+        if not NGINX_HOSTNAME_RE.fullmatch(hostname) or not NGINX_UPSTREAM_RE.fullmatch(address):
+            raise ValueError(f"refusing to render unvalidated route {hostname!r} -> {address!r}")
+    max_size, bucket = map_hash_sizes(routes)
+    lines = [
+        f"# generated by kokoa {__version__}; do not edit",
+        f"map_hash_max_size {max_size};",
+        f"map_hash_bucket_size {bucket};",
+        "map $http_upgrade $kokoa_connection_upgrade {",
+        "    default upgrade;",
+        '    "" "";',
+        "}",
+    ]
+    for address in sorted(set(routes.values()), key=upstream_name):
+        lines += [
+            f"upstream {upstream_name(address)} {{",
+            f"    server {address};",
+            f"    keepalive {UPSTREAM_KEEPALIVE};",
+            "}",
+        ]
+    lines += ["map $host $kokoa_backend {", '    default "";']
+    lines += [f"    {host} {upstream_name(routes[host])};" for host in sorted(routes)]
+    lines.append("}")
+    return "\n".join(lines) + "\n"
+
+
+def render_origin_wireguard(origin, private_key, edges):
+    """The origin's wg-quick file: its interface and a [Peer] per edge with a key and wg_ip."""
+    prefix = 128 if ":" in origin["wg_ip"] else 32
+    lines = [
+        f"# WireGuard config for kokoa origin {json.dumps(origin['name'])}",
+        "# Install as /etc/wireguard/kokoa0.conf (mode 0600), then: wg-quick up kokoa0",
+        "[Interface]",
+        f"Address = {origin['wg_ip']}/{prefix}",
+    ]
+    if private_key is None:
+        lines += ["# The control plane does not hold this origin's private key: paste it here.",
+                  "# PrivateKey = <base64 private key matching " + origin["wg_public_key"] + ">"]
+    else:
+        lines.append(f"PrivateKey = {b64(private_key)}")
+    lines.append("ListenPort = 51820")
+    for edge in edges:
+        if not edge["wg_public_key"] or not edge["wg_ip"]:
+            continue
+        edge_prefix = 128 if ":" in edge["wg_ip"] else 32
+        lines += ["", f"# edge {json.dumps(edge['name'])}", "[Peer]",
+                  f"PublicKey = {edge['wg_public_key']}",
+                  f"AllowedIPs = {edge['wg_ip']}/{edge_prefix}"]
+        if edge["wg_endpoint"]:
+            lines.append(f"Endpoint = {edge['wg_endpoint']}")
+        lines.append("PersistentKeepalive = 25")
+    return "\n".join(lines) + "\n"
+
+
+# HTTP plumbing (request, routing, responses) #################################################
+
+JSON_TYPE = "application/json"
+STATUS_TEXT = {
+    200: "OK", 201: "Created", 204: "No Content", 304: "Not Modified", 400: "Bad Request",
+    401: "Unauthorized", 403: "Forbidden", 404: "Not Found", 405: "Method Not Allowed",
+    409: "Conflict", 413: "Payload Too Large", 415: "Unsupported Media Type",
+    429: "Too Many Requests", 500: "Internal Server Error", 503: "Service Unavailable",
+}
+SECURITY_HEADERS = [
+    ("X-Content-Type-Options", "nosniff"),
+    ("X-Frame-Options", "DENY"),
+    ("Referrer-Policy", "no-referrer"),
+    ("Content-Security-Policy",
+     "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+     "connect-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'"),
+]
+ROUTES = []
+
+
+@dataclasses.dataclass
+class Route:
+    """One entry of the route table."""
+
+    method: str
+    pattern: str
+    regex: re.Pattern
+    handler: object
+    auth: str
+    int_params: tuple
+
+
+def route(method, pattern, auth="admin"):
+    """Register a handler for METHOD and a path pattern with <name> or <int:name> parts.
+
+    auth is "admin" (HTTP Basic), "edge" (Bearer node token) or "none".
+    """
+    int_params = tuple(re.findall(r"<int:(\w+)>", pattern))
+    regex = re.compile(re.sub(
+        r"<(int:)?(\w+)>",
+        lambda m: f"(?P<{m.group(2)}>{'[0-9]+' if m.group(1) else '[^/]+'})",
+        pattern))
+
+    def decorate(handler):
+        ROUTES.append(Route(method, pattern, regex, handler, auth, int_params))
+        return handler
+    return decorate
+
+
+def match_route(method, path):
+    """(Route, params) for a request; 404 if no pattern matches, 405 with Allow if no method."""
+    allowed = []
+    for entry in ROUTES:
+        match = entry.regex.fullmatch(path)
+        if not match:
+            continue
+        if entry.method == method or (method == "HEAD" and entry.method == "GET"):
+            params = match.groupdict()
+            for name in entry.int_params:
+                params[name] = int(params[name])
+            return entry, params
+        allowed.append(entry.method)
+    if allowed:
+        allow = ", ".join(sorted(set(allowed + (["HEAD"] if "GET" in allowed else []))))
+        raise HTTPError(405, "method_not_allowed", f"{method} is not allowed here",
+                        headers=[("Allow", allow)])
+    raise not_found("path")
+
+
+@dataclasses.dataclass
+class Response:
+    """A non-JSON or header-carrying response."""
+
+    status: int
+    body: bytes = b""
+    content_type: str = ""
+    headers: list = dataclasses.field(default_factory=list)
+
+
+def json_response(status, value, headers=None):
+    """A JSON Response (ASCII-escaped, so no stray surrogate can break encoding)."""
+    body = json.dumps(value, ensure_ascii=True).encode() if value is not None else b""
+    return Response(status, body, JSON_TYPE if body else "", headers or [])
+
+
+def reject_duplicate_keys(pairs):
+    """object_pairs_hook: a JSON object may not name a key twice."""
+    result = {}
+    for key, value in pairs:
+        if key in result:
+            raise ValueError(f"duplicate key {key[:64]!r}")
+        result[key] = value
+    return result
+
+
+def reject_constant(name):
+    """parse_constant hook: NaN and Infinity are not JSON."""
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def parse_json_body(raw):
+    """Decode a request body as strict JSON; 400 invalid_json on any fault."""
+    try:
+        return json.loads(raw.decode("utf-8"), object_pairs_hook=reject_duplicate_keys,
+                          parse_constant=reject_constant)
+    except (UnicodeDecodeError, ValueError, RecursionError) as err:
+        message = str(err)[:200] if isinstance(err, ValueError) else "body is not valid JSON"
+        raise HTTPError(400, "invalid_json", f"invalid JSON: {message}") from None
+
+
+def etag_matches(if_none_match, config_hash):
+    """True if an If-None-Match header names this hash (strong or weak, or *)."""
+    if not if_none_match or len(if_none_match) > 8192:
+        return False
+    for tag in if_none_match.split(","):
+        tag = tag.strip()
+        if tag == "*" or tag.removeprefix("W/") == f'"{config_hash}"':
+            return True
+    return False
+
+
+def is_loopback(address):
+    """True for a loopback peer address (the socket's, never a forwarded header)."""
+    try:
+        return ipaddress.ip_address(address.split("%")[0]).is_loopback
+    except ValueError:
+        return False
+
+
+class Request:
+    """One request: environ, lazily opened database connection, auth result, JSON body."""
+
+    def __init__(self, app, environ):
+        self.app = app
+        self.environ = environ
+        self.method = environ.get("REQUEST_METHOD", "GET").upper()
+        self.path = environ.get("PATH_INFO", "") or "/"
+        self.client = environ.get("REMOTE_ADDR", "")
+        given_id = environ.get("HTTP_X_REQUEST_ID", "")
+        self.request_id = given_id if REQUEST_ID_RE.fullmatch(given_id) else uuid.uuid4().hex
+        self.edge_id = None
+        self._db = None
+
+    @property
+    def db(self):
+        """The request's database connection, opened on first use."""
+        if self._db is None:
+            self._db = connect(self.app.config.db_path)
+        return self._db
+
+    def close(self):
+        """Close the connection if one was opened."""
+        if self._db is not None:
+            self._db.close()
+            self._db = None
+
+    def header(self, name):
+        """A request header by name ('' if absent)."""
+        return self.environ.get("HTTP_" + name.upper().replace("-", "_"), "")
+
+    def content_length(self):
+        """The declared body length; 400 if malformed."""
+        text = self.environ.get("CONTENT_LENGTH") or "0"
+        if not text.isdigit():
+            raise HTTPError(400, "invalid_json", "malformed Content-Length")
+        return int(text)
+
+    def check_body_headers(self):
+        """415 unless a body-carrying request says JSON; 413 over MAX_BODY_BYTES."""
+        length = self.content_length()
+        if self.method in ("POST", "PUT", "PATCH") or length:
+            media_type = self.environ.get("CONTENT_TYPE", "").split(";")[0].strip().lower()
+            if media_type != JSON_TYPE:
+                raise HTTPError(415, "unsupported_media_type",
+                                "requests with a body must be Content-Type: application/json")
+        if length > MAX_BODY_BYTES:
+            raise HTTPError(413, "payload_too_large", "the body is larger than 1 MiB")
+
+    def json(self):
+        """The body parsed as strict JSON (bounded read)."""
+        raw = self.environ["wsgi.input"].read(self.content_length())
+        if len(raw) > MAX_BODY_BYTES:
+            raise HTTPError(413, "payload_too_large", "the body is larger than 1 MiB")
+        return parse_json_body(raw)
+
+
+class TokenCache:
+    """token hash -> edge id, so that a poll need not query the database; revoke evicts."""
+
+    def __init__(self, ttl=TOKEN_CACHE_SECONDS):
+        self.ttl = ttl
+        self._entries = {}
+        self._lock = threading.Lock()
+
+    def lookup(self, req, token):
+        """The edge id owning `token`, or None."""
+        digest = hash_token(token)
+        now = time.monotonic()
+        entry = self._entries.get(digest)
+        if entry and entry[1] > now:
+            return entry[0]
+        row = req.db.execute("SELECT id, token_hash FROM edge_nodes WHERE token_hash = ?",
+                             (digest,)).fetchone()
+        if row is None or not hmac.compare_digest(row["token_hash"], digest):
+            return None
+        with self._lock:
+            if len(self._entries) > 100000:
+                self._entries.clear()
+            self._entries[digest] = (row["id"], now + self.ttl)
+        return row["id"]
+
+    def forget(self, edge_id):
+        """Evict every cached token of `edge_id`."""
+        with self._lock:
+            for digest in [d for d, (eid, _) in self._entries.items() if eid == edge_id]:
+                del self._entries[digest]
+
+
+class EdgeConfigCache:
+    """The edge payload, built once per change of desired state rather than per poll."""
+
+    def __init__(self):
+        self.generation = 0
+        self._cached = None         # (generation, hash, body)
+        self._build_lock = threading.Lock()
+        self.changed_at = utc_now()
+
+    def invalidate(self):
+        """Called after any write to routes, origins or settings."""
+        self.generation += 1
+        self.changed_at = utc_now()
+
+    def get(self, req):
+        """(config_hash, body bytes) for the current desired state."""
+        cached = self._cached
+        if cached is not None and cached[0] == self.generation:
+            return cached[1], cached[2]
+        with self._build_lock:
+            cached = self._cached
+            if cached is None or cached[0] != self.generation:
+                generation = self.generation
+                config_hash, body = build_edge_config(req.db)
+                cached = self._cached = (generation, config_hash, body)
+        return cached[1], cached[2]
+
+
+class LastSeen:
+    """When each edge last polled: exact in memory, written to disk at most every 30 s."""
+
+    def __init__(self, flush_seconds=LAST_SEEN_FLUSH_SECONDS):
+        self.flush_seconds = flush_seconds
+        self._seen = {}             # edge id -> (iso time, monotonic time of last disk write)
+        self._lock = threading.Lock()
+
+    def touch(self, req, edge_id):
+        """Note a poll by `edge_id` now; persist it if the stored value is stale."""
+        now_iso, now = utc_now(), time.monotonic()
+        with self._lock:
+            _, flushed = self._seen.get(edge_id, (None, -1e9))
+            due = now - flushed >= self.flush_seconds
+            self._seen[edge_id] = (now_iso, now if due else flushed)
+        if due:
+            req.db.execute("UPDATE edge_nodes SET last_seen = ? WHERE id = ?",
+                           (now_iso, edge_id))
+
+    def get(self, edge_id):
+        """The in-memory last poll time of `edge_id`, or None."""
+        entry = self._seen.get(edge_id)
+        return entry[0] if entry else None
+
+
+class App:
+    """The WSGI application: dispatch, authentication, errors, access log."""
+
+    def __init__(self, config):
+        self.config = config
+        self.limiter = RateLimiter()
+        self.tokens = TokenCache()
+        self.edge_config = EdgeConfigCache()
+        self.last_seen = LastSeen()
+
+    def __call__(self, environ, start_response):
+        started = time.perf_counter()
+        req = Request(self, environ)
+        try:
+            response = self.dispatch(req)
+        finally:
+            req.close()
+        headers = [("X-Request-ID", req.request_id), *SECURITY_HEADERS, *response.headers]
+        if response.content_type:
+            headers.append(("Content-Type", response.content_type))
+        if not any(name.lower() == "cache-control" for name, _ in headers):
+            headers.append(("Cache-Control", "no-store"))
+        body = b"" if response.status in (204, 304) else response.body
+        if response.status not in (204, 304):
+            headers.append(("Content-Length", str(len(body))))
+        start_response(f"{response.status} {STATUS_TEXT.get(response.status, 'Unknown')}",
+                       headers)
+        self.log_access(req, response.status, started)
+        return [b""] if req.method == "HEAD" else [body]
+
+    def dispatch(self, req):
+        """Route, authenticate and run the handler; map every failure to a JSON error."""
+        try:
+            entry, params = match_route(req.method, req.path)
+            if req.method not in ("GET", "HEAD") and req.header("Sec-Fetch-Site") == "cross-site":
+                raise HTTPError(403, "forbidden", "cross-site requests are refused")
+            self.authenticate(req, entry.auth)
+            req.check_body_headers()
+            result = entry.handler(req, **params)
+            return result if isinstance(result, Response) else json_response(*result)
+        except HTTPError as err:
+            return json_response(err.status, err.body(), err.headers)
+        except sqlite3.OperationalError as err:
+            log.error("database unavailable in %s %s: %s", req.method, req.path, err)
+            return json_response(503, HTTPError(
+                503, "unavailable", "the database is unavailable; try again later").body(),
+                [("Retry-After", "5")])
+        except Exception:
+            log.exception("unhandled error in %s %s", req.method, req.path)
+            return json_response(500, HTTPError(500, "internal", "internal error").body())
+
+    def authenticate(self, req, kind):
+        """Enforce a route's auth kind: admin (Basic), edge (Bearer) or none."""
+        if kind == "admin":
+            self.authenticate_admin(req)
+        elif kind == "edge":
+            self.authenticate_edge(req)
+
+    def authenticate_admin(self, req):
+        """HTTP Basic with the admin credentials; loopback only when no password is set."""
+        challenge = [("WWW-Authenticate", 'Basic realm="kokoa", charset="UTF-8"')]
+        if not self.config.admin_password:
+            if is_loopback(req.client):
+                return
+            raise HTTPError(401, "unauthorized", "no admin password is set: the admin API "
+                            "answers loopback clients only", headers=challenge)
+        scheme, _, encoded = req.header("Authorization").partition(" ")
+        if scheme.lower() != "basic":
+            raise HTTPError(401, "unauthorized", "admin credentials required",
+                            headers=challenge)
+        self.limiter.check(req.client)
+        try:
+            user, _, password = base64.b64decode(encoded.strip(), validate=True) \
+                .decode("utf-8").partition(":")
+        except (binascii.Error, ValueError):
+            user, password = "", ""
+        user_ok = tokens_equal(user, self.config.admin_user)
+        if not (tokens_equal(password, self.config.admin_password) and user_ok):
+            self.limiter.fail(req.client)
+            raise HTTPError(401, "unauthorized", "wrong admin credentials", headers=challenge)
+
+    def authenticate_edge(self, req):
+        """Bearer node token, looked up by its hash; revoked or unknown tokens fail."""
+        challenge = [("WWW-Authenticate", 'Bearer realm="kokoa"')]
+        scheme, _, token = req.header("Authorization").partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            raise HTTPError(401, "unauthorized", "a node token is required", headers=challenge)
+        self.limiter.check(req.client)
+        edge_id = self.tokens.lookup(req, token.strip())
+        if edge_id is None:
+            self.limiter.fail(req.client)
+            raise HTTPError(401, "unauthorized", "unknown or revoked node token",
+                            headers=challenge)
+        req.edge_id = edge_id
+
+    def log_access(self, req, status, started):
+        """One structured line per request; never headers, bodies or query strings."""
+        log.info("request", extra={"access": {
+            "request_id": req.request_id, "method": req.method, "path": req.path[:512],
+            "status": status, "duration_ms": round((time.perf_counter() - started) * 1000, 2),
+            "client": req.client, "edge_id": req.edge_id}})
+
+
+def make_app(config):
+    """Migrate the database and return the WSGI application for `config`."""
+    db = connect(config.db_path)
+    try:
+        migrate(db)
+    finally:
+        db.close()
+    return App(config)
+
+
+class JsonLogFormatter(logging.Formatter):
+    """One JSON object per log line."""
+
+    def format(self, record):
+        entry = {
+            "time": datetime.datetime.fromtimestamp(record.created, datetime.timezone.utc)
+            .isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        entry.update(getattr(record, "access", {}))
+        if record.exc_info:
+            entry["exc"] = self.formatException(record.exc_info)
+        return json.dumps(entry, ensure_ascii=True)
+
+
+# API routes ##################################################################################
+
+@route("GET", "/healthz", auth="none")
+def get_healthz(req):
+    try:
+        req.db.execute("SELECT count(*) FROM settings").fetchone()
+    except sqlite3.Error as err:
+        log.error("health check failed: %s", err)
+        return 503, {"status": "unavailable"}
+    return 200, {"status": "ok"}
+
+
+def changed(req, status, value):
+    """Invalidate the cached edge config after a write, then answer."""
+    req.app.edge_config.invalidate()
+    return status, value
+
+
+@route("GET", "/api/v1/origins")
+def list_origins(req):
+    return 200, {"origins": [origin_json(row) for row in query_origins(req.db)]}
+
+
+@route("POST", "/api/v1/origins")
+def create_origin(req):
+    return changed(req, 201, origin_json(insert_origin(req.db, req.app.config, req.json())))
+
+
+@route("GET", "/api/v1/origins/<id>")
+def get_origin(req, id):
+    return 200, origin_json(get_origin_row(req.db, id))
+
+
+@route("PATCH", "/api/v1/origins/<id>")
+def update_origin(req, id):
+    row = patch_origin(req.db, req.app.config, id, req.json())
+    return changed(req, 200, origin_json(row))
+
+
+@route("DELETE", "/api/v1/origins/<id>")
+def delete_origin(req, id):
+    remove_origin(req.db, id)
+    return changed(req, 204, None)
+
+
+@route("GET", "/api/v1/origins/<id>/wireguard.conf")
+def get_origin_wireguard_conf(req, id):
+    origin = get_origin_row(req.db, id)
+    private_key = None
+    if origin["wg_private_key_enc"] is not None:
+        aad = secret_aad("origins", origin["id"], "wg_private_key")
+        try:
+            private_key = req.app.config.keyring.unseal(origin["wg_private_key_enc"], aad)
+        except SecretError as err:
+            log.error("cannot decrypt the private key of origin %s: %s", origin["id"], err)
+            raise HTTPError(500, "internal", "the stored private key cannot be decrypted "
+                            "with the configured WIREGUARD_KEY_ENC_SECRET") from None
+    text = render_origin_wireguard(origin, private_key, query_edges(req.db))
+    return Response(200, text.encode(), "text/plain; charset=utf-8", [
+        ("Content-Disposition", 'attachment; filename="kokoa0.conf"')])
+
+
+@route("GET", "/api/v1/routes")
+def list_routes(req):
+    return 200, {"routes": [route_json(row) for row in query_routes(req.db)]}
+
+
+@route("POST", "/api/v1/routes")
+def create_route(req):
+    return changed(req, 201, route_json(insert_route(req.db, req.json())))
+
+
+@route("GET", "/api/v1/routes/<id>")
+def get_route(req, id):
+    return 200, route_json(get_route_row(req.db, id))
+
+
+@route("PATCH", "/api/v1/routes/<id>")
+def update_route(req, id):
+    return changed(req, 200, route_json(patch_route(req.db, id, req.json())))
+
+
+@route("DELETE", "/api/v1/routes/<id>")
+def delete_route(req, id):
+    remove_route(req.db, id)
+    return changed(req, 204, None)
+
+
+@route("GET", "/api/v1/edge-nodes")
+def list_edge_nodes(req):
+    config_hash, _ = req.app.edge_config.get(req)
+    edges = [edge_json(row, config_hash, req.app.last_seen.get(row["id"]))
+             for row in query_edges(req.db)]
+    return 200, {"edge_nodes": edges, "config_hash": config_hash}
+
+
+@route("DELETE", "/api/v1/edge-nodes/<id>")
+def delete_edge_node(req, id):
+    revoke_edge(req.db, id)
+    req.app.tokens.forget(id)
+    log.info("revoked edge node %s", id)
+    return 204, None
+
+
+@route("GET", "/api/v1/settings")
+def get_settings(req):
+    return 200, read_settings(req.db)
+
+
+@route("PATCH", "/api/v1/settings")
+def update_settings(req):
+    return changed(req, 200, store_settings(req.db, req.json()))
+
+
+@route("POST", "/api/v1/edge-nodes/register", auth="none")
+def register_edge_node(req):
+    req.app.limiter.check(req.client)
+    body = req.json()
+    given = body.get("bootstrap_token") if isinstance(body, dict) else None
+    expected = req.app.config.bootstrap_token
+    if not isinstance(given, str) or not expected or not tokens_equal(given, expected):
+        req.app.limiter.fail(req.client)
+        raise HTTPError(401, "unauthorized", "wrong or missing bootstrap token",
+                        field="bootstrap_token")
+    row, token = insert_edge(req.db, req.app.config, body)
+    req.edge_id = row["id"]
+    log.info("registered edge node %s (%s)", row["id"], row["name"])
+    return 201, {"id": row["id"], "name": row["name"], "token": token}
+
+
+@route("GET", "/api/v1/edge-nodes/me/config", auth="edge")
+def get_my_config(req):
+    req.app.last_seen.touch(req, req.edge_id)
+    config_hash, body = req.app.edge_config.get(req)
+    headers = [("ETag", f'"{config_hash}"'), ("Cache-Control", "no-cache")]
+    if etag_matches(req.header("If-None-Match"), config_hash):
+        return Response(304, headers=headers)
+    return Response(200, body, JSON_TYPE, headers)
+
+
+@route("POST", "/api/v1/edge-nodes/me/status", auth="edge")
+def post_my_status(req):
+    record_edge_status(req.db, req.edge_id, req.json())
+    return 204, None
+
+
+# Static UI ###################################################################################
+
+STATIC_TYPES = {
+    ".html": "text/html; charset=utf-8", ".js": "text/javascript; charset=utf-8",
+    ".css": "text/css; charset=utf-8", ".svg": "image/svg+xml", ".png": "image/png",
+    ".ico": "image/x-icon", ".txt": "text/plain; charset=utf-8",
+}
+STATIC_NAME_RE = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}")
+
+
+def static_file(name):
+    """A file directly inside static/ (flat; no dot-files, no traversal), or 404."""
+    suffix = os.path.splitext(name)[1].lower()
+    path = STATIC_DIR / name
+    if not STATIC_NAME_RE.fullmatch(name) or suffix not in STATIC_TYPES or not path.is_file():
+        raise not_found("file")
+    return Response(200, path.read_bytes(), STATIC_TYPES[suffix],
+                    [("Cache-Control", "no-cache")])
+
+
+@route("GET", "/")
+def get_index(req):
+    return static_file("index.html")
+
+
+@route("GET", "/static/<name>")
+def get_static(req, name):
+    return static_file(name)
+
+
+# CLI #########################################################################################
+
+class CLIError(Exception):
+    """A command-line failure reported as one line on stderr."""
+
+
+def load_environment(env_file):
+    """Variables from the env file (if present), overridden by the real environment."""
+    values = {}
+    path = Path(env_file)
+    if path.is_file():
+        try:
+            values = read_env_file(path)
+        except (OSError, ValueError, UnicodeDecodeError) as err:
+            raise CLIError(f"cannot read {path}: {err}") from None
+    elif env_file != DEFAULT_ENV_FILE:
+        raise CLIError(f"env file {path} does not exist")
+    values.update(os.environ)
+    return values
+
+
+def load_keyring(env):
+    """The Keyring from WIREGUARD_KEY_ENC_SECRET (+ _OLD); CLIError if missing or malformed."""
+    try:
+        current = decode_key(env.get("WIREGUARD_KEY_ENC_SECRET") or "")
+    except ValueError as err:
+        state = "is missing" if not env.get("WIREGUARD_KEY_ENC_SECRET") else str(err)
+        raise CLIError(f"WIREGUARD_KEY_ENC_SECRET {state}; run `python kokoa.py init` or set "
+                       "it to 64 hex characters (e.g. `openssl rand -hex 32`)") from None
+    old = []
+    if env.get("WIREGUARD_KEY_ENC_SECRET_OLD"):
+        try:
+            old.append(decode_key(env["WIREGUARD_KEY_ENC_SECRET_OLD"]))
+        except ValueError as err:
+            raise CLIError(f"WIREGUARD_KEY_ENC_SECRET_OLD {err}") from None
+    return Keyring(current, old)
+
+
+def load_config(args, env):
+    """Build a Config from parsed arguments and the merged environment."""
+    network = None
+    if env.get("KOKOA_WG_NETWORK"):
+        try:
+            network = ipaddress.ip_network(env["KOKOA_WG_NETWORK"].strip(), strict=False)
+        except ValueError:
+            raise CLIError("KOKOA_WG_NETWORK must be a CIDR such as 10.8.0.0/24") from None
+    return Config(
+        db_path=args.db or env.get("KOKOA_DB") or DEFAULT_DB,
+        keyring=load_keyring(env),
+        bootstrap_token=env.get("KOKOA_BOOTSTRAP_TOKEN", ""),
+        admin_user=env.get("KOKOA_ADMIN_USER") or "admin",
+        admin_password=env.get("KOKOA_ADMIN_PASSWORD", ""),
+        wg_network=network,
+    )
+
+
+def configure_logging(env):
+    """JSON lines on stderr at KOKOA_LOG_LEVEL (default INFO)."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonLogFormatter())
+    level = getattr(logging, (env.get("KOKOA_LOG_LEVEL") or "INFO").upper(), logging.INFO)
+    logging.basicConfig(level=level, handlers=[handler], force=True)
+
+
+def cmd_init(args):
+    """Write kokoa.env with fresh secrets, mode 0600; never overwrite."""
+    path = Path(args.env_file)
+    lines = [
+        "# kokoa control plane secrets: keep this file private (mode 0600) and backed up.",
+        "# Losing WIREGUARD_KEY_ENC_SECRET makes stored WireGuard private keys unreadable.",
+        f"WIREGUARD_KEY_ENC_SECRET={secrets.token_hex(32)}",
+        f"KOKOA_BOOTSTRAP_TOKEN={secrets.token_urlsafe(32)}",
+        "KOKOA_ADMIN_USER=admin",
+        f"KOKOA_ADMIN_PASSWORD={secrets.token_urlsafe(18)}",
+    ]
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        raise CLIError(f"{path} already exists; not overwriting it") from None
+    with os.fdopen(fd, "w", encoding="utf-8") as handle:
+        handle.write("\n".join(lines) + "\n")
+    print(f"wrote {path.resolve()} (mode 0600)")
+    print("start the control plane:  python kokoa.py serve")
+    print("log in at http://127.0.0.1:8080/ as 'admin' with KOKOA_ADMIN_PASSWORD from that file")
+    return 0
+
+
+def open_migrated(db_path):
+    """Migrate the database at db_path (CLIError if it is newer than this code)."""
+    db = connect(db_path)
+    try:
+        return migrate(db)
+    except RuntimeError as err:
+        raise CLIError(str(err)) from None
+    finally:
+        db.close()
+
+
+def cmd_serve(args):
+    """Serve the app with waitress until interrupted."""
+    import waitress
+
+    env = load_environment(args.env_file)
+    config = load_config(args, env)
+    host, port = parse_listen(args.listen or env.get("KOKOA_LISTEN") or DEFAULT_LISTEN)
+    configure_logging(env)
+    version = open_migrated(config.db_path)
+    if not config.admin_password:
+        log.warning("KOKOA_ADMIN_PASSWORD is not set: the admin API and UI answer loopback "
+                    "clients only")
+    if not config.bootstrap_token:
+        log.warning("KOKOA_BOOTSTRAP_TOKEN is not set: edges cannot register")
+    log.info("kokoa %s serving on http://%s:%d/ (database %s, schema v%d)",
+             __version__, host, port, config.db_path, version)
+    waitress.serve(make_app(config), host=host, port=port, threads=args.threads,
+                   ident="kokoa", clear_untrusted_proxy_headers=True,
+                   max_request_body_size=4 * MAX_BODY_BYTES)
+    return 0
+
+
+def cmd_migrate(args):
+    """Create or upgrade the database schema."""
+    env = load_environment(args.env_file)
+    db_path = args.db or env.get("KOKOA_DB") or DEFAULT_DB
+    print(f"{db_path}: schema v{open_migrated(db_path)}")
+    return 0
+
+
+def cmd_backup(args):
+    """Consistent online copy of the database to a new file."""
+    env = load_environment(args.env_file)
+    db_path = args.db or env.get("KOKOA_DB") or DEFAULT_DB
+    target = Path(args.path)
+    if not Path(db_path).is_file():
+        raise CLIError(f"database {db_path} does not exist")
+    if target.exists() and not args.force:
+        raise CLIError(f"{target} already exists; pass --force to replace it")
+    partial = target.with_name(f".{target.name}.partial-{os.getpid()}")
+    try:
+        backup_database(db_path, str(partial))
+        os.chmod(partial, 0o600)
+        os.replace(partial, target)
+    finally:
+        partial.unlink(missing_ok=True)
+    print(f"backed up {db_path} to {target}")
+    return 0
+
+
+def rotate_secrets(db, keyring):
+    """Re-seal every stored secret with the current key, in one transaction; returns a count."""
+    count = 0
+    with transaction(db):
+        rows = db.execute("""
+            SELECT id, wg_private_key_enc
+              FROM origins
+             WHERE wg_private_key_enc IS NOT NULL""").fetchall()
+        for row in rows:
+            if keyring.is_current(row["wg_private_key_enc"]):
+                continue
+            aad = secret_aad("origins", row["id"], "wg_private_key")
+            plaintext = keyring.unseal(row["wg_private_key_enc"], aad)
+            db.execute("UPDATE origins SET wg_private_key_enc = ? WHERE id = ?",
+                       (keyring.seal(plaintext, aad), row["id"]))
+            count += 1
+    return count
+
+
+def cmd_rotate_key(args):
+    """Re-encrypt secrets from WIREGUARD_KEY_ENC_SECRET_OLD to WIREGUARD_KEY_ENC_SECRET."""
+    env = load_environment(args.env_file)
+    config = load_config(args, env)
+    if not env.get("WIREGUARD_KEY_ENC_SECRET_OLD"):
+        raise CLIError("set WIREGUARD_KEY_ENC_SECRET_OLD to the previous key and "
+                       "WIREGUARD_KEY_ENC_SECRET to the new one")
+    open_migrated(config.db_path)
+    db = connect(config.db_path)
+    try:
+        count = rotate_secrets(db, config.keyring)
+    except SecretError as err:
+        raise CLIError(f"nothing changed: {err}") from None
+    finally:
+        db.close()
+    print(f"re-encrypted {count} secret(s) with the current key")
+    return 0
+
+
+def build_parser():
+    """The argparse parser with every subcommand."""
+    parser = argparse.ArgumentParser(prog="kokoa.py", description=__doc__.split("\n")[0])
+    parser.add_argument("--version", action="version", version=f"kokoa {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(name, func, help_text):
+        sub = commands.add_parser(name, help=help_text, description=help_text)
+        sub.add_argument("--env-file", default=DEFAULT_ENV_FILE,
+                         help="KEY=VALUE file to read (default ./kokoa.env)")
+        sub.set_defaults(func=func)
+        return sub
+
+    add("init", cmd_init, "write kokoa.env with fresh secrets (never overwrites)")
+    serve = add("serve", cmd_serve, "serve the API and UI with waitress")
+    serve.add_argument("--listen", help=f"HOST:PORT (default {DEFAULT_LISTEN})")
+    serve.add_argument("--db", help=f"database path (default ./{DEFAULT_DB})")
+    serve.add_argument("--threads", type=int, default=8, help="worker threads (default 8)")
+    migrate_cmd = add("migrate", cmd_migrate, "create or upgrade the database schema")
+    migrate_cmd.add_argument("--db", help=f"database path (default ./{DEFAULT_DB})")
+    backup = add("backup", cmd_backup, "consistent online copy of the database")
+    backup.add_argument("path", help="where to write the copy")
+    backup.add_argument("--db", help=f"database path (default ./{DEFAULT_DB})")
+    backup.add_argument("--force", action="store_true", help="replace an existing file")
+    rotate = add("rotate-key", cmd_rotate_key,
+                 "re-encrypt secrets from WIREGUARD_KEY_ENC_SECRET_OLD to the current key")
+    rotate.add_argument("--db", help=f"database path (default ./{DEFAULT_DB})")
+    return parser
+
+
+def main(argv=None):
+    """Run one CLI command; returns the exit status."""
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except CLIError as err:
+        print(f"kokoa: {err}", file=sys.stderr)
+        return 2
+    except (OSError, sqlite3.Error) as err:
+        print(f"kokoa: {err}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
