@@ -72,18 +72,62 @@ def stop_process(proc, timeout=10.0):
             proc.wait(timeout=timeout)
 
 
-class KokoaServer:
-    """A real `python kokoa.py serve` subprocess on a loopback port, with helpers to call it."""
+class ApiClient:
+    """Calls a Kokoa control plane at `url` as admin, as an edge, or anonymously."""
+
+    def __init__(self, url, admin_user, admin_password, bootstrap_token):
+        self.url = url
+        self.admin_user = admin_user
+        self.admin_password = admin_password
+        self.bootstrap_token = bootstrap_token
+
+    def request(self, method, path, body=None, headers=None, auth="admin"):
+        """Send a request; return (status, headers, parsed JSON or raw bytes).
+
+        auth is "admin" (Basic), None (nothing) or a node token (Bearer).
+        """
+        hdrs = dict(headers or {})
+        if auth == "admin":
+            creds = f"{self.admin_user}:{self.admin_password}".encode()
+            hdrs["Authorization"] = "Basic " + base64.b64encode(creds).decode()
+        elif auth:
+            hdrs["Authorization"] = f"Bearer {auth}"
+        data = None
+        if body is not None:
+            data = body if isinstance(body, bytes) else json.dumps(body).encode()
+            hdrs.setdefault("Content-Type", "application/json")
+        req = urllib.request.Request(self.url + path, data=data, method=method, headers=hdrs)
+        try:
+            with urllib.request.urlopen(req, timeout=30) as resp:
+                return resp.status, resp.headers, _decode(resp.read(), resp.headers)
+        except urllib.error.HTTPError as err:
+            return err.code, err.headers, _decode(err.read(), err.headers)
+
+    def register_edge(self, name, **fields):
+        """Register an edge with the bootstrap token; return (id, node token)."""
+        body = {"bootstrap_token": self.bootstrap_token, "name": name, **fields}
+        status, _, data = self.request("POST", "/api/v1/edge-nodes/register", body, auth=None)
+        assert status == 201, data
+        return data["id"], data["token"]
+
+
+def fresh_secrets():
+    """(encryption key hex, bootstrap token, admin password) for a test control plane."""
+    return (os.urandom(32).hex(),
+            base64.urlsafe_b64encode(os.urandom(24)).decode().rstrip("="),
+            base64.urlsafe_b64encode(os.urandom(18)).decode())
+
+
+class KokoaServer(ApiClient):
+    """A real `python kokoa.py serve` subprocess on a loopback port."""
 
     def __init__(self, workdir, env_overrides=None):
         self.workdir = Path(workdir)
         self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
         self.db = self.workdir / "kokoa.db"
-        self.secret = os.urandom(32).hex()
-        self.bootstrap_token = base64.urlsafe_b64encode(os.urandom(24)).decode().rstrip("=")
-        self.admin_user = "admin"
-        self.admin_password = base64.urlsafe_b64encode(os.urandom(18)).decode()
+        self.secret, bootstrap_token, admin_password = fresh_secrets()
+        super().__init__(f"http://127.0.0.1:{self.port}", "admin", admin_password,
+                         bootstrap_token)
         self.env = dict(os.environ)
         self.env.update({
             "WIREGUARD_KEY_ENC_SECRET": self.secret,
@@ -119,32 +163,6 @@ class KokoaServer:
         """Stop the server process."""
         if self.proc is not None:
             stop_process(self.proc)
-
-    def request(self, method, path, body=None, headers=None, auth="admin"):
-        """Send a request; return (status, headers, parsed JSON or raw bytes)."""
-        hdrs = dict(headers or {})
-        if auth == "admin":
-            creds = f"{self.admin_user}:{self.admin_password}".encode()
-            hdrs["Authorization"] = "Basic " + base64.b64encode(creds).decode()
-        elif auth:
-            hdrs["Authorization"] = f"Bearer {auth}"
-        data = None
-        if body is not None:
-            data = json.dumps(body).encode()
-            hdrs.setdefault("Content-Type", "application/json")
-        req = urllib.request.Request(self.url + path, data=data, method=method, headers=hdrs)
-        try:
-            with urllib.request.urlopen(req, timeout=30) as resp:
-                return resp.status, resp.headers, _decode(resp.read(), resp.headers)
-        except urllib.error.HTTPError as err:
-            return err.code, err.headers, _decode(err.read(), err.headers)
-
-    def register_edge(self, name, **fields):
-        """Register an edge with the bootstrap token; return (id, node token)."""
-        body = {"bootstrap_token": self.bootstrap_token, "name": name, **fields}
-        status, _, data = self.request("POST", "/api/v1/edge-nodes/register", body, auth=None)
-        assert status == 201, data
-        return data["id"], data["token"]
 
 
 def _decode(raw, headers):

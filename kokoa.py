@@ -49,6 +49,7 @@ import uuid
 from pathlib import Path
 
 from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
@@ -325,12 +326,16 @@ def secret_aad(table, row_id, column):
 
 def wg_public_from_private(private_raw):
     """The X25519 (WireGuard) public key of a 32-byte private key."""
-    return X25519PrivateKey.from_private_bytes(private_raw).public_key().public_bytes_raw()
+    public_key = X25519PrivateKey.from_private_bytes(private_raw).public_key()
+    return public_key.public_bytes(serialization.Encoding.Raw,
+                                  serialization.PublicFormat.Raw)
 
 
 def wg_generate_private():
     """A fresh, clamped X25519 private key (as `wg genkey` makes)."""
-    raw = bytearray(X25519PrivateKey.generate().private_bytes_raw())
+    raw = bytearray(X25519PrivateKey.generate().private_bytes(
+        serialization.Encoding.Raw, serialization.PrivateFormat.Raw,
+        serialization.NoEncryption()))
     raw[0] &= 248
     raw[31] = (raw[31] & 127) | 64
     return bytes(raw)

@@ -1,0 +1,59 @@
+"""Static checks are tests too: ruff on the Python, shellcheck and bash -n on the shell."""
+
+import importlib.util
+import re
+import subprocess
+import sys
+
+import kokoa
+from conftest import REPO, require, require_tools
+
+
+def tracked(*patterns):
+    """Files of the repository (tracked or new, not ignored) matching git pathspecs."""
+    result = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard",
+                             "--", *patterns], cwd=REPO, capture_output=True, text=True,
+                            timeout=30, check=True)
+    return [line for line in result.stdout.splitlines() if (REPO / line).is_file()]
+
+
+def shell_scripts():
+    return tracked("*.sh", ".ci/run", ".ci/install-deps")
+
+
+def test_python_passes_ruff():
+    require(importlib.util.find_spec("ruff") is not None, "ruff is not installed")
+    files = tracked("*.py")
+    result = subprocess.run([sys.executable, "-m", "ruff", "check", "--no-cache",
+                             "--select", "E,F,W,B,I,N", "--line-length", "100", *files],
+                            cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_shell_scripts_pass_shellcheck_and_bash_n():
+    require_tools("shellcheck")
+    scripts = shell_scripts()
+    assert scripts
+    for script in scripts:
+        syntax = subprocess.run(["bash", "-n", script], cwd=REPO, capture_output=True,
+                                text=True, timeout=30)
+        assert syntax.returncode == 0, syntax.stderr
+    result = subprocess.run(["shellcheck", "-x", "-o", "check-set-e-suppressed", *scripts],
+                            cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout
+
+
+def test_kokoa_sections_are_in_the_house_order():
+    banners = re.findall(r"^# (.*?) #{4,}$", (REPO / "kokoa.py").read_text(), re.M)
+    assert banners == ["Configuration & constants", "Errors", "Utilities",
+                       "Crypto (tokens, secrets)", "Database (connect, migrations, queries)",
+                       "Domain logic", "nginx config generator",
+                       "HTTP plumbing (request, routing, responses)", "API routes", "Static UI",
+                       "CLI"]
+
+
+def test_every_route_is_documented_in_the_readme():
+    readme = (REPO / "README.md").read_text()
+    for entry in kokoa.ROUTES:
+        documented = re.sub(r"<(?:int:)?(\w+)>", r"{\1}", entry.pattern)
+        assert f"`{entry.method} {documented}`" in readme, f"{entry.method} {documented}"
