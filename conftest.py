@@ -137,6 +137,7 @@ class KokoaServer(ApiClient):
         })
         self.env.update(env_overrides or {})
         self.log_path = self.workdir / "kokoa-serve.log"
+        self.extra_args = []
         self.proc = None
 
     def start(self):
@@ -144,7 +145,7 @@ class KokoaServer(ApiClient):
         log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
             [sys.executable, str(REPO / "kokoa.py"), "serve",
-             "--listen", f"127.0.0.1:{self.port}", "--db", str(self.db)],
+             "--listen", f"127.0.0.1:{self.port}", "--db", str(self.db), *self.extra_args],
             cwd=self.workdir, env=self.env, stdout=log, stderr=subprocess.STDOUT)
         log.close()
         wait_until(self._healthy, timeout=20, what="kokoa /healthz")

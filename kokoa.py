@@ -9,6 +9,7 @@ Usage:
     python3 kokoa.py serve [--listen HOST:PORT] [--db PATH] [--env-file FILE]
     python3 kokoa.py migrate [--db PATH]   create or upgrade the database schema
     python3 kokoa.py backup PATH           consistent online copy of the database
+    python3 kokoa.py restore PATH          replace the database with a backup (--force)
     python3 kokoa.py rotate-key            re-encrypt secrets from the old key to the current one
 
 Environment (real variables win over kokoa.env):
@@ -67,6 +68,7 @@ AUTH_FAILURE_LIMIT = 10           # failed attempts per client address ...
 AUTH_FAILURE_WINDOW = 60.0        # ... per this many seconds
 LAST_SEEN_FLUSH_SECONDS = 30.0    # how stale the stored last_seen of an edge may get
 TOKEN_CACHE_SECONDS = 60.0
+EDGE_STALE_SECONDS = 300.0        # an edge that has not polled for this long is stale
 UPSTREAM_KEEPALIVE = 32
 REQUEST_ID_RE = re.compile(r"[A-Za-z0-9._-]{1,128}")
 UUID_RE = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}")
@@ -174,9 +176,20 @@ class SecretError(Exception):
 
 # Utilities ###################################################################################
 
+def iso_time(unix_time):
+    """A Unix time as UTC ISO 8601 with a Z suffix, to the second."""
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(unix_time))
+
+
+def parse_iso_time(text):
+    """Unix time of an ISO 8601 UTC time written by iso_time()."""
+    parsed = datetime.datetime.strptime(text, "%Y-%m-%dT%H:%M:%SZ")
+    return parsed.replace(tzinfo=datetime.timezone.utc).timestamp()
+
+
 def utc_now():
     """The current UTC time as ISO 8601 with a Z suffix, to the second."""
-    return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return iso_time(time.time())
 
 
 def new_id():
@@ -415,7 +428,24 @@ MIGRATIONS = [
         _wg_ip_guard("edge_nodes", "origins", "INSERT"),
         _wg_ip_guard("edge_nodes", "origins", "UPDATE"),
     ],
+    [
+        f"""
+        CREATE TABLE enrollment_keys (
+            id           TEXT PRIMARY KEY CHECK (length(id) = 36),
+            key_hash     TEXT NOT NULL UNIQUE CHECK (length(key_hash) = 64),
+            description  TEXT NOT NULL DEFAULT '',
+            created_at   TEXT NOT NULL DEFAULT {NOW_SQL},
+            expires_at   TEXT NOT NULL,
+            uses_left    INTEGER NOT NULL CHECK (uses_left >= 0),
+            last_used_at TEXT
+        )""",
+    ],
 ]
+
+
+def quote_identifier(name):
+    """Quote an SQL identifier taken from code constants."""
+    return '"' + name.replace('"', '""') + '"'
 
 
 def connect(path):
@@ -449,24 +479,24 @@ def schema_version(db):
 
 
 def migrate(db, migrations=None):
-    """Apply pending migrations, each with its user_version bump in one transaction."""
+    """Apply every pending migration in one transaction, so a failure leaves the file as it was.
+
+    Each migration's statements run with its user_version bump; a database newer than the
+    code is refused with RuntimeError.
+    """
     migrations = MIGRATIONS if migrations is None else migrations
-    current = schema_version(db)
-    if current > len(migrations):
-        raise RuntimeError(
-            f"database schema v{current} is newer than this kokoa {__version__} "
-            f"(knows v{len(migrations)}); refusing to touch it")
-    for version, statements in enumerate(migrations[current:], start=current + 1):
-        db.execute("BEGIN IMMEDIATE")
-        try:
+    with transaction(db):
+        current = schema_version(db)
+        if current > len(migrations):
+            raise RuntimeError(
+                f"database schema v{current} is newer than this kokoa {__version__} "
+                f"(knows v{len(migrations)}); refusing to touch it")
+        for version, statements in enumerate(migrations[current:], start=current + 1):
             for statement in statements:
                 db.execute(statement)
             db.execute(f"PRAGMA user_version = {version:d}")
-            db.execute("COMMIT")
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
-        log.info("migrated database to schema v%d", version)
+    if current < len(migrations):
+        log.info("migrated database from schema v%d to v%d", current, len(migrations))
     return schema_version(db)
 
 
@@ -531,9 +561,12 @@ def wg_ip_owner(db, wg_ip, exclude_id=None):
 
 
 def backup_database(source_path, target_path):
-    """Copy a live database consistently with sqlite3's online backup API."""
-    source = connect(source_path)
-    target = sqlite3.connect(target_path)
+    """Copy a live database consistently with sqlite3's online backup API.
+
+    Neither side's settings are changed (no WAL switch on a backup file being restored).
+    """
+    source = sqlite3.connect(source_path, timeout=5.0)
+    target = sqlite3.connect(target_path, timeout=5.0)
     try:
         source.backup(target)
     finally:
@@ -716,11 +749,6 @@ def check_wg_ip_free(db, wg_ip, exclude_id=None):
     owner = wg_ip_owner(db, wg_ip, exclude_id)
     if owner:
         raise conflict("wg_ip", f"wg_ip {wg_ip} is already used by an {owner}")
-
-
-def quote_identifier(name):
-    """Quote an SQL identifier taken from code constants."""
-    return '"' + name.replace('"', '""') + '"'
 
 
 # Origins
@@ -929,8 +957,11 @@ def edge_json(row, config_hash, last_seen=None):
     }
 
 
-def insert_edge(db, config, body):
-    """Validate and insert an edge node; returns (row, the node token shown once)."""
+def insert_edge(db, config, body, enrollment_key=None):
+    """Validate and insert an edge node; returns (row, the node token shown once).
+
+    With an enrollment key, one of its uses is spent in the same transaction (401 if none).
+    """
     check_fields(body, REGISTER_FIELDS, required=("name",))
     name = validate_name(body["name"])
     public = None
@@ -943,6 +974,9 @@ def insert_edge(db, config, body):
     token = new_token()
     edge_id = new_id()
     with transaction(db):
+        if enrollment_key is not None and not spend_enrollment_key(db, enrollment_key):
+            raise HTTPError(401, "unauthorized", "wrong, expired or used-up enrollment key",
+                            field="bootstrap_token")
         check_unique(db, "edge_nodes", "name_key", name_key(name), "name")
         if wg_ip is not None:
             check_wg_ip_free(db, wg_ip)
@@ -1011,6 +1045,83 @@ def revoke_edge(db, edge_id):
         deleted = db.execute("DELETE FROM edge_nodes WHERE id = ?", (edge_id,)).rowcount
     if not deleted:
         raise not_found("edge node")
+
+
+# Enrollment keys
+
+ENROLLMENT_FIELDS = ("description", "expires_in", "uses")
+ENROLLMENT_KEY_PREFIX = "kokoa-ek-"
+
+
+def enrollment_key_json(row):
+    """The public JSON of an enrollment key (never the key itself)."""
+    return {"id": row["id"], "description": row["description"],
+            "created_at": row["created_at"], "expires_at": row["expires_at"],
+            "uses_left": row["uses_left"], "last_used_at": row["last_used_at"]}
+
+
+def bounded_int(body, field, default, low, high):
+    """An optional integer field within [low, high]."""
+    value = body.get(field, default)
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise invalid(field, f"{field} must be an integer from {low} to {high}")
+    return value
+
+
+def insert_enrollment_key(db, body):
+    """Make an enrollment key; returns (row, the key shown once)."""
+    check_fields(body, ENROLLMENT_FIELDS)
+    description = check_text(body.get("description") or "", "description", 200).strip()
+    expires_in = bounded_int(body, "expires_in", 3600, 60, 30 * 86400)
+    uses = bounded_int(body, "uses", 1, 1, 1000)
+    key = ENROLLMENT_KEY_PREFIX + secrets.token_urlsafe(32)
+    key_id = new_id()
+    with transaction(db):
+        db.execute(
+            """
+            INSERT INTO enrollment_keys (id, key_hash, description, created_at, expires_at,
+                                         uses_left)
+            VALUES (?, ?, ?, ?, ?, ?)""",
+            (key_id, hash_token(key), description, utc_now(),
+             iso_time(time.time() + expires_in), uses))
+    row = db.execute("SELECT * FROM enrollment_keys WHERE id = ?", (key_id,)).fetchone()
+    return row, key
+
+
+def remove_enrollment_key(db, key_id):
+    """Revoke (delete) an enrollment key; 404 if unknown."""
+    if not UUID_RE.fullmatch(key_id or ""):
+        raise not_found("enrollment key")
+    with transaction(db):
+        if not db.execute("DELETE FROM enrollment_keys WHERE id = ?", (key_id,)).rowcount:
+            raise not_found("enrollment key")
+
+
+def enrollment_key_usable(db, key):
+    """True if `key` is a live enrollment key with uses left."""
+    if not key.startswith(ENROLLMENT_KEY_PREFIX):
+        return False
+    row = db.execute(
+        """
+        SELECT key_hash
+          FROM enrollment_keys
+         WHERE key_hash = ? AND uses_left > 0 AND expires_at > ?""",
+        (hash_token(key), utc_now())).fetchone()
+    return row is not None and hmac.compare_digest(row["key_hash"], hash_token(key))
+
+
+def spend_enrollment_key(db, key):
+    """Use up one registration of a live enrollment key; False if it is not one."""
+    if not key.startswith(ENROLLMENT_KEY_PREFIX):
+        return False
+    now = utc_now()
+    spent = db.execute(
+        """
+        UPDATE enrollment_keys
+           SET uses_left = uses_left - 1, last_used_at = ?
+         WHERE key_hash = ? AND uses_left > 0 AND expires_at > ?""",
+        (now, hash_token(key), now)).rowcount
+    return spent == 1
 
 
 # Settings
@@ -1193,7 +1304,8 @@ class Route:
 def route(method, pattern, auth="admin"):
     """Register a handler for METHOD and a path pattern with <name> or <int:name> parts.
 
-    auth is "admin" (HTTP Basic), "edge" (Bearer node token) or "none".
+    auth is "admin" (HTTP Basic), "edge" (Bearer node token), "local_or_admin" (loopback
+    peers, or admin) or "none".
     """
     int_params = tuple(re.findall(r"<int:(\w+)>", pattern))
     regex = re.compile(re.sub(
@@ -1297,8 +1409,10 @@ class Request:
         self.path = environ.get("PATH_INFO", "") or "/"
         self.client = environ.get("REMOTE_ADDR", "")
         given_id = environ.get("HTTP_X_REQUEST_ID", "")
-        self.request_id = given_id if REQUEST_ID_RE.fullmatch(given_id) else uuid.uuid4().hex
+        self.request_id = given_id if REQUEST_ID_RE.fullmatch(given_id) else os.urandom(16).hex()
         self.edge_id = None
+        self.route_pattern = "unmatched"      # labels for metrics: bounded, never raw input
+        self.metrics_method = "other"
         self._db = None
 
     @property
@@ -1381,14 +1495,17 @@ class EdgeConfigCache:
 
     def __init__(self):
         self.generation = 0
+        self.changed_at = time.time()
+        self.build_seconds = 0.0
         self._cached = None         # (generation, hash, body)
+        self._lock = threading.Lock()
         self._build_lock = threading.Lock()
-        self.changed_at = utc_now()
 
     def invalidate(self):
-        """Called after any write to routes, origins or settings."""
-        self.generation += 1
-        self.changed_at = utc_now()
+        """Called after any committed write to routes, origins or settings."""
+        with self._lock:
+            self.generation += 1
+            self.changed_at = time.time()
 
     def get(self, req):
         """(config_hash, body bytes) for the current desired state."""
@@ -1399,9 +1516,61 @@ class EdgeConfigCache:
             cached = self._cached
             if cached is None or cached[0] != self.generation:
                 generation = self.generation
+                started = time.perf_counter()
                 config_hash, body = build_edge_config(req.db)
+                self.build_seconds = time.perf_counter() - started
                 cached = self._cached = (generation, config_hash, body)
         return cached[1], cached[2]
+
+
+class Metrics:
+    """Request counters and latency histograms by route template, rendered for Prometheus."""
+
+    BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0)
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self.requests = collections.Counter()   # (route, method, status) -> count
+        self.latency = {}                       # (route, method) -> [bucket counts, sum, n]
+
+    def observe(self, route_pattern, method, status, seconds):
+        """Count one request."""
+        with self._lock:
+            self.requests[(route_pattern, method, status)] += 1
+            entry = self.latency.setdefault((route_pattern, method),
+                                            [[0] * len(self.BUCKETS), 0.0, 0])
+            for index, bound in enumerate(self.BUCKETS):
+                if seconds <= bound:
+                    entry[0][index] += 1
+            entry[1] += seconds
+            entry[2] += 1
+
+    def render(self):
+        """The request metrics in the Prometheus text format."""
+        lines = ["# HELP kokoa_http_requests_total HTTP requests by route, method and status.",
+                 "# TYPE kokoa_http_requests_total counter"]
+        with self._lock:
+            for (route_pattern, method, status), count in sorted(self.requests.items()):
+                labels = prometheus_labels(route=route_pattern, method=method, status=status)
+                lines.append(f"kokoa_http_requests_total{{{labels}}} {count}")
+            lines += ["# HELP kokoa_http_request_duration_seconds Request latency by route.",
+                      "# TYPE kokoa_http_request_duration_seconds histogram"]
+            for (route_pattern, method), (buckets, total, count) in sorted(self.latency.items()):
+                base = prometheus_labels(route=route_pattern, method=method)
+                name = "kokoa_http_request_duration_seconds"
+                for bound, bucket_count in zip(self.BUCKETS, buckets, strict=True):
+                    lines.append(f'{name}_bucket{{{base},le="{bound}"}} {bucket_count}')
+                lines.append(f'{name}_bucket{{{base},le="+Inf"}} {count}')
+                lines.append(f"{name}_sum{{{base}}} {total:.6f}")
+                lines.append(f"{name}_count{{{base}}} {count}")
+        return lines
+
+
+def prometheus_labels(**labels):
+    """name="value" pairs with Prometheus escaping."""
+    def escape(value):
+        return str(value).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+    return ",".join(f'{name}="{escape(value)}"' for name, value in labels.items())
 
 
 class LastSeen:
@@ -1409,24 +1578,24 @@ class LastSeen:
 
     def __init__(self, flush_seconds=LAST_SEEN_FLUSH_SECONDS):
         self.flush_seconds = flush_seconds
-        self._seen = {}             # edge id -> (iso time, monotonic time of last disk write)
+        self._seen = {}             # edge id -> (unix time of last poll, of last disk write)
         self._lock = threading.Lock()
 
     def touch(self, req, edge_id):
         """Note a poll by `edge_id` now; persist it if the stored value is stale."""
-        now_iso, now = utc_now(), time.monotonic()
+        now = time.time()
         with self._lock:
-            _, flushed = self._seen.get(edge_id, (None, -1e9))
+            _, flushed = self._seen.get(edge_id, (None, 0.0))
             due = now - flushed >= self.flush_seconds
-            self._seen[edge_id] = (now_iso, now if due else flushed)
+            self._seen[edge_id] = (now, now if due else flushed)
         if due:
             req.db.execute("UPDATE edge_nodes SET last_seen = ? WHERE id = ?",
-                           (now_iso, edge_id))
+                           (iso_time(now), edge_id))
 
     def get(self, edge_id):
-        """The in-memory last poll time of `edge_id`, or None."""
+        """The in-memory last poll time of `edge_id` (ISO 8601), or None."""
         entry = self._seen.get(edge_id)
-        return entry[0] if entry else None
+        return iso_time(entry[0]) if entry else None
 
 
 class App:
@@ -1438,6 +1607,7 @@ class App:
         self.tokens = TokenCache()
         self.edge_config = EdgeConfigCache()
         self.last_seen = LastSeen()
+        self.metrics = Metrics()
 
     def __call__(self, environ, start_response):
         started = time.perf_counter()
@@ -1457,12 +1627,15 @@ class App:
         start_response(f"{response.status} {STATUS_TEXT.get(response.status, 'Unknown')}",
                        headers)
         self.log_access(req, response.status, started)
+        self.metrics.observe(req.route_pattern, req.metrics_method, response.status,
+                             time.perf_counter() - started)
         return [b""] if req.method == "HEAD" else [body]
 
     def dispatch(self, req):
         """Route, authenticate and run the handler; map every failure to a JSON error."""
         try:
             entry, params = match_route(req.method, req.path)
+            req.route_pattern, req.metrics_method = entry.pattern, req.method
             if req.method not in ("GET", "HEAD") and req.header("Sec-Fetch-Site") == "cross-site":
                 raise HTTPError(403, "forbidden", "cross-site requests are refused")
             self.authenticate(req, entry.auth)
@@ -1481,8 +1654,10 @@ class App:
             return json_response(500, HTTPError(500, "internal", "internal error").body())
 
     def authenticate(self, req, kind):
-        """Enforce a route's auth kind: admin (Basic), edge (Bearer) or none."""
-        if kind == "admin":
+        """Enforce a route's auth kind: admin (Basic), edge (Bearer), local_or_admin, none."""
+        if kind == "local_or_admin" and is_loopback(req.client):
+            return
+        if kind in ("admin", "local_or_admin"):
             self.authenticate_admin(req)
         elif kind == "edge":
             self.authenticate_edge(req)
@@ -1569,6 +1744,39 @@ def get_healthz(req):
         log.error("health check failed: %s", err)
         return 503, {"status": "unavailable"}
     return 200, {"status": "ok"}
+
+
+@route("GET", "/metrics", auth="local_or_admin")
+def get_metrics(req):
+    config_hash, _ = req.app.edge_config.get(req)
+    lines = req.app.metrics.render() + fleet_metrics(req, config_hash)
+    return Response(200, ("\n".join(lines) + "\n").encode(),
+                    "text/plain; version=0.0.4; charset=utf-8")
+
+
+def fleet_metrics(req, config_hash):
+    """Gauges of the desired state and of how the edges follow it."""
+    now = time.time()
+    edges = {"total": 0, "in_sync": 0, "stale": 0}
+    for row in req.db.execute("SELECT id, applied_hash, last_seen FROM edge_nodes"):
+        edges["total"] += 1
+        edges["in_sync"] += row["applied_hash"] == config_hash
+        seen = req.app.last_seen.get(row["id"]) or row["last_seen"]
+        if seen is None or now - parse_iso_time(seen) > EDGE_STALE_SECONDS:
+            edges["stale"] += 1
+    counts = {table: req.db.execute(f"SELECT count(*) FROM {quote_identifier(table)}")
+              .fetchone()[0] for table in ("routes", "origins")}
+    cache = req.app.edge_config
+    lines = ["# TYPE kokoa_info gauge", f'kokoa_info{{version="{__version__}"}} 1',
+             "# TYPE kokoa_edges gauge"]
+    lines += [f'kokoa_edges{{state="{state}"}} {count}' for state, count in edges.items()]
+    lines += [f"# TYPE kokoa_{table} gauge\nkokoa_{table} {count}"
+              for table, count in counts.items()]
+    lines += ["# TYPE kokoa_config_build_seconds gauge",
+              f"kokoa_config_build_seconds {cache.build_seconds:.6f}",
+              "# TYPE kokoa_config_last_change_timestamp_seconds gauge",
+              f"kokoa_config_last_change_timestamp_seconds {cache.changed_at:.3f}"]
+    return lines
 
 
 def changed(req, status, value):
@@ -1673,17 +1881,48 @@ def update_settings(req):
     return changed(req, 200, store_settings(req.db, req.json()))
 
 
+@route("GET", "/api/v1/enrollment-keys")
+def list_enrollment_keys(req):
+    rows = req.db.execute("SELECT * FROM enrollment_keys ORDER BY created_at, id").fetchall()
+    return 200, {"enrollment_keys": [enrollment_key_json(row) for row in rows]}
+
+
+@route("POST", "/api/v1/enrollment-keys")
+def create_enrollment_key(req):
+    row, key = insert_enrollment_key(req.db, req.json())
+    log.info("created enrollment key %s", row["id"])
+    return 201, {**enrollment_key_json(row), "key": key}
+
+
+@route("DELETE", "/api/v1/enrollment-keys/<id>")
+def delete_enrollment_key(req, id):
+    remove_enrollment_key(req.db, id)
+    return 204, None
+
+
 @route("POST", "/api/v1/edge-nodes/register", auth="none")
 def register_edge_node(req):
     req.app.limiter.check(req.client)
     body = req.json()
     given = body.get("bootstrap_token") if isinstance(body, dict) else None
-    expected = req.app.config.bootstrap_token
-    if not isinstance(given, str) or not expected or not tokens_equal(given, expected):
+    if not isinstance(given, str) or not given:
         req.app.limiter.fail(req.client)
-        raise HTTPError(401, "unauthorized", "wrong or missing bootstrap token",
+        raise HTTPError(401, "unauthorized", "a bootstrap token or enrollment key is required",
                         field="bootstrap_token")
-    row, token = insert_edge(req.db, req.app.config, body)
+    expected = req.app.config.bootstrap_token
+    enrollment_key = None
+    if not expected or not tokens_equal(given, expected):
+        if not enrollment_key_usable(req.db, given):
+            req.app.limiter.fail(req.client)
+            raise HTTPError(401, "unauthorized", "wrong bootstrap token or enrollment key",
+                            field="bootstrap_token")
+        enrollment_key = given          # spent inside the insert transaction
+    try:
+        row, token = insert_edge(req.db, req.app.config, body, enrollment_key)
+    except HTTPError as err:
+        if err.status == 401:
+            req.app.limiter.fail(req.client)
+        raise
     req.edge_id = row["id"]
     log.info("registered edge node %s (%s)", row["id"], row["name"])
     return 201, {"id": row["id"], "name": row["name"], "token": token}
@@ -1822,13 +2061,27 @@ def cmd_init(args):
     return 0
 
 
-def open_migrated(db_path):
-    """Migrate the database at db_path (CLIError if it is newer than this code)."""
+def open_migrated(db_path, backup_first=False):
+    """Migrate the database at db_path; with backup_first, copy an older schema aside first.
+
+    Raises CLIError if the database is newer than this code or a migration fails.
+    """
     db = connect(db_path)
     try:
+        version = schema_version(db)
+        if backup_first and 0 < version < len(MIGRATIONS):
+            stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+            backup_path = f"{db_path}.bak-v{version}-{stamp}"
+            db.close()
+            backup_database(db_path, backup_path)
+            log.info("backed up schema v%d database to %s before migrating", version,
+                     backup_path)
+            db = connect(db_path)
         return migrate(db)
     except RuntimeError as err:
         raise CLIError(str(err)) from None
+    except sqlite3.Error as err:
+        raise CLIError(f"database migration failed, nothing was changed: {err}") from None
     finally:
         db.close()
 
@@ -1841,7 +2094,7 @@ def cmd_serve(args):
     config = load_config(args, env)
     host, port = parse_listen(args.listen or env.get("KOKOA_LISTEN") or DEFAULT_LISTEN)
     configure_logging(env)
-    version = open_migrated(config.db_path)
+    version = open_migrated(config.db_path, backup_first=True)
     if not config.admin_password:
         log.warning("KOKOA_ADMIN_PASSWORD is not set: the admin API and UI answer loopback "
                     "clients only")
@@ -1880,6 +2133,46 @@ def cmd_backup(args):
     finally:
         partial.unlink(missing_ok=True)
     print(f"backed up {db_path} to {target}")
+    return 0
+
+
+def check_restorable(path):
+    """CLIError unless `path` is an intact Kokoa database this code can migrate."""
+    if not Path(path).is_file():
+        raise CLIError(f"{path} does not exist")
+    try:
+        source = sqlite3.connect(f"file:{Path(path).resolve()}?mode=ro", uri=True)
+        try:
+            (check,) = source.execute("PRAGMA integrity_check").fetchone()
+            version = schema_version(source)
+        finally:
+            source.close()
+    except sqlite3.DatabaseError as err:
+        raise CLIError(f"{path} is not a usable SQLite database: {err}") from None
+    if check != "ok":
+        raise CLIError(f"{path} fails the integrity check: {check}")
+    if not 1 <= version <= len(MIGRATIONS):
+        raise CLIError(f"{path} has schema v{version}; this kokoa reads v1 to "
+                       f"v{len(MIGRATIONS)}")
+    return version
+
+
+def cmd_restore(args):
+    """Replace the database's content with a backup, through SQLite's backup API."""
+    env = load_environment(args.env_file)
+    db_path = args.db or env.get("KOKOA_DB") or DEFAULT_DB
+    version = check_restorable(args.path)
+    if Path(db_path).exists():
+        if not args.force:
+            raise CLIError(f"{db_path} exists; pass --force to replace it (a copy of it is "
+                           "kept beside it)")
+        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+        keep = f"{db_path}.pre-restore-{stamp}"
+        backup_database(db_path, keep)
+        print(f"kept the previous database as {keep}")
+    backup_database(args.path, db_path)
+    print(f"restored {args.path} (schema v{version}) into {db_path}; restart serve, which "
+          "migrates it if needed")
     return 0
 
 
@@ -1945,6 +2238,10 @@ def build_parser():
     backup.add_argument("path", help="where to write the copy")
     backup.add_argument("--db", help=f"database path (default ./{DEFAULT_DB})")
     backup.add_argument("--force", action="store_true", help="replace an existing file")
+    restore = add("restore", cmd_restore, "replace the database with a backup")
+    restore.add_argument("path", help="the backup to restore")
+    restore.add_argument("--db", help=f"database path (default ./{DEFAULT_DB})")
+    restore.add_argument("--force", action="store_true", help="replace an existing database")
     rotate = add("rotate-key", cmd_rotate_key,
                  "re-encrypt secrets from WIREGUARD_KEY_ENC_SECRET_OLD to the current key")
     rotate.add_argument("--db", help=f"database path (default ./{DEFAULT_DB})")

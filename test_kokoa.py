@@ -22,7 +22,7 @@ import waitress
 import kokoa
 from conftest import REPO, ApiClient, KokoaServer, free_port, fresh_secrets, require_tools
 
-GOLDEN = Path(__file__).resolve().parent / "golden"
+TESTDATA = Path(__file__).resolve().parent / "testdata"
 
 
 # Fixtures ####################################################################################
@@ -120,7 +120,7 @@ def test_empty_routes_render_a_map_with_only_the_default():
 def test_render_matches_golden_file():
     routes = {"b.example.com": "10.8.0.3:3000", "a.example.com": "10.8.0.2:8080",
               "c.example.com": "10.8.0.2:8080", "v6.example.com": "[fd00::2]:443"}
-    expected = (GOLDEN / "nginx_map_basic.conf").read_text()
+    expected = (TESTDATA / "nginx_map_basic.conf").read_text()
     assert kokoa.render_nginx_map(routes) == expected.replace("0.1.0", kokoa.__version__)
 
 
@@ -891,11 +891,13 @@ def test_fresh_database_is_migrated_to_the_latest_schema(tmp_path):
 def test_failing_migration_leaves_version_and_schema_unchanged(tmp_path):
     db = kokoa.connect(str(tmp_path / "k.db"))
     kokoa.migrate(db)
-    broken = kokoa.MIGRATIONS + [["CREATE TABLE half (x)", "THIS IS NOT SQL"]]
+    broken = kokoa.MIGRATIONS + [["CREATE TABLE whole (x)"],
+                                 ["CREATE TABLE half (x)", "THIS IS NOT SQL"]]
     with pytest.raises(sqlite3.OperationalError):
         kokoa.migrate(db, broken)
     assert kokoa.schema_version(db) == len(kokoa.MIGRATIONS)
-    assert db.execute("SELECT name FROM sqlite_master WHERE name = 'half'").fetchone() is None
+    names = {row[0] for row in db.execute("SELECT name FROM sqlite_master")}
+    assert "half" not in names and "whole" not in names
 
 
 def test_database_newer_than_the_code_is_refused(tmp_path):
@@ -1026,3 +1028,166 @@ def test_serve_reads_kokoa_env_and_answers(tmp_path):
     finally:
         server.stop()
     assert "KOKOA_BOOTSTRAP_TOKEN is not set" in server.log_path.read_text()
+
+
+def test_restore_refuses_to_overwrite_without_force_and_keeps_the_old_copy(api, tmp_path):
+    api.create_origin("before-backup")
+    backup = tmp_path / "snap.db"
+    assert run_cli("backup", str(backup), "--db", api.config.db_path, cwd=tmp_path).returncode == 0
+    api.create_origin("after-backup", "10.8.0.3")
+    result = run_cli("restore", str(backup), "--db", api.config.db_path, cwd=tmp_path)
+    assert result.returncode == 2 and "--force" in result.stderr
+    assert len(api.request("GET", "/api/v1/origins")[2]["origins"]) == 2
+    result = run_cli("restore", str(backup), "--db", api.config.db_path, "--force",
+                     cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    names = [row[0] for row in api.rows("SELECT name FROM origins")]
+    assert names == ["before-backup"]
+    kept = list(tmp_path.glob("kokoa.db.pre-restore-*"))
+    assert len(kept) == 1
+    old = sqlite3.connect(kept[0])
+    assert sorted(r[0] for r in old.execute("SELECT name FROM origins")) == [
+        "after-backup", "before-backup"]
+    old.close()
+
+
+@pytest.mark.parametrize("content", [b"", b"garbage" * 1000])
+def test_restore_refuses_a_file_that_is_not_a_kokoa_database(tmp_path, content):
+    bad = tmp_path / "bad.db"
+    bad.write_bytes(content)
+    result = run_cli("restore", str(bad), "--db", str(tmp_path / "k.db"), cwd=tmp_path)
+    assert result.returncode == 2 and result.stderr.count("\n") == 1
+    assert not (tmp_path / "k.db").exists()
+
+
+def test_metrics_count_requests_by_route_template_and_fleet_state(api):
+    origin = api.create_origin()
+    route = api.create_route("a.example.com", origin["id"])
+    _, token = api.register_edge("edge1")
+    api.register_edge("edge2")
+    status, _, config = api.my_config(token)
+    api.request("POST", "/api/v1/edge-nodes/me/status",
+                {"applied_hash": config["config_hash"], "ok": True}, auth=token)
+    api.request("GET", f"/api/v1/routes/{route['id']}")
+    api.request("GET", "/no/such/path")
+    status, headers, text = api.request("GET", "/metrics", auth=None)   # loopback peer
+    assert status == 200 and headers["Content-Type"].startswith("text/plain; version=0.0.4")
+    text = text.decode()
+    assert ('kokoa_http_requests_total{route="/api/v1/routes/<id>",method="GET",status="200"} 1'
+            in text)
+    assert 'route="unmatched",method="other",status="404"' in text
+    assert 'kokoa_http_request_duration_seconds_bucket{route="/api/v1/routes",method="POST",' \
+           'le="+Inf"} 1' in text
+    assert 'kokoa_edges{state="total"} 2' in text
+    assert 'kokoa_edges{state="in_sync"} 1' in text
+    assert 'kokoa_edges{state="stale"} 1' in text
+    assert "kokoa_routes 1" in text and "kokoa_origins 1" in text
+    assert "kokoa_config_last_change_timestamp_seconds" in text
+    assert token not in text
+
+
+def test_metrics_need_admin_from_elsewhere(tmp_path):
+    app = kokoa.make_app(make_config(tmp_path / "k.db"))
+    captured = {}
+    app({"REQUEST_METHOD": "GET", "PATH_INFO": "/metrics", "REMOTE_ADDR": "198.51.100.7",
+         "wsgi.input": None}, lambda status, headers: captured.setdefault("status", status))
+    assert captured["status"].startswith("401")
+
+
+def test_serve_backs_up_an_older_schema_before_migrating(tmp_path):
+    db_path = tmp_path / "old.db"
+    db = kokoa.connect(str(db_path))
+    kokoa.migrate(db, kokoa.MIGRATIONS[:1])
+    db.close()
+    if len(kokoa.MIGRATIONS) == 1:
+        pytest.skip("only one schema version exists")
+    server = KokoaServer(tmp_path)
+    server.db = db_path
+    server.start()
+    server.stop()
+    backups = list(tmp_path.glob("old.db.bak-v1-*"))
+    assert len(backups) == 1
+    assert "before migrating" in server.log_path.read_text()
+    copy = sqlite3.connect(backups[0])
+    assert copy.execute("PRAGMA user_version").fetchone()[0] == 1
+    copy.close()
+
+
+# Enrollment keys #############################################################################
+
+def register_with(api, key, name, source="127.0.0.1"):
+    body = json.dumps({"bootstrap_token": key, "name": name}).encode()
+    return raw_request(api.url, "POST", "/api/v1/edge-nodes/register", body,
+                       {"Content-Type": "application/json"}, source=source)
+
+
+def test_enrollment_key_is_shown_once_stored_hashed_and_single_use(api):
+    status, _, created = api.request("POST", "/api/v1/enrollment-keys",
+                                     {"description": "edge in Frankfurt"})
+    assert status == 201 and created["key"].startswith("kokoa-ek-")
+    assert created["uses_left"] == 1
+    listing = api.request("GET", "/api/v1/enrollment-keys")[2]
+    assert created["key"] not in json.dumps(listing)
+    assert listing["enrollment_keys"][0]["description"] == "edge in Frankfurt"
+    dump = "\n".join(kokoa.connect(api.config.db_path).iterdump())
+    assert created["key"] not in dump
+    status, _, edge = register_with(api, created["key"], "edge-fra")
+    assert status == 201 and edge["token"]
+    status, _, error = register_with(api, created["key"], "edge-again")
+    assert status == 401 and error["error"]["field"] == "bootstrap_token"
+    [key] = api.request("GET", "/api/v1/enrollment-keys")[2]["enrollment_keys"]
+    assert key["uses_left"] == 0 and key["last_used_at"] is not None
+    assert api.register_edge("env-token-still-works")
+
+
+def test_expired_and_revoked_enrollment_keys_fail(api):
+    _, _, expiring = api.request("POST", "/api/v1/enrollment-keys", {"expires_in": 60,
+                                                                      "uses": 3})
+    db = kokoa.connect(api.config.db_path)
+    db.execute("UPDATE enrollment_keys SET expires_at = '2000-01-01T00:00:00Z'")
+    db.close()
+    assert register_with(api, expiring["key"], "late")[0] == 401
+    _, _, revoked = api.request("POST", "/api/v1/enrollment-keys", {})
+    assert api.request("DELETE", f"/api/v1/enrollment-keys/{revoked['id']}")[0] == 204
+    assert register_with(api, revoked["key"], "gone")[0] == 401
+    assert api.request("DELETE", f"/api/v1/enrollment-keys/{revoked['id']}")[0] == 404
+
+
+def test_wrong_credentials_are_refused_before_any_validation(api):
+    status, _, error = register_with(api, "kokoa-ek-wrong", "")
+    assert status == 401 and error["error"]["field"] == "bootstrap_token"
+
+
+@pytest.mark.parametrize("body, field", [
+    ({"expires_in": 10}, "expires_in"), ({"expires_in": "1h"}, "expires_in"),
+    ({"uses": 0}, "uses"), ({"uses": True}, "uses"), ({"description": "x" * 201},
+                                                       "description"), ({"key": "x"}, "key")])
+def test_invalid_enrollment_key_requests_are_rejected(api, body, field):
+    status, _, error = api.request("POST", "/api/v1/enrollment-keys", body)
+    assert status == 400 and error["error"]["field"] == field
+    assert api.request("GET", "/api/v1/enrollment-keys")[2] == {"enrollment_keys": []}
+
+
+def test_upgrade_from_schema_v1_keeps_every_row(tmp_path):
+    db_path = tmp_path / "v1.db"
+    old = sqlite3.connect(db_path)
+    old.executescript((TESTDATA / "schema_v1.sql").read_text())
+    origin_id, route_id, edge_id = kokoa.new_id(), kokoa.new_id(), kokoa.new_id()
+    old.execute("INSERT INTO origins (id, name, name_key, wg_ip, wg_public_key, wg_endpoint) "
+                "VALUES (?, 'Home', 'home', '10.8.0.2', ?, 'h.example.net:51820')",
+                (origin_id, "B" * 43 + "="))
+    old.execute("INSERT INTO routes (id, hostname, origin_id, target_port) "
+                "VALUES (?, 'a.example.com', ?, 8080)", (route_id, origin_id))
+    old.execute("INSERT INTO edge_nodes (id, name, name_key, token_hash, applied_hash) "
+                "VALUES (?, 'edge1', 'edge1', ?, ?)", (edge_id, "1" * 64, "2" * 64))
+    old.execute("INSERT INTO settings (key, value) VALUES ('acme_staging', 'true')")
+    old.commit()
+    before = {t: old.execute(f"SELECT * FROM {t}").fetchall()
+              for t in ("origins", "routes", "edge_nodes", "settings")}
+    old.close()
+    db = kokoa.connect(str(db_path))
+    assert kokoa.migrate(db) == len(kokoa.MIGRATIONS) > 1
+    for table, rows in before.items():
+        assert [tuple(r) for r in db.execute(f"SELECT * FROM {table}")] == rows
+    assert db.execute("PRAGMA foreign_key_check").fetchall() == []
+    db.close()

@@ -1,0 +1,177 @@
+"""Benchmark the edge poll path and the config build of the control plane.
+
+Prints:
+  1. 304-poll throughput of GET /api/v1/edge-nodes/me/config with 1,000 routes, as a ratio to a
+     bare waitress app returning a fixed 200-byte JSON, measured in the same run with the same
+     thread count and the same load generator (wrk). Target >= 0.7.
+  2. The time of the first config build for 10,000 and 100,000 routes (targets < 0.5 s and
+     < 5 s) and the server process's peak memory after it (target < 300 MB).
+
+Usage: python bench/poll.py [--duration 5] [--runs 3] [--threads 4]
+Needs wrk (apt-get install wrk). Only loopback is used.
+"""
+
+import argparse
+import json
+import os
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+import kokoa  # noqa: E402
+from conftest import KokoaServer, free_port, stop_process, wait_until  # noqa: E402
+
+BASELINE_APP = '''
+import sys, waitress
+BODY = (b'{"status":"ok","padding":"' + b"x" * 172 + b'"}')
+assert len(BODY) == 200, len(BODY)
+def app(environ, start_response):
+    start_response("200 OK", [("Content-Type", "application/json"),
+                              ("Content-Length", str(len(BODY)))])
+    return [BODY]
+waitress.serve(app, host="127.0.0.1", port=int(sys.argv[1]), threads=int(sys.argv[2]),
+               ident="baseline", _quiet=True)
+'''
+
+
+def populate(db_path, count):
+    """Insert one origin and `count` routes straight into a migrated database."""
+    db = kokoa.connect(str(db_path))
+    kokoa.migrate(db)
+    origin_id = kokoa.new_id()
+    public = kokoa.b64(kokoa.wg_public_from_private(kokoa.wg_generate_private()))
+    with kokoa.transaction(db):
+        db.execute("INSERT INTO origins (id, name, name_key, wg_ip, wg_public_key) "
+                   "VALUES (?, 'home', 'home', '10.8.0.2', ?)", (origin_id, public))
+        db.executemany(
+            "INSERT INTO routes (id, hostname, origin_id, target_port) VALUES (?, ?, ?, ?)",
+            ((kokoa.new_id(), f"site{i}.example.com", origin_id, 1024 + i % 30000)
+             for i in range(count)))
+    db.close()
+
+
+def wrk(url, duration, headers):
+    """Requests/s measured by wrk (2 threads, 32 connections)."""
+    cmd = ["wrk", "-t2", "-c32", f"-d{duration}s"]
+    for header in headers:
+        cmd += ["-H", header]
+    out = subprocess.run(cmd + [url], capture_output=True, text=True, timeout=duration + 60,
+                         check=True).stdout
+    if re.search(r"Non-2xx or 3xx responses", out):
+        raise SystemExit(f"wrk saw errors:\n{out}")
+    return float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
+
+
+def start_baseline(threads):
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-c", BASELINE_APP, str(port), str(threads)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def up():
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=1) as resp:
+                return resp.status == 200
+        except OSError:
+            return False
+    wait_until(up, timeout=20, what="baseline server")
+    return proc, f"http://127.0.0.1:{port}/"
+
+
+def start_kokoa(workdir, routes, threads):
+    server = KokoaServer(workdir)    # access log on, as in production
+    populate(server.db, routes)
+    server.extra_args = ["--threads", str(threads)]
+    server.start()
+    _, token = server.register_edge("bench-edge")
+    return server, token
+
+
+def peak_rss_mb(pid):
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(re.search(r"VmHWM:\s+(\d+) kB", status).group(1)) / 1024
+
+
+def bench_poll(args):
+    with tempfile.TemporaryDirectory() as tmp:
+        server, token = start_kokoa(Path(tmp), 1000, args.threads)
+        baseline, baseline_url = start_baseline(args.threads)
+        try:
+            status, headers, _ = server.request("GET", "/api/v1/edge-nodes/me/config",
+                                                auth=token)
+            assert status == 200
+            poll_headers = [f"Authorization: Bearer {token}",
+                            f"If-None-Match: {headers['ETag']}"]
+            url = server.url + "/api/v1/edge-nodes/me/config"
+            ratios, kokoa_rps, base_rps = [], [], []
+            for _ in range(args.runs):
+                base = wrk(baseline_url, args.duration, [])
+                ours = wrk(url, args.duration, poll_headers)
+                base_rps.append(base)
+                kokoa_rps.append(ours)
+                ratios.append(ours / base)
+        finally:
+            server.stop()
+            stop_process(baseline)
+    print(f"304 poll, 1,000 routes, {args.threads} threads, wrk -t2 -c32 -d{args.duration}s, "
+          f"{args.runs} runs")
+    print(f"  baseline (fixed 200-byte JSON): median {statistics.median(base_rps):,.0f} req/s")
+    print(f"  kokoa /me/config 304:           median {statistics.median(kokoa_rps):,.0f} req/s")
+    print(f"  ratio: median {statistics.median(ratios):.2f} (runs: "
+          f"{', '.join(f'{r:.2f}' for r in ratios)})  target >= 0.7")
+
+
+def bench_build(count):
+    """First build in-process, then in a real server process with its peak memory."""
+    with tempfile.TemporaryDirectory() as tmp:
+        db_path = Path(tmp) / "kokoa.db"
+        populate(db_path, count)
+        db = kokoa.connect(str(db_path))
+        started = time.perf_counter()
+        _, body = kokoa.build_edge_config(db)
+        elapsed = time.perf_counter() - started
+        db.close()
+        server = KokoaServer(Path(tmp), {"KOKOA_LOG_LEVEL": "WARNING"})
+        server.db = db_path
+        server.start()
+        try:
+            _, token = server.register_edge("bench-edge")
+            started = time.perf_counter()
+            status, _, _ = server.request("GET", "/api/v1/edge-nodes/me/config", auth=token)
+            served = time.perf_counter() - started
+            assert status == 200
+            rss = peak_rss_mb(server.proc.pid)
+        finally:
+            server.stop()
+    return elapsed, served, len(body), rss
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--duration", type=int, default=5)
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=4)
+    parser.add_argument("--skip-poll", action="store_true")
+    args = parser.parse_args()
+    if not args.skip_poll:
+        if shutil.which("wrk") is None:
+            raise SystemExit("wrk is required: apt-get install wrk")
+        bench_poll(args)
+    for count, target in ((10_000, 0.5), (100_000, 5.0)):
+        build, served, size, rss = bench_build(count)
+        print(f"first config build, {count:,} routes: {build:.3f} s in-process "
+              f"(target < {target} s); first poll through the server {served:.3f} s; "
+              f"payload {size / 1e6:.1f} MB; server peak RSS {rss:.0f} MB (target < 300 MB)")
+    print(json.dumps({"python": sys.version.split()[0], "cpus": os.cpu_count()}))
+
+
+if __name__ == "__main__":
+    main()
