@@ -1191,3 +1191,17 @@ def test_upgrade_from_schema_v1_keeps_every_row(tmp_path):
         assert [tuple(r) for r in db.execute(f"SELECT * FROM {table}")] == rows
     assert db.execute("PRAGMA foreign_key_check").fetchall() == []
     db.close()
+
+
+def test_serve_exits_clearly_and_leaves_the_file_untouched_when_a_migration_fails(tmp_path):
+    db_path = tmp_path / "old.db"
+    db = kokoa.connect(str(db_path))
+    kokoa.migrate(db, kokoa.MIGRATIONS[:1])
+    db.execute("CREATE TABLE enrollment_keys (squatter TEXT)")    # makes v2 fail
+    db.close()
+    before = db_path.read_bytes()
+    result = run_cli("serve", "--db", str(db_path), "--listen", f"127.0.0.1:{free_port()}",
+                     cwd=tmp_path, env={"WIREGUARD_KEY_ENC_SECRET": os.urandom(32).hex()})
+    assert result.returncode == 2
+    assert "migration failed, nothing was changed" in result.stderr.splitlines()[-1]
+    assert db_path.read_bytes() == before
