@@ -1,0 +1,375 @@
+#!/usr/bin/env bash
+# install-origin.sh: set up a Kokoa origin (a home or office server) as a WireGuard peer of the
+# edges. Installs wireguard-tools, writes /etc/wireguard/<iface>.conf (0600) from the control
+# plane's wireguard.conf, opens its UDP port in the firewall and brings the interface up.
+set -Eeuo pipefail
+shopt -s inherit_errexit
+export LC_ALL=C
+umask 077
+
+PROGRAM=${0##*/}
+ROOT=""
+CONFIG_FILE=""
+CONTROL_PLANE_URL=""
+ORIGIN_ID=""
+ADMIN_USER="admin"
+PASSWORD_FILE=""
+ENV_FILE=""
+INTERFACE="kokoa0"
+NO_PACKAGES=0
+REFRESH_TIMER=0
+TMP_DIR=""
+CHANGES=()
+
+usage() {
+  cat <<EOF
+Usage: $PROGRAM --config FILE [options]
+       $PROGRAM --control-plane URL --origin-id ID [--admin-user U] [--password-file F] [options]
+       $PROGRAM --env-file /etc/kokoa/origin.env        (what the refresh timer runs)
+
+Makes this machine a Kokoa origin: writes /etc/wireguard/IFACE.conf from the control plane's
+wireguard.conf for this origin, opens its UDP port (ufw if active, else nftables, else iptables)
+and enables wg-quick@IFACE (or, if it is up, applies the new peers with wg syncconf without
+dropping tunnels). Re-running it changes nothing that is already right.
+
+  --config FILE          a wireguard.conf downloaded from the UI or
+                         GET /api/v1/origins/{id}/wireguard.conf
+  --control-plane URL    fetch it from the control plane instead (admin credentials: the
+                         password from KOKOA_ADMIN_PASSWORD or --password-file, never argv)
+  --origin-id ID         the origin's id (with --control-plane)
+  --admin-user U         admin user (default admin)
+  --password-file F      file holding the admin password
+  --env-file F           read CONTROL_PLANE_URL, ORIGIN_ID, KOKOA_ADMIN_USER,
+                         KOKOA_ADMIN_PASSWORD, WG_INTERFACE from F (KEY=VALUE)
+  --refresh-timer        also install a systemd timer that re-fetches the config every 5
+                         minutes, so new or revoked edges reach this origin by themselves
+                         (stores the credentials in /etc/kokoa/origin.env, mode 0600)
+  --interface NAME       WireGuard interface (default kokoa0)
+  --root DIR             install under DIR instead of / (tests): no firewall, no services
+  --no-packages          do not apt-get install wireguard-tools
+  -h, --help             this help
+
+When edges join or are revoked the origin's peers change: re-run this script (or use
+--refresh-timer). Only the [Interface]/[Peer] keys wg-quick needs are accepted from the control
+plane; anything else (PostUp and friends run shell commands) is refused.
+EOF
+}
+
+log() { printf '%s: %s\n' "$PROGRAM" "$*" >&2; }
+die() { log "error: $*"; exit 1; }
+cmd() { log "[#] $*"; "$@"; }
+
+cleanup() {
+  if [[ -n $TMP_DIR ]]; then
+    rm -rf -- "$TMP_DIR"
+  fi
+}
+
+parse_args() {
+  while [[ $# -gt 0 ]]; do
+    case $1 in
+      --config) CONFIG_FILE=${2:?--config needs a file}; shift 2 ;;
+      --control-plane) CONTROL_PLANE_URL=${2:?--control-plane needs a URL}; shift 2 ;;
+      --origin-id) ORIGIN_ID=${2:?--origin-id needs an id}; shift 2 ;;
+      --admin-user) ADMIN_USER=${2:?--admin-user needs a name}; shift 2 ;;
+      --password-file) PASSWORD_FILE=${2:?--password-file needs a file}; shift 2 ;;
+      --env-file) ENV_FILE=${2:?--env-file needs a file}; shift 2 ;;
+      --interface) INTERFACE=${2:?--interface needs a name}; shift 2 ;;
+      --root) ROOT=${2:?--root needs a directory}; shift 2 ;;
+      --no-packages) NO_PACKAGES=1; shift ;;
+      --refresh-timer) REFRESH_TIMER=1; shift ;;
+      -h|--help) usage; exit 0 ;;
+      *) usage >&2; die "unknown argument: $1" ;;
+    esac
+  done
+}
+
+# Reads an allow-listed KEY=VALUE file; never sources it.
+read_env_file() {
+  local file=$1 line key value
+  [[ -r $file ]] || die "cannot read $file"
+  while IFS= read -r line || [[ -n $line ]]; do
+    [[ $line =~ ^[[:space:]]*(#|$) ]] && continue
+    [[ $line =~ ^([A-Z_]+)=(.*)$ ]] || die "$file: not a KEY=VALUE line: $line"
+    key=${BASH_REMATCH[1]}
+    value=${BASH_REMATCH[2]}
+    if [[ $value =~ ^\"(.*)\"$ || $value =~ ^\'(.*)\'$ ]]; then
+      value=${BASH_REMATCH[1]}
+    fi
+    case $key in
+      CONTROL_PLANE_URL) CONTROL_PLANE_URL=$value ;;
+      ORIGIN_ID) ORIGIN_ID=$value ;;
+      KOKOA_ADMIN_USER) ADMIN_USER=$value ;;
+      KOKOA_ADMIN_PASSWORD) KOKOA_ADMIN_PASSWORD=$value ;;
+      WG_INTERFACE) INTERFACE=$value ;;
+      *) log "warning: $file: ignoring unknown key $key" ;;
+    esac
+  done < "$file"
+}
+
+validate_args() {
+  [[ $INTERFACE =~ ^[A-Za-z0-9_=+.-]{1,15}$ ]] || die "invalid interface name: $INTERFACE"
+  if [[ -n $CONFIG_FILE && -n $CONTROL_PLANE_URL ]]; then
+    die "give --config or --control-plane, not both"
+  fi
+  if [[ -z $CONFIG_FILE && -z $CONTROL_PLANE_URL ]]; then
+    usage >&2
+    die "give --config FILE or --control-plane URL --origin-id ID"
+  fi
+  if [[ -n $CONTROL_PLANE_URL ]]; then
+    [[ $ORIGIN_ID =~ ^[0-9a-f-]{36}$ ]] || die "--origin-id must be the origin's UUID"
+    [[ $CONTROL_PLANE_URL =~ ^https?://[^[:space:]]+$ ]] || die "invalid URL: $CONTROL_PLANE_URL"
+    if [[ -n $PASSWORD_FILE ]]; then
+      KOKOA_ADMIN_PASSWORD=$(<"$PASSWORD_FILE")
+    fi
+    [[ -n ${KOKOA_ADMIN_PASSWORD:-} ]] \
+      || die "set KOKOA_ADMIN_PASSWORD or --password-file to fetch from the control plane"
+  fi
+  if [[ -z $ROOT && $(id -u) -ne 0 ]]; then
+    die "run as root (or give --root DIR)"
+  fi
+}
+
+install_packages() {
+  local needed=(wireguard-tools)
+  [[ -n $CONTROL_PLANE_URL ]] && needed+=(curl)
+  if [[ $NO_PACKAGES -eq 1 ]]; then
+    return 0
+  fi
+  if command -v wg >/dev/null && { [[ -z $CONTROL_PLANE_URL ]] || command -v curl >/dev/null; }
+  then
+    return 0
+  fi
+  command -v apt-get >/dev/null || die "install ${needed[*]} first (no apt-get here)"
+  cmd apt-get install -y -q "${needed[@]}"
+}
+
+check_dependencies() {
+  command -v wg >/dev/null || die "wg is required (apt-get install wireguard-tools)"
+  if [[ -n $CONTROL_PLANE_URL ]]; then
+    command -v curl >/dev/null || die "curl is required"
+  fi
+}
+
+# Fetches the origin's wireguard.conf; the password goes to curl on stdin, never in argv.
+fetch_config() {
+  local out=$1 url
+  url="${CONTROL_PLANE_URL%/}/api/v1/origins/$ORIGIN_ID/wireguard.conf"
+  if ! curl --fail --silent --show-error --max-time 30 --retry 2 -K - -o "$out" "$url" \
+      <<<"user = \"$ADMIN_USER:$KOKOA_ADMIN_PASSWORD\""; then
+    die "could not fetch $url; nothing changed"
+  fi
+}
+
+# Accepts only what wg-quick needs; PostUp/PreUp/... would run commands as root.
+validate_config() {
+  local file=$1 line number=0 section="" interfaces=0
+  while IFS= read -r line || [[ -n $line ]]; do
+    number=$((number + 1))
+    line=${line%$'\r'}
+    if [[ $line =~ ^[[:space:]]*(#.*)?$ ]]; then
+      continue
+    elif [[ $line == "[Interface]" ]]; then
+      section=interface
+      interfaces=$((interfaces + 1))
+    elif [[ $line == "[Peer]" ]]; then
+      section=peer
+    elif [[ $section == interface && $line =~ ^(Address|ListenPort|PrivateKey)\ =\ [A-Za-z0-9+/=.:,\ ]+$ ]]; then
+      continue
+    elif [[ $section == peer && $line =~ ^(PublicKey|AllowedIPs|Endpoint|PersistentKeepalive)\ =\ [][A-Za-z0-9+/=.:,\ -]+$ ]]; then
+      continue
+    else
+      die "refusing line $number of the WireGuard config: ${line:0:80}"
+    fi
+  done < "$file"
+  [[ $interfaces -eq 1 ]] || die "the WireGuard config must have exactly one [Interface]"
+}
+
+# The control plane may not hold the private key: keep the one already configured here.
+complete_private_key() {
+  local file=$1 live=$2 key
+  if grep -q '^PrivateKey = ' "$file"; then
+    return 0
+  fi
+  key=""
+  if [[ -r $live ]]; then
+    key=$(sed -n 's/^PrivateKey = \([A-Za-z0-9+/=]\{44\}\)$/\1/p' "$live" | head -n 1)
+  fi
+  [[ -n $key ]] || die "the config has no PrivateKey and $live has none to keep: add" \
+    "'PrivateKey = <this origin's private key>' under [Interface] in $CONFIG_FILE"
+  sed -i "s|^\\[Interface\\]\$|[Interface]\\nPrivateKey = $key|" "$file"
+}
+
+write_config() {
+  local new=$1 dir live staged
+  dir="$ROOT/etc/wireguard"
+  live="$dir/$INTERFACE.conf"
+  complete_private_key "$new" "$live"
+  install -d -m 0700 "$dir"
+  if [[ -f $live ]] && cmp -s "$new" "$live"; then
+    log "$live is up to date"
+    return 0
+  fi
+  staged=$(mktemp "$dir/.$INTERFACE.conf.XXXXXX")
+  cat "$new" > "$staged"
+  chmod 0600 "$staged"
+  sync "$staged"
+  mv -f "$staged" "$live"
+  CHANGES+=("wrote $live")
+  log "wrote $live"
+}
+
+listen_port() {
+  local port
+  port=$(sed -n 's/^ListenPort = \([0-9]\{1,5\}\)$/\1/p' "$ROOT/etc/wireguard/$INTERFACE.conf")
+  printf '%s\n' "${port:-51820}"
+}
+
+open_firewall() {
+  local port=$1
+  if command -v ufw >/dev/null && ufw status 2>/dev/null | grep -q '^Status: active'; then
+    if ufw status | grep -qE "^$port/udp[[:space:]]+ALLOW"; then
+      log "firewall (ufw): UDP $port already allowed"
+    else
+      cmd ufw allow "$port/udp"
+      CHANGES+=("ufw: allowed UDP $port")
+    fi
+  elif command -v nft >/dev/null && nft list chain inet filter input >/dev/null 2>&1; then
+    if nft list chain inet filter input | grep -q "udp dport $port accept"; then
+      log "firewall (nftables): UDP $port already accepted in inet filter input"
+    else
+      cmd nft insert rule inet filter input udp dport "$port" accept
+      CHANGES+=("nftables: accepted UDP $port (add it to /etc/nftables.conf to persist)")
+    fi
+  elif command -v iptables >/dev/null; then
+    if iptables -C INPUT -p udp --dport "$port" -j ACCEPT 2>/dev/null; then
+      log "firewall (iptables): UDP $port already accepted"
+    else
+      cmd iptables -I INPUT -p udp --dport "$port" -j ACCEPT
+      CHANGES+=("iptables: accepted UDP $port (save it with iptables-persistent)")
+    fi
+  else
+    log "firewall: no ufw, nftables filter or iptables found; make sure UDP $port is open"
+  fi
+}
+
+bring_up() {
+  if wg show "$INTERFACE" >/dev/null 2>&1; then
+    log "[#] wg syncconf $INTERFACE <(wg-quick strip $INTERFACE)"
+    wg syncconf "$INTERFACE" <(wg-quick strip "$INTERFACE")
+  elif command -v systemctl >/dev/null && [[ -d /run/systemd/system ]]; then
+    cmd systemctl enable --now "wg-quick@$INTERFACE"
+    CHANGES+=("enabled wg-quick@$INTERFACE")
+  else
+    cmd wg-quick up "$INTERFACE"
+    CHANGES+=("brought up $INTERFACE (no systemd: add it to your boot scripts)")
+  fi
+}
+
+write_if_changed() {
+  local target=$1 mode=$2 content=$3 staged
+  if [[ -f $target ]] && [[ $(<"$target") == "$content" ]]; then
+    return 0
+  fi
+  install -d -m 0755 "$(dirname "$target")"
+  staged=$(mktemp "$(dirname "$target")/.${target##*/}.XXXXXX")
+  printf '%s\n' "$content" > "$staged"
+  chmod "$mode" "$staged"
+  mv -f "$staged" "$target"
+  CHANGES+=("wrote $target")
+}
+
+install_refresh_timer() {
+  local self
+  [[ -n $CONTROL_PLANE_URL ]] || die "--refresh-timer needs --control-plane and --origin-id"
+  self=$(readlink -f "$0")
+  if ! cmp -s "$self" "$ROOT/usr/local/sbin/kokoa-install-origin"; then
+    install -D -m 0755 "$self" "$ROOT/usr/local/sbin/kokoa-install-origin"
+    CHANGES+=("installed $ROOT/usr/local/sbin/kokoa-install-origin")
+  fi
+  install -d -m 0700 "$ROOT/etc/kokoa"
+  write_if_changed "$ROOT/etc/kokoa/origin.env" 0600 "$(printf '%s\n' \
+    "# kokoa origin refresh credentials (root only)" \
+    "CONTROL_PLANE_URL=$CONTROL_PLANE_URL" "ORIGIN_ID=$ORIGIN_ID" \
+    "KOKOA_ADMIN_USER=$ADMIN_USER" "KOKOA_ADMIN_PASSWORD=$KOKOA_ADMIN_PASSWORD" \
+    "WG_INTERFACE=$INTERFACE")"
+  write_if_changed "$ROOT/etc/systemd/system/kokoa-origin-refresh.service" 0644 "$(cat <<EOF
+[Unit]
+Description=Refresh the Kokoa origin's WireGuard peers from the control plane
+After=network-online.target
+Wants=network-online.target
+
+[Service]
+Type=oneshot
+ExecStart=/usr/local/sbin/kokoa-install-origin --env-file /etc/kokoa/origin.env --no-packages
+EOF
+)"
+  write_if_changed "$ROOT/etc/systemd/system/kokoa-origin-refresh.timer" 0644 "$(cat <<EOF
+[Unit]
+Description=Refresh the Kokoa origin's WireGuard peers every 5 minutes
+
+[Timer]
+OnBootSec=1min
+OnUnitActiveSec=5min
+RandomizedDelaySec=30s
+
+[Install]
+WantedBy=timers.target
+EOF
+)"
+  if [[ -z $ROOT ]] && command -v systemctl >/dev/null && [[ -d /run/systemd/system ]]; then
+    cmd systemctl daemon-reload
+    cmd systemctl enable --now kokoa-origin-refresh.timer
+  fi
+}
+
+summary() {
+  local change
+  if [[ ${#CHANGES[@]} -eq 0 ]]; then
+    log "no changes: everything was already in place"
+  else
+    log "changes:"
+    for change in "${CHANGES[@]}"; do
+      log "  - $change"
+    done
+  fi
+  if [[ $REFRESH_TIMER -eq 0 ]]; then
+    log "when edges join or are revoked, run this again (or add --refresh-timer)"
+  fi
+}
+
+main() {
+  local fetched
+  parse_args "$@"
+  if [[ -n $ENV_FILE ]]; then
+    read_env_file "$ENV_FILE"
+  fi
+  validate_args
+  trap cleanup EXIT
+  trap 'exit 130' INT
+  trap 'exit 143' TERM
+  install_packages
+  check_dependencies
+  TMP_DIR=$(mktemp -d)
+  fetched="$TMP_DIR/wireguard.conf"
+  if [[ -n $CONTROL_PLANE_URL ]]; then
+    fetch_config "$fetched"
+  else
+    [[ -r $CONFIG_FILE ]] || die "cannot read $CONFIG_FILE"
+    cat "$CONFIG_FILE" > "$fetched"
+  fi
+  validate_config "$fetched"
+  write_config "$fetched"
+  if [[ -z $ROOT ]]; then
+    open_firewall "$(listen_port)"
+    bring_up
+  else
+    log "--root given: firewall and services left alone"
+  fi
+  if [[ $REFRESH_TIMER -eq 1 ]]; then
+    install_refresh_timer
+  fi
+  summary
+}
+
+main "$@"

