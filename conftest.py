@@ -61,6 +61,15 @@ def wait_until(predicate, timeout=15.0, interval=0.05, what="condition"):
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
+def http_ok(url, timeout=2.0):
+    """True if GET url answers 200 now (False on any connection error)."""
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as resp:
+            return resp.status == 200
+    except (urllib.error.URLError, ConnectionError, OSError):
+        return False
+
+
 def stop_process(proc, timeout=10.0):
     """Terminate a Popen (then kill it) and reap it."""
     if proc.poll() is None:
@@ -154,11 +163,7 @@ class KokoaServer(ApiClient):
     def _healthy(self):
         if self.proc.poll() is not None:
             raise AssertionError(f"kokoa exited early:\n{self.log_path.read_text()}")
-        try:
-            with urllib.request.urlopen(self.url + "/healthz", timeout=2) as resp:
-                return resp.status == 200
-        except (urllib.error.URLError, ConnectionError, OSError):
-            return False
+        return http_ok(self.url + "/healthz")
 
     def stop(self):
         """Stop the server process."""

@@ -5,9 +5,8 @@ import re
 import shutil
 import signal
 import subprocess
-import urllib.request
 
-from conftest import REPO, free_port, require_root, wait_until
+from conftest import REPO, free_port, http_ok, require_root, wait_until
 
 
 def readme_command(section):
@@ -39,11 +38,7 @@ def test_quick_start_installs_and_serves_the_control_plane(tmp_path):
 
     def healthy():
         assert proc.poll() is None, (tmp_path / "quick-start.log").read_text()
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2) as r:
-                return r.status == 200
-        except OSError:
-            return False
+        return http_ok(f"http://127.0.0.1:{port}/healthz")
     try:
         wait_until(healthy, timeout=600, interval=0.5, what="the quick start to serve")
         assert (tmp_path / "kokoa.env").stat().st_mode & 0o777 == 0o600

@@ -12,11 +12,10 @@ import shlex
 import shutil
 import subprocess
 import sys
-import urllib.request
 
 import pytest
 
-from conftest import REPO, free_port, require_tools, stop_process, wait_until
+from conftest import REPO, free_port, http_ok, require_tools, stop_process, wait_until
 
 
 def containerfile():
@@ -107,13 +106,8 @@ def test_containerfile_instructions_reproduce_a_working_server(tmp_path):
     proc = subprocess.Popen(command, cwd=workdir, env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     try:
-        def healthy():
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2) as r:
-                    return r.status == 200
-            except OSError:
-                return False
-        wait_until(healthy, timeout=30, what="the replayed container command")
+        wait_until(lambda: http_ok(f"http://127.0.0.1:{port}/healthz"), timeout=30,
+                   what="the replayed container command")
         health = exec_form(instructions("HEALTHCHECK")[0].split("CMD", 1)[1].strip())
         health = [part.replace("127.0.0.1:8080", f"127.0.0.1:{port}") for part in health]
         assert subprocess.run(health, env=env, timeout=30).returncode == 0

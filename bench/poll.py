@@ -21,14 +21,13 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 import kokoa  # noqa: E402
-from conftest import KokoaServer, free_port, stop_process, wait_until  # noqa: E402
+from conftest import KokoaServer, free_port, http_ok, stop_process, wait_until  # noqa: E402
 
 BASELINE_APP = '''
 import sys, waitress
@@ -76,13 +75,7 @@ def start_baseline(threads):
     proc = subprocess.Popen([sys.executable, "-c", BASELINE_APP, str(port), str(threads)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
-    def up():
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=1) as resp:
-                return resp.status == 200
-        except OSError:
-            return False
-    wait_until(up, timeout=20, what="baseline server")
+    wait_until(lambda: http_ok(f"http://127.0.0.1:{port}/"), timeout=20, what="baseline server")
     return proc, f"http://127.0.0.1:{port}/"
 
 

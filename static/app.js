@@ -1,0 +1,956 @@
+// Kokoa web UI: plain DOM + fetch, no framework, no build step.
+// Server data is only ever inserted as text (textContent / Text nodes), never as HTML.
+"use strict";
+
+(function () {
+  const API = "/api/v1";
+  const EDGE_POLL_MS = 5000;     // edge status refresh
+  const FULL_POLL_MS = 30000;    // everything else (changes made elsewhere)
+  const PAGES = ["origins", "routes", "edges", "settings"];
+  const TITLES = {origins: "Origins", routes: "Routes", edges: "Edge nodes", settings: "Settings"};
+
+  const state = {
+    origins: null, routes: null, edges: null, configHash: null, settings: null,
+    skewMs: 0, offline: false,
+  };
+
+  // ------------------------------------------------------------------ DOM helpers
+
+  const $ = (sel, root) => (root || document).querySelector(sel);
+  const $$ = (sel, root) => Array.from((root || document).querySelectorAll(sel));
+
+  /** Create an element; string children become Text nodes (never parsed as HTML). */
+  function el(tag, props, ...children) {
+    const node = document.createElement(tag);
+    for (const [key, value] of Object.entries(props || {})) {
+      if (value === null || value === undefined || value === false) continue;
+      if (key === "class") node.className = value;
+      else if (key === "text") node.textContent = value;
+      else if (key.startsWith("on")) node.addEventListener(key.slice(2), value);
+      else node.setAttribute(key, value === true ? "" : String(value));
+    }
+    for (const child of children.flat()) {
+      if (child !== null && child !== undefined && child !== false) node.append(child);
+    }
+    return node;
+  }
+
+  /** A table cell; its content sits in one <div> so narrow screens can lay it out as a card. */
+  function cell(label, ...children) {
+    return cellWith(label, null, ...children);
+  }
+
+  function cellWith(label, className, ...children) {
+    return el("td", {"data-label": label, role: "cell", class: className}, el("div", {}, ...children));
+  }
+
+  /**
+   * Update a tbody in place: rows are keyed by id and rebuilt only when their data changed,
+   * so a refresh never blanks the table and keeps focus on unchanged rows.
+   */
+  function syncRows(tbody, items, build) {
+    const existing = new Map($$(":scope > tr", tbody).map((tr) => [tr.dataset.key, tr]));
+    const wanted = new Set();
+    let prev = null;
+    for (const item of items) {
+      const key = String(item.id);
+      const sig = JSON.stringify(item);
+      let tr = existing.get(key);
+      if (!tr || tr.dataset.sig !== sig) {
+        const fresh = build(item);
+        fresh.dataset.key = key;
+        fresh.dataset.sig = sig;
+        fresh.setAttribute("role", "row");
+        if (tr) {
+          const focused = tr.contains(document.activeElement) && document.activeElement.dataset.action;
+          tr.replaceWith(fresh);
+          if (focused) {
+            const again = $(`[data-action="${focused}"]`, fresh);
+            if (again) again.focus();
+          }
+        }
+        tr = fresh;
+      }
+      wanted.add(key);
+      const slot = prev ? prev.nextSibling : tbody.firstChild;
+      if (slot !== tr) tbody.insertBefore(tr, slot);
+      prev = tr;
+    }
+    for (const [key, tr] of existing) {
+      if (!wanted.has(key)) tr.remove();
+    }
+  }
+
+  function showList(name, items, emptyText) {
+    const table = $(`#${name}-table`);
+    const empty = $(`#${name}-empty`);
+    table.hidden = items.length === 0;
+    empty.hidden = items.length !== 0;
+    empty.textContent = emptyText;
+  }
+
+  // ------------------------------------------------------------------ formatting
+
+  function sentence(text) {
+    const s = String(text || "").trim();
+    if (!s) return "";
+    const first = s.charAt(0).toUpperCase() + s.slice(1);
+    return /[.!?]$/.test(first) ? first : first + ".";
+  }
+
+  function shortKey(key) {
+    return key && key.length > 16 ? `${key.slice(0, 8)}…${key.slice(-4)}` : key || "";
+  }
+
+  function shortHash(hash) {
+    return hash ? hash.slice(0, 12) : "";
+  }
+
+  function utcText(iso) {
+    const t = Date.parse(iso);
+    if (!iso || Number.isNaN(t)) return "—";
+    return new Date(t).toISOString().slice(0, 16).replace("T", " ") + " UTC";
+  }
+
+  function dateOnly(iso) {
+    return iso ? String(iso).slice(0, 10) : "—";
+  }
+
+  function ago(iso) {
+    const t = Date.parse(iso);
+    if (!iso || Number.isNaN(t)) return "never";
+    const s = Math.max(0, Math.round((Date.now() + state.skewMs - t) / 1000));
+    if (s < 2) return "just now";
+    if (s < 90) return `${s} s ago`;
+    if (s < 5400) return `${Math.round(s / 60)} min ago`;
+    if (s < 172800) return `${Math.round(s / 3600)} h ago`;
+    return `${Math.round(s / 86400)} days ago`;
+  }
+
+  /** A <time> whose text says how long ago it was; tick() keeps it current. */
+  function relTime(iso) {
+    if (!iso) return el("span", {class: "muted", text: "never"});
+    return el("time", {datetime: iso, title: utcText(iso), "data-rel": iso, text: ago(iso)});
+  }
+
+  function tick() {
+    for (const node of $$("time[data-rel]")) {
+      const text = ago(node.dataset.rel);
+      if (node.textContent !== text) node.textContent = text;
+    }
+  }
+
+  /** host:port as code that may wrap before the port, not inside the host name. */
+  function endpointCode(endpoint) {
+    const at = endpoint.lastIndexOf(":");
+    return at > 0 ? el("code", {}, endpoint.slice(0, at), el("wbr"), endpoint.slice(at))
+      : el("code", {text: endpoint});
+  }
+
+  function badge(kind, text) {
+    return el("span", {class: `badge ${kind}`, text});
+  }
+
+  // ------------------------------------------------------------------ API
+
+  class ApiError extends Error {
+    constructor(status, code, message, field) {
+      super(message);
+      this.status = status;
+      this.code = code;
+      this.field = field || null;
+    }
+  }
+
+  async function api(method, path, body) {
+    const options = {method, credentials: "same-origin", headers: {Accept: "application/json"}};
+    if (body !== undefined) {
+      options.headers["Content-Type"] = "application/json";
+      options.body = JSON.stringify(body);
+    }
+    let resp;
+    try {
+      resp = await fetch(API + path, options);
+    } catch (err) {
+      throw new ApiError(0, "network", "Could not reach the control plane. Check that it is running and try again.");
+    }
+    noteServerClock(resp);
+    if (resp.status === 204) return null;
+    let data = null;
+    if ((resp.headers.get("Content-Type") || "").includes("json")) {
+      try { data = await resp.json(); } catch (err) { data = null; }
+    }
+    if (!resp.ok) {
+      const e = (data && data.error) || {};
+      throw new ApiError(resp.status, e.code || `http_${resp.status}`, e.message || resp.statusText, e.field);
+    }
+    return data;
+  }
+
+  function noteServerClock(resp) {
+    const server = Date.parse(resp.headers.get("Date") || "");
+    if (Number.isNaN(server)) return;
+    const skew = server - Date.now();
+    state.skewMs = Math.abs(skew) > 3000 ? skew : 0;
+  }
+
+  // Added after the server's own message for an invalid field: an example to copy.
+  const HINTS = {
+    wg_ip: "For example 10.8.0.2: one address inside the WireGuard network.",
+    wg_public_key: "Paste the 44-character key that ends in “=”.",
+    wg_private_key: "Paste the 44-character key that ends in “=”.",
+    wg_endpoint: "For example home.example.com:51820 or [2001:db8::1]:51820.",
+    hostname: "For example app.example.com.",
+    origin_id: "Choose one of your origins.",
+    target_port: "For example 8080.",
+  };
+
+  const CONFLICT_HINTS = {
+    name: "Names are compared ignoring upper and lower case.",
+    wg_ip: "Each origin and each edge node needs its own WireGuard IP.",
+    hostname: "A hostname can have only one route: edit the existing one instead.",
+  };
+
+  // API field names as a person reads them ("wg_ip must be ..." -> "WireGuard IP must be ...").
+  const LABELS = {
+    wg_public_key: "public key", wg_private_key: "private key", wg_endpoint: "endpoint",
+    wg_ip: "WireGuard IP", origin_id: "origin", target_port: "port", acme_staging: "staging setting",
+  };
+
+  function humanize(text) {
+    return String(text || "").replace(/\b(wg_public_key|wg_private_key|wg_endpoint|wg_ip|origin_id|target_port|acme_staging)\b/g,
+      (name) => LABELS[name]);
+  }
+
+  /** Turn an API error into a sentence a person can act on. */
+  function humanMessage(err) {
+    if (!(err instanceof ApiError)) return "Something went wrong in this page. Reload it and try again.";
+    if (err.status === 0) return err.message;
+    if (err.status === 401) return "You are not signed in, or your password changed. Reload the page to sign in again.";
+    if (err.status === 403) return `The control plane refused this request: ${sentence(err.message)}`;
+    if (err.status === 404) return "It no longer exists: someone may have deleted it. The list has been refreshed.";
+    if (err.status === 413) return "That is too much data for one request.";
+    if (err.status === 429) return "Too many attempts. Wait a minute and try again.";
+    if (err.status >= 500) return "The control plane hit an internal problem. Try again; if it keeps happening, check its log.";
+    const base = sentence(humanize(err.message)) || `The request failed (HTTP ${err.status}).`;
+    const hint = err.code === "invalid_field" ? HINTS[err.field]
+      : err.code === "conflict" ? CONFLICT_HINTS[err.field] : "";
+    return hint && !base.includes(hint) ? `${base} ${hint}` : base;
+  }
+
+  // ------------------------------------------------------------------ banner & status
+
+  let bannerTimer = 0;
+  function banner(text, kind, sticky) {
+    const node = $("#banner");
+    clearTimeout(bannerTimer);
+    node.textContent = text || "";
+    node.className = `banner ${kind || "info"}`;
+    node.hidden = !text;
+    if (text && !sticky) bannerTimer = setTimeout(() => { node.hidden = true; }, 6000);
+  }
+
+  function connectionOk() {
+    if (state.offline) {
+      state.offline = false;
+      banner("Connected to the control plane again.", "ok");
+    }
+  }
+
+  function connectionLost(err) {
+    state.offline = true;
+    banner(`${humanMessage(err)} Retrying every few seconds…`, "bad", true);
+  }
+
+  // ------------------------------------------------------------------ forms
+
+  function fieldError(form, field) {
+    return $(`[data-error-for="${field}"]`, form);
+  }
+
+  function clearErrors(form) {
+    for (const node of $$("[data-error-for], [data-form-error]", form)) {
+      node.hidden = true;
+      node.textContent = "";
+    }
+    for (const input of $$("[aria-invalid]", form)) input.removeAttribute("aria-invalid");
+  }
+
+  function showFieldError(form, field, message) {
+    const box = fieldError(form, field);
+    const input = form.elements.namedItem(field);
+    box.textContent = message;
+    box.hidden = false;
+    if (input && input.setAttribute) input.setAttribute("aria-invalid", "true");
+    return input;
+  }
+
+  function showFormError(form, message) {
+    const box = $("[data-form-error]", form);
+    box.textContent = message;
+    box.hidden = false;
+  }
+
+  /** Show an error next to the field it names, or at the top of the form. */
+  function reportError(form, err) {
+    const message = humanMessage(err);
+    if (err instanceof ApiError && err.field && fieldError(form, err.field)) {
+      const input = showFieldError(form, err.field, message);
+      if (input && input.focus) input.focus();
+    } else {
+      showFormError(form, message);
+    }
+    if (err instanceof ApiError && err.status === 404) refreshAll();
+  }
+
+  /** Client-side checks: `checks` maps field -> message for fields that are wrong. */
+  function reportLocal(form, checks) {
+    const fields = Object.keys(checks);
+    let first = null;
+    for (const field of fields) {
+      const input = showFieldError(form, field, checks[field]);
+      first = first || input;
+    }
+    if (first) first.focus();
+    return fields.length > 0;
+  }
+
+  async function runForm(form, action) {
+    const buttons = $$("button[type=submit]", form);
+    buttons.forEach((b) => { b.disabled = true; });
+    form.setAttribute("aria-busy", "true");
+    try {
+      await action();
+    } catch (err) {
+      reportError(form, err);
+    } finally {
+      buttons.forEach((b) => { b.disabled = false; });
+      form.removeAttribute("aria-busy");
+    }
+  }
+
+  function value(form, name) {
+    const input = form.elements.namedItem(name);
+    return input ? String(input.value).trim() : "";
+  }
+
+  function portValue(text) {
+    return /^\d{1,6}$/.test(text) ? Number(text) : text;
+  }
+
+  // ------------------------------------------------------------------ clipboard
+
+  async function copyText(text, button) {
+    let ok = false;
+    try {
+      if (navigator.clipboard && window.isSecureContext) {
+        await navigator.clipboard.writeText(text);
+        ok = true;
+      }
+    } catch (err) {
+      ok = false;
+    }
+    if (!ok) {
+      const area = el("textarea", {class: "offscreen", readonly: true, "aria-hidden": "true"});
+      area.value = text;
+      document.body.append(area);
+      area.select();
+      try { ok = document.execCommand("copy"); } catch (err) { ok = false; }
+      area.remove();
+      button.focus();
+    }
+    const label = button.dataset.label || button.textContent;
+    button.dataset.label = label;
+    button.textContent = ok ? "Copied" : "Copy failed";
+    clearTimeout(Number(button.dataset.timer));
+    button.dataset.timer = String(setTimeout(() => { button.textContent = label; }, 1500));
+  }
+
+  // ------------------------------------------------------------------ confirm dialog
+
+  /** Ask before a destructive action; `action` runs on confirm, errors stay in the dialog. */
+  function confirmAction({title, text, button, action}) {
+    const dialog = $("#confirm-dialog");
+    const form = $("#confirm-form");
+    const ok = $("#confirm-ok");
+    clearErrors(form);
+    $("#confirm-title").textContent = title;
+    $("#confirm-text").textContent = text;
+    ok.textContent = button;
+    ok.hidden = false;
+    $("#confirm-cancel").textContent = "Cancel";
+    form.onsubmit = (event) => {
+      event.preventDefault();
+      runForm(form, async () => {
+        try {
+          await action();
+        } catch (err) {
+          if (err instanceof ApiError && err.status === 409) {
+            ok.hidden = true;
+            $("#confirm-cancel").textContent = "Close";
+            $("#confirm-cancel").focus();
+          }
+          throw err;
+        }
+        dialog.close();
+      });
+    };
+    dialog.showModal();
+    $("#confirm-cancel").focus();
+  }
+
+  // ------------------------------------------------------------------ origins
+
+  function originRow(origin) {
+    const keyCell = [];
+    if (origin.wg_public_key) {
+      keyCell.push(el("span", {class: "keyline"},
+        el("code", {title: origin.wg_public_key, text: shortKey(origin.wg_public_key)}),
+        el("button", {
+          type: "button", class: "btn small", "data-action": "copy-key",
+          "aria-label": `Copy the public key of ${origin.name}`, text: "Copy",
+          onclick: (event) => copyText(origin.wg_public_key, event.currentTarget),
+        }),
+      ));
+    }
+    keyCell.push(el("span", {
+      class: "sub", text: origin.has_private_key ? "key pair stored" : "public key only",
+    }));
+
+    const routes = origin.route_count === 1 ? "1 route" : `${origin.route_count} routes`;
+    return el("tr", {},
+      cell("Name", el("strong", {class: "name", text: origin.name}),
+        el("span", {class: "sub"}, "added ", el("time", {
+          datetime: origin.created_at, title: utcText(origin.created_at), class: "nowrap",
+          text: dateOnly(origin.created_at),
+        })),
+        el("a", {
+          class: "download", "data-action": "download", download: "",
+          href: `${API}/origins/${encodeURIComponent(origin.id)}/wireguard.conf`,
+          "aria-label": `Download wireguard.conf for ${origin.name}`,
+        }, el("span", {"aria-hidden": "true", text: "↓ "}), "wireguard.conf")),
+      cell("WireGuard IP", el("code", {text: origin.wg_ip})),
+      cell("Public key", keyCell),
+      cell("Endpoint", origin.wg_endpoint
+        ? endpointCode(origin.wg_endpoint)
+        : el("span", {class: "muted", text: "none (dials out)"})),
+      cellWith("Routes", "num", el("span", {title: routes, text: String(origin.route_count)})),
+      el("td", {class: "row-actions", role: "cell"},
+        el("button", {
+          type: "button", class: "btn small", "data-action": "edit",
+          "aria-label": `Edit origin ${origin.name}`, text: "Edit",
+          onclick: () => editOrigin(origin),
+        }),
+        el("button", {
+          type: "button", class: "btn small danger", "data-action": "delete",
+          "aria-label": `Delete origin ${origin.name}`, text: "Delete",
+          onclick: () => deleteOrigin(origin),
+        }),
+      ),
+    );
+  }
+
+  function renderOrigins() {
+    const origins = (state.origins || []).slice().sort((a, b) =>
+      a.name.localeCompare(b.name, undefined, {sensitivity: "base"}));
+    syncRows($("#origins-body"), origins, originRow);
+    showList("origins", origins, "No origins yet. Add the first one below.");
+    $("#count-origins").textContent = String(origins.length);
+    fillOriginSelect($("#route-origin"), origins);
+    fillOriginSelect($("#edit-origin"), origins);
+  }
+
+  function fillOriginSelect(select, origins) {
+    const current = select.value;
+    const keepPlaceholder = select.id === "route-origin";
+    const options = [];
+    if (keepPlaceholder) {
+      options.push(el("option", {value: ""},
+        origins.length ? "Choose an origin…" : "No origins yet: add one first"));
+    }
+    for (const origin of origins) {
+      options.push(el("option", {value: origin.id}, `${origin.name} (${origin.wg_ip})`));
+    }
+    const sig = JSON.stringify(options.map((o) => [o.value, o.textContent]));
+    if (select.dataset.sig === sig) return;
+    select.dataset.sig = sig;
+    select.replaceChildren(...options);
+    if (origins.some((o) => o.id === current)) select.value = current;
+  }
+
+  async function loadOrigins() {
+    const data = await api("GET", "/origins");
+    state.origins = data.origins || [];
+    renderOrigins();
+  }
+
+  function setupOriginForm() {
+    const form = $("#origin-form");
+    const own = $("#origin-own-keys");
+    const keyHint = $("#origin-keys-hint");
+    const syncMode = () => {
+      const mine = form.elements.namedItem("key_mode").value === "own";
+      own.hidden = !mine;
+      keyHint.hidden = mine;
+    };
+    for (const radio of $$("input[name=key_mode]", form)) radio.addEventListener("change", syncMode);
+    syncMode();
+
+    form.addEventListener("submit", (event) => {
+      event.preventDefault();
+      clearErrors(form);
+      const body = {name: value(form, "name"), wg_ip: value(form, "wg_ip")};
+      const endpoint = value(form, "wg_endpoint");
+      if (endpoint) body.wg_endpoint = endpoint;
+      const checks = {};
+      if (!body.name) checks.name = "Enter a name for this origin.";
+      if (!body.wg_ip) checks.wg_ip = "Enter the origin's WireGuard IP, e.g. 10.8.0.2.";
+      if (form.elements.namedItem("key_mode").value === "own") {
+        const pub = value(form, "wg_public_key");
+        const priv = value(form, "wg_private_key");
+        if (pub) body.wg_public_key = pub;
+        if (priv) body.wg_private_key = priv;
+        if (!pub && !priv) {
+          checks.wg_public_key = "Paste the origin's public key, or choose “Generate a key pair for me”.";
+        }
+      }
+      if (reportLocal(form, checks)) return;
+      runForm(form, async () => {
+        const created = await api("POST", "/origins", body);
+        form.reset();
+        syncMode();
+        banner(`Origin “${created.name}” added.`, "ok");
+        await loadOrigins();
+        form.elements.namedItem("name").focus();
+      });
+    });
+  }
+
+  let editingOrigin = null;
+
+  function editOrigin(origin) {
+    const form = $("#origin-edit-form");
+    editingOrigin = origin;
+    clearErrors(form);
+    $("#origin-dialog-title").textContent = `Edit origin ${origin.name}`;
+    form.elements.namedItem("name").value = origin.name;
+    form.elements.namedItem("wg_ip").value = origin.wg_ip;
+    form.elements.namedItem("wg_endpoint").value = origin.wg_endpoint || "";
+    $("#origin-dialog").showModal();
+    form.elements.namedItem("name").focus();
+  }
+
+  function setupOriginEdit() {
+    const dialog = $("#origin-dialog");
+    const form = $("#origin-edit-form");
+    $("[data-close]", form).addEventListener("click", () => dialog.close());
+    form.addEventListener("submit", (event) => {
+      event.preventDefault();
+      clearErrors(form);
+      const origin = editingOrigin;
+      const changes = {};
+      for (const field of ["name", "wg_ip", "wg_endpoint"]) {
+        const now = value(form, field);
+        if (now !== (origin[field] || "")) changes[field] = field === "wg_endpoint" && !now ? null : now;
+      }
+      const checks = {};
+      if (!value(form, "name")) checks.name = "Enter a name for this origin.";
+      if (!value(form, "wg_ip")) checks.wg_ip = "Enter the origin's WireGuard IP, e.g. 10.8.0.2.";
+      if (reportLocal(form, checks)) return;
+      if (Object.keys(changes).length === 0) {
+        dialog.close();
+        return;
+      }
+      runForm(form, async () => {
+        const updated = await api("PATCH", `/origins/${encodeURIComponent(origin.id)}`, changes);
+        dialog.close();
+        banner(`Origin “${updated.name}” saved.`, "ok");
+        await Promise.all([loadOrigins(), loadRoutes()]);
+      });
+    });
+  }
+
+  function deleteOrigin(origin) {
+    const inUse = origin.route_count > 0;
+    confirmAction({
+      title: `Delete origin “${origin.name}”?`,
+      text: inUse
+        ? `It is used by ${origin.route_count === 1 ? "1 route" : origin.route_count + " routes"}: the control plane will refuse until those routes are deleted or moved to another origin.`
+        : "Edges stop peering with it on their next pull. Its keys are deleted.",
+      button: "Delete origin",
+      action: async () => {
+        try {
+          await api("DELETE", `/origins/${encodeURIComponent(origin.id)}`);
+        } catch (err) {
+          if (err instanceof ApiError && err.status === 409) {
+            throw new ApiError(409, "conflict",
+              `“${origin.name}” is still used by routes, so it was not deleted. Delete those routes or move them to another origin first.`);
+          }
+          throw err;
+        }
+        banner(`Origin “${origin.name}” deleted.`, "ok");
+        await refreshAll();
+      },
+    });
+  }
+
+  // ------------------------------------------------------------------ routes
+
+  const CERT_BADGE = {valid: "ok", pending: "warn", failed: "bad"};
+
+  function certificatesFor(hostname) {
+    const edges = state.edges || [];
+    if (edges.length === 0) return el("span", {class: "muted", text: "no edges yet"});
+    const items = [];
+    for (const edge of edges.slice().sort((a, b) => a.name.localeCompare(b.name))) {
+      const cert = (edge.certificates || {})[hostname];
+      if (!cert) continue;
+      const status = String(cert.status || "unknown");
+      const item = el("li", {}, badge(CERT_BADGE[status] || "muted", status),
+        el("span", {class: "cert-edge", text: ` ${edge.name}`}));
+      if (status === "valid" && cert.not_after) {
+        item.append(" ", el("span", {class: "cert-edge nowrap muted", text: `until ${dateOnly(cert.not_after)}`}));
+      }
+      if (cert.error) item.append(el("span", {class: "sub error-text", text: cert.error}));
+      items.push(item);
+    }
+    if (items.length === 0) return el("span", {class: "muted", text: "not reported yet"});
+    return el("ul", {class: "certs"}, items);
+  }
+
+  function routeRow(route) {
+    return el("tr", {},
+      cell("Hostname", el("a", {
+        href: `https://${route.hostname}/`, target: "_blank", rel: "noopener noreferrer",
+        class: "host", text: route.hostname,
+      })),
+      cell("Origin", route.origin_name),
+      cellWith("Port", "num", String(route.target_port)),
+      cell("Certificates", certificatesFor(route.hostname)),
+      el("td", {class: "row-actions", role: "cell"},
+        el("button", {
+          type: "button", class: "btn small", "data-action": "edit",
+          "aria-label": `Edit route ${route.hostname}`, text: "Edit",
+          onclick: () => editRoute(route),
+        }),
+        el("button", {
+          type: "button", class: "btn small danger", "data-action": "delete",
+          "aria-label": `Delete route ${route.hostname}`, text: "Delete",
+          onclick: () => deleteRoute(route),
+        }),
+      ),
+    );
+  }
+
+  function renderRoutes() {
+    if (state.routes === null) return;
+    const routes = state.routes.slice().sort((a, b) => a.hostname.localeCompare(b.hostname));
+    // Certificates come from the edge list: include them in the row signature.
+    const rows = routes.map((route) => ({...route, _certs: certSignature(route.hostname)}));
+    syncRows($("#routes-body"), rows, routeRow);
+    showList("routes", routes, "No routes yet. Add an origin first, then a route below.");
+    $("#count-routes").textContent = String(routes.length);
+  }
+
+  function certSignature(hostname) {
+    return (state.edges || []).map((e) => [e.name, (e.certificates || {})[hostname] || null]);
+  }
+
+  async function loadRoutes() {
+    const data = await api("GET", "/routes");
+    state.routes = data.routes || [];
+    renderRoutes();
+  }
+
+  function setupRouteForm() {
+    const form = $("#route-form");
+    form.addEventListener("submit", (event) => {
+      event.preventDefault();
+      clearErrors(form);
+      const body = {
+        hostname: value(form, "hostname"),
+        origin_id: value(form, "origin_id"),
+        target_port: portValue(value(form, "target_port")),
+      };
+      const checks = {};
+      if (!body.hostname) checks.hostname = "Enter the public hostname, e.g. app.example.com.";
+      if (!body.origin_id) {
+        checks.origin_id = (state.origins || []).length
+          ? "Choose the origin that serves this hostname."
+          : "There is no origin yet: add one on the Origins page first.";
+      }
+      if (body.target_port === "") checks.target_port = "Enter the port the service listens on, e.g. 8080.";
+      if (reportLocal(form, checks)) return;
+      runForm(form, async () => {
+        const created = await api("POST", "/routes", body);
+        form.elements.namedItem("hostname").value = "";
+        form.elements.namedItem("target_port").value = "";
+        banner(`Route ${created.hostname} added. Edges pick it up on their next pull.`, "ok");
+        await Promise.all([loadRoutes(), loadOrigins()]);
+        form.elements.namedItem("hostname").focus();
+      });
+    });
+  }
+
+  let editing = null;
+
+  function editRoute(route) {
+    const dialog = $("#route-dialog");
+    const form = $("#route-edit-form");
+    editing = route;
+    clearErrors(form);
+    $("#route-dialog-title").textContent = `Edit route ${route.hostname}`;
+    form.elements.namedItem("hostname").value = route.hostname;
+    fillOriginSelect($("#edit-origin"), state.origins || []);
+    form.elements.namedItem("origin_id").value = route.origin_id;
+    form.elements.namedItem("target_port").value = String(route.target_port);
+    dialog.showModal();
+    form.elements.namedItem("target_port").focus();
+  }
+
+  function setupRouteEdit() {
+    const dialog = $("#route-dialog");
+    const form = $("#route-edit-form");
+    $("[data-close]", form).addEventListener("click", () => dialog.close());
+    form.addEventListener("submit", (event) => {
+      event.preventDefault();
+      clearErrors(form);
+      const route = editing;
+      const changes = {};
+      const hostname = value(form, "hostname");
+      const originId = value(form, "origin_id");
+      const port = portValue(value(form, "target_port"));
+      if (hostname !== route.hostname) changes.hostname = hostname;
+      if (originId !== route.origin_id) changes.origin_id = originId;
+      if (port !== route.target_port) changes.target_port = port;
+      const checks = {};
+      if (!hostname) checks.hostname = "Enter the public hostname, e.g. app.example.com.";
+      if (port === "") checks.target_port = "Enter the port the service listens on, e.g. 8080.";
+      if (reportLocal(form, checks)) return;
+      if (Object.keys(changes).length === 0) {
+        dialog.close();
+        return;
+      }
+      runForm(form, async () => {
+        const updated = await api("PATCH", `/routes/${encodeURIComponent(route.id)}`, changes);
+        dialog.close();
+        banner(`Route ${updated.hostname} saved.`, "ok");
+        await Promise.all([loadRoutes(), loadOrigins()]);
+      });
+    });
+  }
+
+  function deleteRoute(route) {
+    confirmAction({
+      title: `Delete route ${route.hostname}?`,
+      text: `Edges stop serving ${route.hostname} on their next pull. Its certificates stay on the edges until they expire.`,
+      button: "Delete route",
+      action: async () => {
+        await api("DELETE", `/routes/${encodeURIComponent(route.id)}`);
+        banner(`Route ${route.hostname} deleted.`, "ok");
+        await Promise.all([loadRoutes(), loadOrigins()]);
+      },
+    });
+  }
+
+  // ------------------------------------------------------------------ edges
+
+  function syncState(edge) {
+    const failed = edge.status_ok === false ? badge("bad", "last apply failed") : null;
+    if (!edge.applied_hash) return el("span", {class: "badges"}, badge("muted", "not applied yet"), failed);
+    if (edge.in_sync) return el("span", {class: "badges"}, badge("ok", "in sync"), failed);
+    return [el("span", {class: "badges"}, badge("warn", "out of sync"), failed),
+      el("span", {class: "sub", text: `applied ${shortHash(edge.applied_hash)}`})];
+  }
+
+  function certSummary(edge) {
+    const counts = {valid: 0, pending: 0, failed: 0};
+    for (const cert of Object.values(edge.certificates || {})) {
+      if (cert && cert.status in counts) counts[cert.status] += 1;
+    }
+    const parts = Object.entries(counts).filter(([, n]) => n > 0)
+      .map(([status, n]) => badge(CERT_BADGE[status], `${n} ${status}`));
+    return parts.length ? el("span", {class: "badges"}, parts) : el("span", {class: "muted", text: "none yet"});
+  }
+
+  function edgeRow(edge) {
+    const wg = cell("WireGuard",
+      edge.wg_ip ? el("code", {text: edge.wg_ip}) : el("span", {class: "muted", text: "—"}),
+      edge.wg_endpoint ? el("span", {class: "sub", text: edge.wg_endpoint}) : null);
+    const error = edge.last_error
+      ? el("span", {class: "error-text", text: edge.last_error})
+      : el("span", {class: "muted", text: "none"});
+    return el("tr", {},
+      cell("Name", el("strong", {class: "name", text: edge.name}),
+        el("span", {class: "sub"}, "registered ", el("span", {class: "nowrap", text: dateOnly(edge.created_at)}))),
+      wg,
+      cell("Last seen", relTime(edge.last_seen)),
+      cell("Configuration", syncState(edge)),
+      cell("Certificates", certSummary(edge)),
+      cell("Last error", error),
+      el("td", {class: "row-actions", role: "cell"},
+        el("button", {
+          type: "button", class: "btn small danger", "data-action": "revoke",
+          "aria-label": `Revoke edge ${edge.name}`, text: "Revoke",
+          onclick: () => revokeEdge(edge),
+        }),
+      ),
+    );
+  }
+
+  function renderEdges() {
+    const edges = (state.edges || []).slice().sort((a, b) => a.name.localeCompare(b.name));
+    syncRows($("#edges-body"), edges, edgeRow);
+    showList("edges", edges, "No edge nodes yet. Add one with the command below.");
+    const hash = $("#config-hash");
+    hash.textContent = shortHash(state.configHash) || "unknown";
+    hash.title = state.configHash || "";
+    const inSync = edges.filter((e) => e.in_sync).length;
+    const count = $("#count-edges");
+    count.textContent = edges.length ? `${inSync}/${edges.length}` : "0";
+    count.classList.toggle("warn", inSync < edges.length);
+    count.title = `${inSync} of ${edges.length} in sync`;
+  }
+
+  async function loadEdges() {
+    const data = await api("GET", "/edge-nodes");
+    state.edges = data.edge_nodes || [];
+    state.configHash = data.config_hash || null;
+    renderEdges();
+    renderRoutes();
+  }
+
+  function revokeEdge(edge) {
+    confirmAction({
+      title: `Revoke edge ${edge.name}?`,
+      text: "Its token stops working at once. The edge keeps serving its last configuration but gets no more updates. To bring it back, install it again.",
+      button: "Revoke edge",
+      action: async () => {
+        await api("DELETE", `/edge-nodes/${encodeURIComponent(edge.id)}`);
+        banner(`Edge ${edge.name} revoked.`, "ok");
+        await loadEdges();
+      },
+    });
+  }
+
+  function setupEdgeHelp() {
+    const url = window.location.origin;
+    const command = `sudo bash install-edge.sh --control-plane ${url} --bootstrap-token "$KOKOA_BOOTSTRAP_TOKEN" --email you@example.com --edge-fqdn edge1.example.com --name edge1`;
+    $("#edge-command").textContent = command;
+    $("#copy-edge-command").addEventListener("click", (event) => copyText(command, event.currentTarget));
+    const host = window.location.hostname;
+    if (host === "localhost" || host.startsWith("127.") || host === "[::1]") {
+      const note = $("#edge-url-note");
+      note.textContent = `This page was opened on ${host}, which edges cannot reach: replace the URL with the control plane's public address.`;
+      note.classList.add("warn-text");
+    }
+  }
+
+  // ------------------------------------------------------------------ settings
+
+  function renderSettings() {
+    const box = $("#acme-staging");
+    box.checked = Boolean(state.settings && state.settings.acme_staging);
+    box.disabled = state.settings === null;
+  }
+
+  async function loadSettings() {
+    state.settings = await api("GET", "/settings");
+    if (!$("#settings-form").hasAttribute("aria-busy")) renderSettings();
+  }
+
+  function setupSettings() {
+    const form = $("#settings-form");
+    const box = $("#acme-staging");
+    const status = $("#settings-status");
+    form.addEventListener("submit", (event) => event.preventDefault());
+    box.addEventListener("change", () => {
+      clearErrors(form);
+      status.textContent = "";
+      const wanted = box.checked;
+      box.disabled = true;
+      runForm(form, async () => {
+        try {
+          state.settings = await api("PATCH", "/settings", {acme_staging: wanted});
+        } catch (err) {
+          box.checked = !wanted;
+          throw err;
+        } finally {
+          box.disabled = false;
+        }
+        renderSettings();
+        status.textContent = state.settings.acme_staging
+          ? "Saved. Edges will request staging (untrusted) certificates."
+          : "Saved. Edges will request real, trusted certificates.";
+      });
+    });
+  }
+
+  // ------------------------------------------------------------------ pages & refresh
+
+  function currentPage() {
+    const name = window.location.hash.slice(1);
+    return PAGES.includes(name) ? name : null;
+  }
+
+  let shownPage = null;
+  function showPage(moveFocus) {
+    const name = currentPage() || shownPage || "origins";
+    shownPage = name;
+    for (const section of $$("[data-page]")) section.hidden = section.dataset.page !== name;
+    for (const link of $$("[data-nav]")) {
+      if (link.dataset.nav === name) link.setAttribute("aria-current", "page");
+      else link.removeAttribute("aria-current");
+    }
+    document.title = `${TITLES[name]} · Kokoa`;
+    if (moveFocus) $(`#${name}-title`).focus();
+  }
+
+  async function refreshAll() {
+    const results = await Promise.allSettled([loadOrigins(), loadRoutes(), loadEdges(), loadSettings()]);
+    const failed = results.find((r) => r.status === "rejected");
+    if (failed) connectionLost(failed.reason);
+    else connectionOk();
+  }
+
+  let polling = false;
+  async function pollEdges() {
+    if (polling || document.hidden) return;
+    polling = true;
+    try {
+      await loadEdges();
+      connectionOk();
+    } catch (err) {
+      connectionLost(err);
+    } finally {
+      polling = false;
+    }
+  }
+
+  function start() {
+    setupOriginForm();
+    setupOriginEdit();
+    setupRouteForm();
+    setupRouteEdit();
+    setupSettings();
+    setupEdgeHelp();
+    $("#confirm-cancel").addEventListener("click", () => $("#confirm-dialog").close());
+    $(".skip-link").addEventListener("click", (event) => {
+      event.preventDefault();
+      $("#main").focus();
+    });
+    window.addEventListener("hashchange", () => {
+      if (currentPage()) showPage(true);
+    });
+    document.addEventListener("visibilitychange", () => {
+      if (!document.hidden) refreshAll();
+    });
+    showPage(false);
+    refreshAll().then(() => { document.body.dataset.loaded = "true"; });
+    setInterval(pollEdges, EDGE_POLL_MS);
+    setInterval(() => { if (!document.hidden) refreshAll(); }, FULL_POLL_MS);
+    setInterval(tick, 1000);
+  }
+
+  start();
+})();

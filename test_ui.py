@@ -1,0 +1,594 @@
+"""The web UI in static/, driven in headless Chromium against a real `kokoa.py serve`.
+
+Uses Debian's /usr/bin/chromium through the Python `playwright` package (never
+`playwright install`: no browser is downloaded). Without either, the browser tests skip, or fail
+under KOKOA_REQUIRE_E2E=1. Screenshots of every page, at 360 px and desktop width, are saved in
+each test's tmp_path (run pytest with --basetemp=DIR to keep them somewhere known).
+"""
+
+import re
+import shutil
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import pytest
+
+from conftest import REPO, KokoaServer, require, require_tools
+
+try:
+    from playwright.sync_api import expect, sync_playwright
+except ImportError:  # reported by the `browser` fixture (skip, or fail under KOKOA_REQUIRE_E2E)
+    expect = sync_playwright = None
+
+STATIC = REPO / "static"
+CHROMIUM_ARGS = [
+    "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+    "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-quic",
+]
+PHONE = {"width": 360, "height": 740}
+DESKTOP = {"width": 1280, "height": 860}
+TIMEOUT_MS = 10_000
+EDGE_POLL_TIMEOUT_MS = 15_000   # the edge list refreshes every 5 s
+PAGE_BUDGET_BYTES = 100 * 1024
+HOSTILE = "<img src=x onerror=alert(1)>"
+CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+       "connect-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'")
+PAGES = ("origins", "routes", "edges", "settings")
+ORIGIN_KEY = "8cHeykp4BvaGOmRjnBp0Zd7Qw9ia7DEp3eE+2bV3KUI="  # any 32 bytes, base64
+
+
+# ---------------------------------------------------------------- fixtures and helpers
+
+@pytest.fixture(scope="module")
+def browser():
+    """One headless Chromium (Debian's) for the module; Playwright gives it a fresh profile."""
+    require(sync_playwright is not None, "python package playwright is not installed")
+    require_tools("chromium")
+    expect.set_options(timeout=TIMEOUT_MS)
+    with sync_playwright() as pw:
+        chromium = pw.chromium.launch(
+            executable_path=shutil.which("chromium"), headless=True, args=CHROMIUM_ARGS,
+            timeout=60_000)
+        yield chromium
+        chromium.close()
+
+
+class UiSession:
+    """A logged-in browser tab on the control plane that records what the page does."""
+
+    def __init__(self, browser, server: KokoaServer, shots: Path, viewport=DESKTOP):
+        self.server = server
+        self.shots = shots
+        self.width = viewport["width"]
+        self.context = browser.new_context(
+            base_url=server.url, viewport=viewport,
+            http_credentials={"username": server.admin_user, "password": server.admin_password,
+                              "origin": server.url})
+        self.context.set_default_timeout(TIMEOUT_MS)
+        self.context.set_default_navigation_timeout(TIMEOUT_MS)
+        self.page = self.context.new_page()
+        self.dialogs, self.problems, self.requests, self.finished = [], [], [], []
+        self.page.on("dialog", self._on_dialog)
+        self.page.on("console", self._on_console)
+        self.page.on("pageerror", lambda exc: self.problems.append(f"page error: {exc}"))
+        self.page.on("request", lambda req: self.requests.append(req.url))
+        self.page.on("requestfinished", lambda req: self.finished.append(req))
+        self.page.on("requestfailed", lambda req: self.problems.append(
+            f"request failed: {req.url} {req.failure}"))
+
+    def _on_dialog(self, dialog):
+        self.dialogs.append(f"{dialog.type}: {dialog.message}")
+        dialog.dismiss()
+
+    def _on_console(self, msg):
+        # 4xx answers to fetch() are logged by Chromium as "Failed to load resource": expected
+        # when a test provokes a validation error. Script errors and CSP violations are not.
+        if msg.type == "error" and "Failed to load resource" not in msg.text:
+            self.problems.append(f"console: {msg.text}")
+
+    def open(self, page_name="origins"):
+        """Load the UI on one page and wait until its first data load has finished."""
+        response = self.page.goto(f"/#{page_name}")
+        assert response is not None and response.status == 200
+        expect(self.page.locator("body")).to_have_attribute("data-loaded", "true")
+        expect(self.section(page_name)).to_be_visible()
+        return response
+
+    def go(self, page_name):
+        """Move to another page through the navigation bar, as a person would."""
+        self.page.get_by_role("navigation", name="Sections").locator(
+            f'a[data-nav="{page_name}"]').click()
+        expect(self.section(page_name)).to_be_visible()
+        expect(self.page.locator(f"#{page_name}-title")).to_be_focused()
+
+    def section(self, page_name):
+        return self.page.locator(f"#page-{page_name}")
+
+    def row(self, table, text):
+        return self.page.locator(f"#{table}-body tr", has_text=text)
+
+    def shot(self, name):
+        path = self.shots / f"{name}-{self.width}.png"
+        self.page.screenshot(path=str(path), full_page=True, animations="disabled")
+        return path
+
+    def confirm(self, button_name):
+        dialog = self.page.locator("#confirm-dialog")
+        expect(dialog).to_be_visible()
+        dialog.get_by_role("button", name=button_name).click()
+        return dialog
+
+    def assert_clean(self):
+        """No alert/confirm/prompt ever opened and no script error or CSP violation happened."""
+        assert self.dialogs == [], self.dialogs
+        assert self.problems == [], self.problems
+
+    def close(self):
+        self.context.close()
+
+
+@pytest.fixture
+def ui(browser, kokoa_server, tmp_path):
+    session = UiSession(browser, kokoa_server, tmp_path)
+    yield session
+    session.close()
+
+
+def api(server, method, path, body=None, auth="admin", expected=None):
+    """Call the admin API directly (to set up or check state); assert the status if given."""
+    status, _, data = server.request(method, "/api/v1" + path, body, auth=auth)
+    if expected is not None:
+        assert status == expected, (method, path, status, data)
+    return data
+
+
+def make_origin(server, name="home-nas", wg_ip="10.8.0.2", **extra):
+    return api(server, "POST", "/origins", {"name": name, "wg_ip": wg_ip, **extra}, expected=201)
+
+
+def make_route(server, origin, hostname="app.example.com", port=8080):
+    body = {"hostname": hostname, "origin_id": origin["id"], "target_port": port}
+    return api(server, "POST", "/routes", body, expected=201)
+
+
+def report_status(server, token, ok=True, error=None, certificates=None, applied_hash=None):
+    """Act as an edge: read the current config, then report it applied (or failed)."""
+    if applied_hash is None:
+        applied_hash = api(server, "GET", "/edge-nodes/me/config", auth=token,
+                           expected=200)["config_hash"]
+    body = {"applied_hash": applied_hash, "ok": ok}
+    if error is not None:
+        body["error"] = error
+    if certificates is not None:
+        body["certificates"] = certificates
+    api(server, "POST", "/edge-nodes/me/status", body, auth=token, expected=204)
+    return applied_hash
+
+
+# ---------------------------------------------------------------- static checks (no browser)
+
+def test_static_files_have_no_inline_script_style_or_html_injection():
+    html = (STATIC / "index.html").read_text()
+    js = (STATIC / "app.js").read_text()
+    names = sorted(p.name for p in STATIC.iterdir())
+    assert all(re.fullmatch(r"[A-Za-z0-9._-]+", n) for n in names), names
+    assert all(p.is_file() for p in STATIC.iterdir()), "static/ must stay flat"
+    for tag in re.findall(r"<script\b[^>]*>", html):
+        assert "src=" in tag, f"inline script: {tag}"
+    assert not re.search(r"<style\b", html), "inline <style> element"
+    assert not re.search(r"\sstyle\s*=", html), "inline style attribute"
+    assert not re.search(r"\son[a-z]+\s*=", html), "inline event handler"
+    assert not re.search(r"(?:src|href)\s*=\s*[\"']?(?:https?:)?//", html), "off-site resource"
+    for sink in ("innerHTML", "outerHTML", "insertAdjacentHTML", "document.write", "eval(",
+                 "new Function", ".style.", "setAttribute(\"style\""):
+        assert sink not in js, f"app.js uses {sink}"
+    for label in re.findall(r'<label for="([^"]+)"', html):
+        assert f'id="{label}"' in html, f"label for missing #{label}"
+
+
+def test_ui_responses_are_guarded(kokoa_server):
+    status, headers, _ = kokoa_server.request("GET", "/", auth=None)
+    assert status == 401
+    assert "basic" in (headers.get("WWW-Authenticate") or "").lower()
+    for path, kind in (("/", "text/html"), ("/static/app.js", "javascript"),
+                       ("/static/style.css", "text/css")):
+        status, headers, body = kokoa_server.request("GET", path)
+        assert status == 200, path
+        assert kind in headers["Content-Type"], (path, headers["Content-Type"])
+        assert headers["Content-Security-Policy"] == CSP, path
+        assert headers["X-Frame-Options"] == "DENY", path
+        assert headers["X-Content-Type-Options"] == "nosniff", path
+        assert headers["Referrer-Policy"] == "no-referrer", path
+        assert body == (STATIC / (path.rsplit("/", 1)[1] or "index.html")).read_bytes()
+    for path in ("/static/nope.js", "/static/..%2fkokoa.py", "/static/sub/x.js"):
+        status, _, _ = kokoa_server.request("GET", path)
+        assert status == 404, path
+
+
+# ---------------------------------------------------------------- the browser tests
+
+def test_origin_and_route_lifecycle(ui):
+    server, page = ui.server, ui.page
+    ui.open("origins")
+    expect(page.locator("#origins-empty")).to_contain_text("No origins yet")
+
+    # Create an origin with generated keys, by keyboard: type, Tab, Enter submits.
+    form = page.locator("#origin-form")
+    form.get_by_label("Name").fill("home-nas")
+    form.get_by_label("Name").press("Tab")
+    expect(form.get_by_label("WireGuard IP")).to_be_focused()
+    page.keyboard.type("10.8.0.2")
+    form.get_by_label("Endpoint").fill("home.example.com:51820")
+    form.get_by_label("WireGuard IP").press("Enter")
+    row = ui.row("origins", "home-nas")
+    expect(row).to_have_count(1)
+    expect(row).to_contain_text("10.8.0.2")
+    expect(row).to_contain_text("home.example.com:51820")
+    expect(row).to_contain_text("key pair stored")
+    expect(form.get_by_label("Name")).to_have_value("")  # the form is cleared after success
+    origins = api(server, "GET", "/origins", expected=200)["origins"]
+    assert [(o["name"], o["has_private_key"]) for o in origins] == [("home-nas", True)]
+    origin = origins[0]
+    link = row.get_by_role("link", name="Download wireguard.conf for home-nas")
+    assert link.get_attribute("href") == f"/api/v1/origins/{origin['id']}/wireguard.conf"
+    with page.expect_download() as download_info:
+        link.click()
+    download = download_info.value
+    assert download.failure() is None
+    conf = Path(download.path()).read_text()
+    assert "[Interface]" in conf and "10.8.0.2" in conf
+
+    # An origin with its own public key only.
+    form.get_by_label("I already have keys").check()
+    form.get_by_label("Name").fill("office")
+    form.get_by_label("WireGuard IP").fill("10.8.0.3")
+    form.get_by_label("Public key").fill(ORIGIN_KEY)
+    form.get_by_role("button", name="Add origin").click()
+    expect(ui.row("origins", "office")).to_contain_text("public key only")
+    ui.shot("origins-two")
+
+    # Edit its endpoint: a bad value is reported inside the dialog, next to the field.
+    ui.row("origins", "office").get_by_role("button", name="Edit").click()
+    dialog = page.locator("#origin-dialog")
+    endpoint = dialog.get_by_label("Endpoint")
+    endpoint.fill("no-port-here")
+    dialog.get_by_role("button", name="Save changes").click()
+    expect(dialog.locator("#edit-origin-endpoint-error")).to_be_visible()
+    expect(endpoint).to_have_value("no-port-here")
+    endpoint.fill("office.example.com:51820")
+    dialog.get_by_role("button", name="Save changes").click()
+    expect(dialog).to_be_hidden()
+    expect(ui.row("origins", "office")).to_contain_text("office.example.com:51820")
+    ui.row("origins", "office").get_by_role("button", name="Edit").click()
+    dialog.get_by_label("Endpoint").fill("")
+    dialog.get_by_role("button", name="Save changes").click()
+    expect(ui.row("origins", "office")).to_contain_text("none (dials out)")
+    office = [o for o in api(server, "GET", "/origins", expected=200)["origins"]
+              if o["name"] == "office"]
+    assert office[0]["wg_endpoint"] is None
+
+    # A route.
+    ui.go("routes")
+    routes = page.locator("#route-form")
+    routes.get_by_label("Hostname").fill("App.Example.com")
+    routes.get_by_label("Origin", exact=True).select_option(label="home-nas (10.8.0.2)")
+    routes.get_by_label("Port on the origin").fill("8080")
+    routes.get_by_role("button", name="Add route").click()
+    row = ui.row("routes", "app.example.com")
+    expect(row).to_have_count(1)
+    expect(row).to_contain_text("home-nas")
+    expect(row).to_contain_text("8080")
+    expect(row.get_by_role("link", name="app.example.com")).to_have_attribute(
+        "href", "https://app.example.com/")
+    ui.go("origins")
+    expect(ui.row("origins", "home-nas").locator('td[data-label="Routes"]')).to_have_text("1")
+    expect(page.locator("#count-routes")).to_have_text("1")
+
+    # Edit its port and origin.
+    ui.go("routes")
+    ui.row("routes", "app.example.com").get_by_role("button", name="Edit").click()
+    dialog = page.locator("#route-dialog")
+    expect(dialog).to_be_visible()
+    dialog.get_by_label("Port on the origin").fill("9090")
+    dialog.get_by_label("Origin", exact=True).select_option(label="office (10.8.0.3)")
+    ui.shot("routes-edit-dialog")
+    dialog.get_by_role("button", name="Save changes").click()
+    expect(dialog).to_be_hidden()
+    expect(ui.row("routes", "app.example.com")).to_contain_text("9090")
+    expect(ui.row("routes", "app.example.com")).to_contain_text("office")
+    route = api(server, "GET", "/routes", expected=200)["routes"][0]
+    assert (route["target_port"], route["origin_name"]) == (9090, "office")
+
+    # Delete: Escape backs out, then confirm for real.
+    ui.row("routes", "app.example.com").get_by_role("button", name="Delete").click()
+    expect(page.locator("#confirm-dialog")).to_be_visible()
+    page.keyboard.press("Escape")
+    expect(page.locator("#confirm-dialog")).to_be_hidden()
+    assert len(api(server, "GET", "/routes", expected=200)["routes"]) == 1
+    ui.row("routes", "app.example.com").get_by_role("button", name="Delete").click()
+    ui.confirm("Delete route")
+    expect(page.locator("#confirm-dialog")).to_be_hidden()
+    expect(ui.row("routes", "app.example.com")).to_have_count(0)
+    expect(page.locator("#routes-empty")).to_contain_text("No routes yet")
+    assert api(server, "GET", "/routes", expected=200)["routes"] == []
+
+    # Now the unused origin can be deleted.
+    ui.go("origins")
+    ui.row("origins", "office").get_by_role("button", name="Delete").click()
+    ui.confirm("Delete origin")
+    expect(ui.row("origins", "office")).to_have_count(0)
+    assert [o["name"] for o in api(server, "GET", "/origins", expected=200)["origins"]] == [
+        "home-nas"]
+    ui.assert_clean()
+
+
+def test_validation_errors_are_shown_next_to_their_field_and_keep_the_form(ui):
+    server, page = ui.server, ui.page
+    make_origin(server)
+    ui.open("routes")
+    form = page.locator("#route-form")
+    hostname, port = form.get_by_label("Hostname"), form.get_by_label("Port on the origin")
+
+    # Nothing filled in: every missing field says so, no request is sent.
+    sent = len(ui.requests)
+    form.get_by_role("button", name="Add route").click()
+    for field in ("hostname", "origin", "port"):
+        expect(page.locator(f"#route-{field}-error")).to_be_visible()
+    expect(hostname).to_be_focused()
+    assert len(ui.requests) == sent
+
+    # The server refuses a one-label hostname: the message sits under the hostname field.
+    hostname.fill("localhost")
+    form.get_by_label("Origin", exact=True).select_option(label="home-nas (10.8.0.2)")
+    port.fill("8080")
+    form.get_by_role("button", name="Add route").click()
+    error = page.locator("#route-hostname-error")
+    expect(error).to_be_visible()
+    expect(error).not_to_be_empty()
+    expect(hostname).to_have_attribute("aria-invalid", "true")
+    expect(hostname).to_be_focused()
+    expect(page.locator("#route-port-error")).to_be_hidden()
+    expect(hostname).to_have_value("localhost")
+    expect(port).to_have_value("8080")
+    expect(form.get_by_label("Origin", exact=True)).to_have_value(
+        api(server, "GET", "/origins", expected=200)["origins"][0]["id"])
+    ui.shot("routes-hostname-error")
+
+    # A port out of range: the error moves to the port field.
+    hostname.fill("app.example.com")
+    port.fill("70000")
+    form.get_by_role("button", name="Add route").click()
+    expect(page.locator("#route-port-error")).to_be_visible()
+    expect(page.locator("#route-hostname-error")).to_be_hidden()
+    expect(hostname).not_to_have_attribute("aria-invalid", "true")
+    expect(port).to_have_value("70000")
+
+    # A duplicate hostname is a conflict on the hostname field, in plain words.
+    make_route(server, api(server, "GET", "/origins", expected=200)["origins"][0],
+               hostname="taken.example.com")
+    hostname.fill("taken.example.com")
+    port.fill("8080")
+    form.get_by_role("button", name="Add route").click()
+    expect(page.locator("#route-hostname-error")).to_contain_text("already")
+
+    # Origins: a bad WireGuard IP, then a duplicate name.
+    ui.go("origins")
+    origin_form = page.locator("#origin-form")
+    origin_form.get_by_label("Name").fill("second")
+    origin_form.get_by_label("WireGuard IP").fill("not-an-ip")
+    origin_form.get_by_role("button", name="Add origin").click()
+    expect(page.locator("#origin-wg-ip-error")).to_be_visible()
+    expect(origin_form.get_by_label("Name")).to_have_value("second")
+    expect(origin_form.get_by_label("WireGuard IP")).to_have_value("not-an-ip")
+    ui.shot("origins-wg-ip-error")
+    origin_form.get_by_label("Name").fill("HOME-NAS")
+    origin_form.get_by_label("WireGuard IP").fill("10.8.0.9")
+    origin_form.get_by_role("button", name="Add origin").click()
+    expect(page.locator("#origin-name-error")).to_be_visible()
+    expect(page.locator("#origin-wg-ip-error")).to_be_hidden()
+    assert len(api(server, "GET", "/origins", expected=200)["origins"]) == 1
+    ui.assert_clean()
+
+
+def test_deleting_an_origin_in_use_explains_why_it_was_refused(ui):
+    server = ui.server
+    origin = make_origin(server)
+    make_route(server, origin)
+    ui.open("origins")
+    ui.row("origins", "home-nas").get_by_role("button", name="Delete").click()
+    dialog = ui.confirm("Delete origin")
+    alert = dialog.get_by_role("alert")
+    expect(alert).to_be_visible()
+    expect(alert).to_contain_text("still used by routes")
+    expect(dialog.get_by_role("button", name="Delete origin")).to_be_hidden()
+    ui.shot("origins-delete-refused")
+    dialog.get_by_role("button", name="Close").click()
+    expect(dialog).to_be_hidden()
+    expect(ui.row("origins", "home-nas")).to_have_count(1)
+    assert len(api(server, "GET", "/origins", expected=200)["origins"]) == 1
+    ui.assert_clean()
+
+
+def test_hostile_names_are_rendered_as_text(ui):
+    server, page = ui.server, ui.page
+    origin = make_origin(server, name=HOSTILE)
+    make_route(server, origin, hostname="x.example.com")
+    edge_name = "<svg onload=alert(2)>"
+    status, _, _ = server.request("POST", "/api/v1/edge-nodes/register", {
+        "bootstrap_token": server.bootstrap_token, "name": edge_name}, auth=None)
+    ui.open("origins")
+    expect(ui.row("origins", "alert(1)").locator("strong.name")).to_have_text(HOSTILE)
+    ui.row("origins", "alert(1)").get_by_role("button", name="Delete").click()
+    expect(page.locator("#confirm-title")).to_have_text(f"Delete origin “{HOSTILE}”?")
+    page.locator("#confirm-dialog").get_by_role("button", name="Cancel").click()
+    ui.go("routes")
+    expect(ui.row("routes", "x.example.com").locator('td[data-label="Origin"]')).to_have_text(
+        HOSTILE)
+    expect(page.locator("#route-origin option", has_text="onerror")).to_have_text(
+        f"{HOSTILE} (10.8.0.2)")
+    if status == 201:  # the server may refuse such an edge name; if it takes it, show it as text
+        ui.go("edges")
+        expect(ui.row("edges", "svg").locator("strong.name")).to_have_text(edge_name)
+    elements = page.evaluate("document.querySelectorAll('img, svg, script:not([src])').length")
+    assert elements == 0
+    ui.assert_clean()
+
+
+def test_edge_list_shows_registered_edges_their_state_and_revokes(ui):
+    server, page = ui.server, ui.page
+    origin = make_origin(server)
+    make_route(server, origin, hostname="app.example.com")
+    ui.open("edges")
+    expect(page.locator("#edges-empty")).to_contain_text("No edge nodes yet")
+
+    # The install command carries this control plane's URL, never the bootstrap token.
+    command = page.locator("#edge-command")
+    expect(command).to_contain_text(
+        f'sudo bash install-edge.sh --control-plane {server.url} '
+        f'--bootstrap-token "$KOKOA_BOOTSTRAP_TOKEN" --email ')
+    expect(page.locator("#add-edge")).to_contain_text("kokoa.env")
+    assert server.bootstrap_token not in page.content()
+
+    # Registered after the page loaded: the list picks it up by itself.
+    edge_id, token = server.register_edge("edge1", wg_ip="10.8.0.1")
+    row = ui.row("edges", "edge1")
+    expect(row).to_have_count(1, timeout=EDGE_POLL_TIMEOUT_MS)
+    expect(row).to_contain_text("10.8.0.1")
+    expect(row).to_contain_text("not applied yet")
+    expect(row.locator('td[data-label="Last seen"]')).to_have_text("never")
+
+    # It applies the config and reports a certificate: in sync, seen just now.
+    report_status(server, token, certificates={
+        "app.example.com": {"status": "valid", "not_after": "2027-02-26T18:00:00Z"}})
+    expect(row).to_contain_text("in sync", timeout=EDGE_POLL_TIMEOUT_MS)
+    last_seen = row.locator('td[data-label="Last seen"]')
+    expect(last_seen).to_have_text(re.compile(r"just now|\d+ s ago"))
+    expect(row).to_contain_text("1 valid")
+    expect(page.locator("#count-edges")).to_have_text("1/1")
+
+    # A second edge fails to apply: out of sync, with its error shown.
+    _, token2 = server.register_edge("edge2", wg_ip="10.8.0.4")
+    report_status(server, token2, ok=False, applied_hash="0" * 64,
+                  error="nginx: [emerg] unknown directive \"oops\"",
+                  certificates={"app.example.com": {"status": "failed", "error": "rate limited"}})
+    row2 = ui.row("edges", "edge2")
+    expect(row2).to_contain_text("out of sync", timeout=EDGE_POLL_TIMEOUT_MS)
+    expect(row2).to_contain_text('unknown directive "oops"')
+    expect(row2).to_contain_text("last apply failed")
+    expect(page.locator("#count-edges")).to_have_text("1/2")
+    ui.shot("edges")
+
+    # Routes show each edge's certificate state.
+    ui.go("routes")
+    certs = ui.row("routes", "app.example.com").locator('td[data-label="Certificates"]')
+    expect(certs).to_contain_text("valid edge1 until 2027-02-26")
+    expect(certs).to_contain_text("failed edge2")
+    expect(certs).to_contain_text("rate limited")
+
+    # Revoke edge2.
+    ui.go("edges")
+    ui.row("edges", "edge2").get_by_role("button", name="Revoke").click()
+    ui.confirm("Revoke edge")
+    expect(ui.row("edges", "edge2")).to_have_count(0)
+    edges = api(server, "GET", "/edge-nodes", expected=200)["edge_nodes"]
+    assert [e["id"] for e in edges] == [edge_id]
+    ui.assert_clean()
+
+
+def test_settings_toggle_acme_staging(ui):
+    server, page = ui.server, ui.page
+    assert api(server, "GET", "/settings", expected=200)["acme_staging"] is False
+    ui.open("settings")
+    box = page.get_by_label("Use the Let's Encrypt staging environment")
+    expect(box).to_be_enabled()
+    expect(box).not_to_be_checked()
+    box.check()
+    expect(page.locator("#settings-status")).to_contain_text("Saved")
+    assert api(server, "GET", "/settings", expected=200)["acme_staging"] is True
+    page.reload()
+    expect(page.locator("body")).to_have_attribute("data-loaded", "true")
+    expect(box).to_be_checked()
+    box.uncheck()
+    expect(page.locator("#settings-status")).to_contain_text("trusted certificates")
+    assert api(server, "GET", "/settings", expected=200)["acme_staging"] is False
+    ui.assert_clean()
+
+
+@pytest.mark.parametrize("viewport", [PHONE, DESKTOP], ids=["360px", "desktop"])
+def test_every_page_fits_stays_small_and_stays_on_the_control_plane(
+        browser, kokoa_server, tmp_path, viewport):
+    server = kokoa_server
+    home = make_origin(server, wg_endpoint="home.example.com:51820")
+    office = make_origin(server, name="office-with-a-rather-long-name", wg_ip="10.8.0.3",
+                         wg_public_key=ORIGIN_KEY)
+    make_route(server, home, hostname="app.example.com")
+    make_route(server, home, hostname="a-very-long-hostname-for-testing.staging.example.com",
+               port=3000)
+    make_route(server, office, hostname="wiki.example.org", port=80)
+    _, token = server.register_edge("edge1", wg_ip="10.8.0.1")
+    report_status(server, token, certificates={
+        "app.example.com": {"status": "valid", "not_after": "2027-02-26T18:00:00Z"},
+        "wiki.example.org": {"status": "pending"}})
+    server.register_edge("edge2", wg_ip="10.8.0.4")
+
+    ui = UiSession(browser, server, tmp_path, viewport)
+    try:
+        response = ui.open("origins")
+        assert response.headers["content-security-policy"] == CSP
+        for name in PAGES:
+            if name != "origins":
+                ui.go(name)
+            if name != "settings":
+                expect(ui.section(name).locator(".empty")).not_to_contain_text("Loading")
+            ui.shot(name)
+            overflow = ui.page.evaluate("document.documentElement.scrollWidth")
+            assert overflow <= viewport["width"], f"{name} scrolls sideways: {overflow}px"
+            cards = ui.page.evaluate("""[...document.querySelectorAll('.card')]
+                .filter(c => c.offsetParent && c.scrollWidth > c.clientWidth + 1).length""")
+            assert cards == 0, f"a card on {name} scrolls sideways"
+
+        # Every form control has a label a screen reader can announce.
+        unlabeled = ui.page.evaluate("""[...document.querySelectorAll('input, select, textarea')]
+            .filter(e => !e.labels.length && !e.getAttribute('aria-label')).map(e => e.id)""")
+        assert unlabeled == []
+
+        # The key is shortened on screen; its copy button copies all of it.
+        ui.context.grant_permissions(["clipboard-read", "clipboard-write"], origin=server.url)
+        ui.go("origins")
+        copy = ui.row("origins", "office").get_by_role("button", name="Copy the public key")
+        copy.click()
+        expect(copy).to_have_text("Copied")
+        assert ui.page.evaluate("navigator.clipboard.readText()") == ORIGIN_KEY
+        ui.go("edges")
+        ui.page.get_by_role("button", name="Copy the install command").click()
+        command = ui.page.evaluate("navigator.clipboard.readText()")
+        assert command.startswith(f"sudo bash install-edge.sh --control-plane {server.url} ")
+
+        off_site = [u for u in ui.requests
+                    if not (u.startswith(server.url + "/") or u.startswith("data:"))]
+        assert off_site == []
+        total = 0
+        for req in ui.finished:
+            sizes = req.sizes()
+            total += sizes["responseBodySize"] + sizes["responseHeadersSize"]
+        assert 0 < total < PAGE_BUDGET_BYTES, f"page transferred {total} bytes"
+        ui.assert_clean()
+    finally:
+        ui.close()
+
+
+def test_edge_status_refresh_does_not_rebuild_unchanged_rows(ui):
+    server, page = ui.server, ui.page
+    _, token = server.register_edge("steady", wg_ip="10.8.0.1")
+    report_status(server, token)
+    ui.open("edges")
+    row = ui.row("edges", "steady")
+    expect(row).to_contain_text("in sync")
+    row.evaluate("tr => { tr.dataset.marker = 'kept'; }")
+    # Another edge appears; the unchanged row must be the very same element afterwards.
+    server.register_edge("newcomer", wg_ip="10.8.0.5")
+    expect(ui.row("edges", "newcomer")).to_have_count(1, timeout=EDGE_POLL_TIMEOUT_MS)
+    expect(row).to_have_attribute("data-marker", "kept")
+    first_host = urlsplit(page.url).netloc
+    assert first_host == urlsplit(server.url).netloc
+    ui.assert_clean()
