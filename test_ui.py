@@ -151,6 +151,17 @@ def make_route(server, origin, hostname="app.example.com", port=8080):
     return api(server, "POST", "/routes", body, expected=201)
 
 
+def make_enrollment_key(server, **body):
+    return api(server, "POST", "/enrollment-keys", body, expected=201)
+
+
+def register_with(server, key, name, **fields):
+    """Register an edge anonymously with `key` in bootstrap_token; return (status, body)."""
+    status, _, data = server.request("POST", "/api/v1/edge-nodes/register",
+                                     {"bootstrap_token": key, "name": name, **fields}, auth=None)
+    return status, data
+
+
 def report_status(server, token, ok=True, error=None, certificates=None, applied_hash=None):
     """Act as an edge: read the current config, then report it applied (or failed)."""
     if applied_hash is None:
@@ -426,8 +437,10 @@ def test_hostile_names_are_rendered_as_text(ui):
         HOSTILE)
     expect(page.locator("#route-origin option", has_text="onerror")).to_have_text(
         f"{HOSTILE} (10.8.0.2)")
+    make_enrollment_key(server, description=HOSTILE)
+    ui.go("edges")
+    expect(ui.row("enroll", "alert(1)").locator("strong.name")).to_have_text(HOSTILE)
     if status == 201:  # the server may refuse such an edge name; if it takes it, show it as text
-        ui.go("edges")
         expect(ui.row("edges", "svg").locator("strong.name")).to_have_text(edge_name)
     elements = page.evaluate("document.querySelectorAll('img, svg, script:not([src])').length")
     assert elements == 0
@@ -495,6 +508,127 @@ def test_edge_list_shows_registered_edges_their_state_and_revokes(ui):
     ui.assert_clean()
 
 
+def no_sideways_scroll(ui):
+    width = ui.page.evaluate("document.documentElement.scrollWidth")
+    assert width <= ui.width, f"the page scrolls sideways: {width}px"
+
+
+def test_enrollment_key_is_shown_once_registers_an_edge_and_can_be_revoked(ui):
+    server, page = ui.server, ui.page
+    ui.context.grant_permissions(["clipboard-read", "clipboard-write"], origin=server.url)
+    ui.open("edges")
+    card = page.locator("#enroll-card")
+    expect(page.locator("#enroll-empty")).to_contain_text("No enrollment keys")
+    form = page.locator("#enroll-form")
+    make = form.get_by_role("button", name="Make key")
+    expect(form.get_by_label("Uses")).to_have_value("1")
+    expect(form.get_by_label("Expires after")).to_have_value("3600")
+
+    # The server's refusal sits under the field it names; nothing is made.
+    uses = form.get_by_label("Uses")
+    uses.fill("0")
+    form.get_by_label("Description").fill("rack 2")
+    make.click()
+    error = page.locator("#enroll-uses-error")
+    expect(error).to_be_visible()
+    expect(error).to_contain_text("1 to 1000")
+    expect(uses).to_have_attribute("aria-invalid", "true")
+    expect(uses).to_be_focused()
+    expect(form.get_by_label("Description")).to_have_value("rack 2")
+    expect(page.locator("#enroll-new")).to_be_hidden()
+    assert api(server, "GET", "/enrollment-keys", expected=200)["enrollment_keys"] == []
+
+    # Make a key valid for a day: it is shown once, with the exact install line.
+    uses.fill("1")
+    form.get_by_label("Expires after").select_option(label="1 day")
+    make.click()
+    reveal = page.locator("#enroll-new")
+    expect(reveal).to_be_visible()
+    expect(page.locator("#enroll-new-title")).to_be_focused()
+    expect(error).to_be_hidden()
+    expect(reveal).to_contain_text("cannot be shown again")
+    key = page.locator("#enroll-key").text_content()
+    assert re.fullmatch(r"kokoa-ek-[A-Za-z0-9_-]{40,}", key), key
+    command = page.locator("#enroll-command").text_content()
+    assert command == (f"sudo bash install-edge.sh --control-plane {server.url} "
+                       f"--bootstrap-token {key} --email you@example.com "
+                       f"--edge-fqdn edge1.example.com --name edge1")
+    reveal.get_by_role("button", name="Copy the command with this enrollment key").click()
+    assert page.evaluate("navigator.clipboard.readText()") == command
+    reveal.get_by_role("button", name="Copy the enrollment key").click()
+    assert page.evaluate("navigator.clipboard.readText()") == key
+    expect(form.get_by_label("Description")).to_have_value("")  # the form is reset
+    row = ui.row("enroll", "rack 2")
+    expect(row).to_have_count(1)
+    expect(row.locator('td[data-label="Expires"]')).to_have_text(re.compile(r"in 2[34] h"))
+    expect(row.locator('td[data-label="Uses left"]')).to_have_text("1")
+    expect(row.locator('td[data-label="Last used"]')).to_have_text("never")
+    [listed] = api(server, "GET", "/enrollment-keys", expected=200)["enrollment_keys"]
+    assert listed["description"] == "rack 2" and listed["uses_left"] == 1
+    assert "key" not in listed and key not in str(listed)
+    ui.shot("edges-enrollment-key")
+    page.set_viewport_size(PHONE)
+    ui.width = PHONE["width"]
+    no_sideways_scroll(ui)
+    card.screenshot(path=str(ui.shots / "edges-enrollment-key-card-360.png"),
+                    animations="disabled")
+    ui.shot("edges-enrollment-key")
+    page.set_viewport_size(DESKTOP)
+    ui.width = DESKTOP["width"]
+
+    # An edge registers with the key (as install-edge.sh does); the key is then used up.
+    status, data = register_with(server, key, "edge-ek", wg_ip="10.8.0.7")
+    assert status == 201, data
+    assert data["name"] == "edge-ek" and data["token"]
+    expect(ui.row("edges", "edge-ek")).to_have_count(1, timeout=EDGE_POLL_TIMEOUT_MS)
+    expect(row.locator('td[data-label="Uses left"]')).to_have_text(
+        "used up", timeout=EDGE_POLL_TIMEOUT_MS)
+    expect(row.locator('td[data-label="Last used"]')).to_have_text(
+        re.compile(r"just now|\d+ s ago"))
+    status, data = register_with(server, key, "edge-again", wg_ip="10.8.0.8")
+    assert status == 401, data
+    assert data["error"]["field"] == "bootstrap_token"
+    assert [e["name"] for e in api(server, "GET", "/edge-nodes", expected=200)["edge_nodes"]] == [
+        "edge-ek"]
+
+    # A second key, made and then revoked in the UI: it disappears and no longer registers.
+    form.get_by_label("Description").fill("spare")
+    form.get_by_label("Uses").fill("5")
+    make.click()
+    expect(ui.row("enroll", "spare")).to_have_count(1)
+    spare = page.locator("#enroll-key").text_content()
+    assert spare.startswith("kokoa-ek-") and spare != key
+    expect(ui.row("enroll", "spare").locator('td[data-label="Uses left"]')).to_have_text("5")
+    ui.row("enroll", "spare").get_by_role("button", name="Revoke").click()
+    dialog = page.locator("#confirm-dialog")
+    expect(dialog).to_contain_text("Revoke enrollment key “spare”?")
+    ui.confirm("Revoke key")
+    expect(dialog).to_be_hidden()
+    expect(ui.row("enroll", "spare")).to_have_count(0)
+    expect(reveal).to_be_hidden()  # the key on screen was the one revoked
+    assert spare not in page.content()
+    assert [k["description"] for k in
+            api(server, "GET", "/enrollment-keys", expected=200)["enrollment_keys"]] == ["rack 2"]
+    assert register_with(server, spare, "edge-spare", wg_ip="10.8.0.9")[0] == 401
+
+    # A third key, then a reload: the list is still there, no key ever is.
+    form.get_by_label("Description").fill("later")
+    make.click()
+    expect(ui.row("enroll", "later")).to_have_count(1)
+    later = page.locator("#enroll-key").text_content()
+    assert later in page.content()
+    page.reload()
+    expect(page.locator("body")).to_have_attribute("data-loaded", "true")
+    expect(ui.row("enroll", "later")).to_have_count(1)
+    expect(ui.row("enroll", "rack 2")).to_have_count(1)
+    expect(reveal).to_be_hidden()
+    html = page.content()
+    for secret in (key, spare, later, server.bootstrap_token):
+        assert secret not in html
+    assert "kokoa-ek-" not in html
+    ui.assert_clean()
+
+
 def test_settings_toggle_acme_staging(ui):
     server, page = ui.server, ui.page
     assert api(server, "GET", "/settings", expected=200)["acme_staging"] is False
@@ -530,6 +664,8 @@ def test_every_page_fits_stays_small_and_stays_on_the_control_plane(
         "app.example.com": {"status": "valid", "not_after": "2027-02-26T18:00:00Z"},
         "wiki.example.org": {"status": "pending"}})
     server.register_edge("edge2", wg_ip="10.8.0.4")
+    make_enrollment_key(server, description="for the second edge in the Frankfurt rack",
+                        uses=3)
 
     ui = UiSession(browser, server, tmp_path, viewport)
     try:
@@ -539,7 +675,8 @@ def test_every_page_fits_stays_small_and_stays_on_the_control_plane(
             if name != "origins":
                 ui.go(name)
             if name != "settings":
-                expect(ui.section(name).locator(".empty")).not_to_contain_text("Loading")
+                for empty in ui.section(name).locator(".empty").all():
+                    expect(empty).not_to_contain_text("Loading")
             ui.shot(name)
             overflow = ui.page.evaluate("document.documentElement.scrollWidth")
             assert overflow <= viewport["width"], f"{name} scrolls sideways: {overflow}px"

@@ -10,7 +10,7 @@
   const TITLES = {origins: "Origins", routes: "Routes", edges: "Edge nodes", settings: "Settings"};
 
   const state = {
-    origins: null, routes: null, edges: null, configHash: null, settings: null,
+    origins: null, routes: null, edges: null, configHash: null, settings: null, enrollKeys: null,
     skewMs: 0, offline: false,
   };
 
@@ -133,11 +133,30 @@
     return el("time", {datetime: iso, title: utcText(iso), "data-rel": iso, text: ago(iso)});
   }
 
+  /** How long until a moment in the future ("in 59 min"), or "expired". */
+  function until(iso) {
+    const t = Date.parse(iso);
+    if (!iso || Number.isNaN(t)) return "—";
+    const s = Math.round((t - Date.now() - state.skewMs) / 1000);
+    if (s <= 0) return "expired";
+    if (s < 90) return `in ${s} s`;
+    if (s < 5400) return `in ${Math.round(s / 60)} min`;
+    if (s < 172800) return `in ${Math.round(s / 3600)} h`;
+    return `in ${Math.round(s / 86400)} days`;
+  }
+
   function tick() {
     for (const node of $$("time[data-rel]")) {
       const text = ago(node.dataset.rel);
       if (node.textContent !== text) node.textContent = text;
     }
+    let expired = false;
+    for (const node of $$("time[data-until]")) {
+      const text = until(node.dataset.until);
+      if (text === "expired") expired = true;
+      else if (node.textContent !== text) node.textContent = text;
+    }
+    if (expired) renderEnrollKeys();
   }
 
   /** host:port as code that may wrap before the port, not inside the host name. */
@@ -203,6 +222,7 @@
     hostname: "For example app.example.com.",
     origin_id: "Choose one of your origins.",
     target_port: "For example 8080.",
+    uses: "For example 1, or the number of edges you are about to install.",
   };
 
   const CONFLICT_HINTS = {
@@ -215,10 +235,11 @@
   const LABELS = {
     wg_public_key: "public key", wg_private_key: "private key", wg_endpoint: "endpoint",
     wg_ip: "WireGuard IP", origin_id: "origin", target_port: "port", acme_staging: "staging setting",
+    expires_in: "expiry",
   };
 
   function humanize(text) {
-    return String(text || "").replace(/\b(wg_public_key|wg_private_key|wg_endpoint|wg_ip|origin_id|target_port|acme_staging)\b/g,
+    return String(text || "").replace(/\b(wg_public_key|wg_private_key|wg_endpoint|wg_ip|origin_id|target_port|acme_staging|expires_in)\b/g,
       (name) => LABELS[name]);
   }
 
@@ -833,17 +854,132 @@
     });
   }
 
+  function installCommand(token) {
+    return `sudo bash install-edge.sh --control-plane ${window.location.origin} --bootstrap-token ${token} --email you@example.com --edge-fqdn edge1.example.com --name edge1`;
+  }
+
   function setupEdgeHelp() {
-    const url = window.location.origin;
-    const command = `sudo bash install-edge.sh --control-plane ${url} --bootstrap-token "$KOKOA_BOOTSTRAP_TOKEN" --email you@example.com --edge-fqdn edge1.example.com --name edge1`;
+    const command = installCommand('"$KOKOA_BOOTSTRAP_TOKEN"');
     $("#edge-command").textContent = command;
     $("#copy-edge-command").addEventListener("click", (event) => copyText(command, event.currentTarget));
     const host = window.location.hostname;
     if (host === "localhost" || host.startsWith("127.") || host === "[::1]") {
-      const note = $("#edge-url-note");
-      note.textContent = `This page was opened on ${host}, which edges cannot reach: replace the URL with the control plane's public address.`;
-      note.classList.add("warn-text");
+      for (const note of [$("#edge-url-note"), $("#enroll-url-note")]) {
+        note.textContent = `This page was opened on ${host}, which edges cannot reach: replace the URL with the control plane's public address.`;
+        note.classList.add("warn-text");
+      }
     }
+  }
+
+  // ------------------------------------------------------------------ enrollment keys
+
+  function keyExpired(key) {
+    const t = Date.parse(key.expires_at);
+    return !Number.isNaN(t) && t <= Date.now() + state.skewMs;
+  }
+
+  function keyLabel(key) {
+    return key.description ? `“${key.description}”` : `made ${utcText(key.created_at)}`;
+  }
+
+  function enrollRow(key) {
+    const expires = key._expired
+      ? [badge("bad", "expired"), el("span", {class: "sub nowrap", text: utcText(key.expires_at)})]
+      : el("time", {datetime: key.expires_at, title: utcText(key.expires_at), "data-until": key.expires_at,
+        text: until(key.expires_at)});
+    return el("tr", {},
+      cell("Description", key.description
+        ? el("strong", {class: "name", text: key.description})
+        : el("span", {class: "muted", text: "no description"})),
+      cell("Created", relTime(key.created_at)),
+      cell("Expires", expires),
+      cellWith("Uses left", "num", key.uses_left > 0 ? String(key.uses_left) : badge("muted", "used up")),
+      cell("Last used", relTime(key.last_used_at)),
+      el("td", {class: "row-actions", role: "cell"},
+        el("button", {
+          type: "button", class: "btn small danger", "data-action": "revoke",
+          "aria-label": `Revoke enrollment key ${keyLabel(key)}`, text: "Revoke",
+          onclick: () => revokeEnrollKey(key),
+        }),
+      ),
+    );
+  }
+
+  function renderEnrollKeys() {
+    if (state.enrollKeys === null) return;
+    const keys = state.enrollKeys.slice().sort((a, b) =>
+      b.created_at.localeCompare(a.created_at) || a.id.localeCompare(b.id));
+    // Whether a key has expired depends on the clock: part of the row signature.
+    syncRows($("#enroll-body"), keys.map((k) => ({...k, _expired: keyExpired(k)})), enrollRow);
+    showList("enroll", keys, "No enrollment keys. Make one above to install an edge without the bootstrap token.");
+  }
+
+  async function loadEnrollKeys() {
+    const data = await api("GET", "/enrollment-keys");
+    state.enrollKeys = data.enrollment_keys || [];
+    renderEnrollKeys();
+  }
+
+  /** The key exists only here, in the page, until "Done" or a reload: the server never shows it again. */
+  let shownKey = null;
+
+  function showNewKey(created) {
+    shownKey = {id: created.id, key: created.key, command: installCommand(created.key)};
+    const uses = created.uses_left === 1 ? "one edge" : `${created.uses_left} edges`;
+    $("#enroll-key").textContent = shownKey.key;
+    $("#enroll-command").textContent = shownKey.command;
+    $("#enroll-new-meta").textContent = `${created.description ? `“${created.description}”: r` : "R"}egisters ${uses}, until ${utcText(created.expires_at)}.`;
+    $("#enroll-new").hidden = false;
+    $("#enroll-new-title").focus();
+  }
+
+  function hideNewKey() {
+    shownKey = null;
+    for (const id of ["#enroll-key", "#enroll-command", "#enroll-new-meta"]) $(id).textContent = "";
+    $("#enroll-new").hidden = true;
+  }
+
+  function setupEnrollKeys() {
+    const form = $("#enroll-form");
+    form.addEventListener("submit", (event) => {
+      event.preventDefault();
+      clearErrors(form);
+      const uses = value(form, "uses");
+      const body = {expires_in: Number(value(form, "expires_in")), uses: portValue(uses)};
+      const description = value(form, "description");
+      if (description) body.description = description;
+      if (reportLocal(form, uses ? {} : {uses: "Enter how many edges may register with this key, e.g. 1."})) return;
+      runForm(form, async () => {
+        const created = await api("POST", "/enrollment-keys", body);
+        form.reset();
+        showNewKey(created);
+        await loadEnrollKeys();
+      });
+    });
+    $("#copy-enroll-key").addEventListener("click", (event) => {
+      if (shownKey) copyText(shownKey.key, event.currentTarget);
+    });
+    $("#copy-enroll-command").addEventListener("click", (event) => {
+      if (shownKey) copyText(shownKey.command, event.currentTarget);
+    });
+    $("#enroll-done").addEventListener("click", () => {
+      hideNewKey();
+      form.elements.namedItem("description").focus();
+    });
+  }
+
+  function revokeEnrollKey(key) {
+    confirmAction({
+      title: `Revoke enrollment key ${keyLabel(key)}?`,
+      text: "No edge can register with it any more. Edges that already registered with it keep working.",
+      button: "Revoke key",
+      action: async () => {
+        await api("DELETE", `/enrollment-keys/${encodeURIComponent(key.id)}`);
+        if (shownKey && shownKey.id === key.id) hideNewKey();
+        banner(`Enrollment key ${keyLabel(key)} revoked.`, "ok");
+        await loadEnrollKeys();
+      },
+    });
   }
 
   // ------------------------------------------------------------------ settings
@@ -907,7 +1043,8 @@
   }
 
   async function refreshAll() {
-    const results = await Promise.allSettled([loadOrigins(), loadRoutes(), loadEdges(), loadSettings()]);
+    const results = await Promise.allSettled([
+      loadOrigins(), loadRoutes(), loadEdges(), loadSettings(), loadEnrollKeys()]);
     const failed = results.find((r) => r.status === "rejected");
     if (failed) connectionLost(failed.reason);
     else connectionOk();
@@ -918,7 +1055,8 @@
     if (polling || document.hidden) return;
     polling = true;
     try {
-      await loadEdges();
+      // Registrations spend enrollment keys: refresh their uses while they are on screen.
+      await Promise.all([loadEdges(), shownPage === "edges" ? loadEnrollKeys() : null]);
       connectionOk();
     } catch (err) {
       connectionLost(err);
@@ -934,6 +1072,7 @@
     setupRouteEdit();
     setupSettings();
     setupEdgeHelp();
+    setupEnrollKeys();
     $("#confirm-cancel").addEventListener("click", () => $("#confirm-dialog").close());
     $(".skip-link").addEventListener("click", (event) => {
       event.preventDefault();
