@@ -1,0 +1,445 @@
+#!/usr/bin/env bash
+# install-edge.sh: makes this machine a Kokoa edge: packages, the agent, fallback certificate,
+# WireGuard keys, registration (token in /etc/kokoa/edge.env, 0600), nginx.conf include lines,
+# a systemd timer (or cron), one agent run. Re-running changes nothing that is already right.
+set -Eeuo pipefail
+shopt -s inherit_errexit nullglob
+export LC_ALL=C
+umask 022
+
+PROGRAM=install-edge
+SELF_DIR=$(cd -- "$(dirname -- "${BASH_SOURCE[0]}")" && pwd)
+PACKAGES=(wireguard-tools nginx certbot jq curl openssl util-linux)
+
+ROOT=""
+CONTROL_PLANE=""
+BOOTSTRAP_TOKEN=${KOKOA_BOOTSTRAP_TOKEN:-}
+EMAIL=""
+EDGE_FQDN=""
+NAME=""
+STAGING=0
+INSTALL_PACKAGES=1
+RUN_AGENT=1
+WG_IP=""
+WG_ENDPOINT=""
+WG_INTERFACE=${WG_INTERFACE:-kokoa}
+CHANGES=()
+
+# Agent settings that, when set in this script's environment, are recorded in edge.env.
+PASS_THROUGH=(NGINX_BIN CERTBOT_BIN ACME_SERVER ACME_STAGING_SERVER ACME_CA_BUNDLE HTTP_PORT
+  HTTPS_PORT LISTEN_ADDRESSES POLL_INTERVAL CONTROL_PLANE_CA KOKOA_INSECURE_HTTP)
+# Every key edge.env may hold (same list as agent.sh).
+ENV_KEYS=(CONTROL_PLANE_URL NODE_TOKEN CONFIG_DIR EMAIL NGINX_BIN EDGE_FQDN CERTBOT_BIN
+  ACME_SERVER ACME_STAGING_SERVER ACME_STAGING ACME_CA_BUNDLE LETSENCRYPT_DIR STATE_DIR WEBROOT
+  WG_INTERFACE HTTP_PORT HTTPS_PORT LISTEN_ADDRESSES FALLBACK_CERT FALLBACK_KEY POLL_INTERVAL
+  KOKOA_INSECURE_HTTP CONTROL_PLANE_CA CERT_TIME_BUDGET RENEW_INTERVAL)
+declare -A ENV_VALUES=()
+TMP_FILES=()
+TMP=""
+
+usage() {
+  cat <<EOF
+Usage: $PROGRAM --control-plane URL --bootstrap-token T --email E [--edge-fqdn F] [--name N]
+                [--staging] [--wg-ip IP] [--wg-endpoint HOST:PORT] [--root DIR] [--no-packages]
+                [--no-run]
+
+  --control-plane URL    the control plane (https; http only for loopback)
+  --bootstrap-token T    the control plane's KOKOA_BOOTSTRAP_TOKEN (or set KOKOA_BOOTSTRAP_TOKEN
+                         in the environment, which keeps it off the process list)
+  --email E              ACME account e-mail
+  --edge-fqdn F          this edge's own name (it gets a certificate)
+  --name N               edge name at the control plane (default: the host name)
+  --staging              always use the ACME staging server on this edge
+  --wg-ip IP             this edge's WireGuard address; --wg-endpoint HOST:PORT its public endpoint
+  --root DIR             install under DIR instead of / (for tests and images)
+  --no-packages          do not run apt-get
+  --no-run               do not run the agent at the end
+
+Agent settings found in the environment (${PASS_THROUGH[*]})
+are recorded in edge.env too. Re-running is safe: what is already right is left alone.
+EOF
+}
+
+log() {
+  printf '%s: %s\n' "$PROGRAM" "$*"
+}
+
+die() {
+  printf '%s: %s\n' "$PROGRAM" "$*" >&2
+  exit 1
+}
+
+cmd() {
+  log "[#] $*"
+  "$@"
+}
+
+changed() {
+  CHANGES+=("$*")
+  log "$*"
+}
+
+cleanup() {
+  local rc=$?
+  if ((${#TMP_FILES[@]})); then
+    rm -f -- "${TMP_FILES[@]}"
+  fi
+  exit "$rc"
+}
+
+make_tmp() {
+  TMP=$(mktemp "${1%/*}/.${1##*/}.tmp.XXXXXX") || return
+  TMP_FILES+=("$TMP")
+}
+
+# Install stdin as $1 with mode $2, only if the content or mode differs. Returns 0 if unchanged,
+# 0 and records a change otherwise.
+put_file() {
+  local dest=$1 mode=$2 what=$3 tmp
+  # shellcheck disable=SC2310  # returns mktemp's status
+  make_tmp "$dest" || return
+  tmp=$TMP
+  cat >"$tmp" || return
+  if [[ -f $dest ]] && cmp -s -- "$tmp" "$dest"; then
+    rm -f -- "$tmp"
+    if [[ $(stat -c %a -- "$dest") != "${mode#0}" ]]; then
+      chmod "$mode" -- "$dest" || return
+      changed "fixed the mode of $what ($dest)"
+    fi
+    return 0
+  fi
+  chmod "$mode" -- "$tmp" || return
+  sync -- "$tmp" || return
+  mv -f -- "$tmp" "$dest" || return
+  changed "wrote $what ($dest)"
+}
+
+ensure_dir() {
+  local mode=$1 dir
+  shift
+  for dir in "$@"; do
+    if [[ ! -d $dir ]]; then
+      install -d -m "$mode" -- "$dir" || return
+      changed "created $dir"
+    fi
+  done
+}
+
+parse_args() {
+  while (($#)); do
+    case $1 in
+      -h | --help)
+        usage
+        exit 0
+        ;;
+      --control-plane | --bootstrap-token | --email | --edge-fqdn | --name | --wg-ip | \
+        --wg-endpoint | --root)
+        (($# >= 2)) || die "$1 needs a value"
+        case $1 in
+          --control-plane) CONTROL_PLANE=${2%/} ;;
+          --bootstrap-token) BOOTSTRAP_TOKEN=$2 ;;
+          --email) EMAIL=$2 ;;
+          --edge-fqdn) EDGE_FQDN=${2,,} ;;
+          --name) NAME=$2 ;;
+          --wg-ip) WG_IP=$2 ;;
+          --wg-endpoint) WG_ENDPOINT=$2 ;;
+          --root) ROOT=${2%/} ;;
+        esac
+        shift 2
+        ;;
+      --staging) STAGING=1 && shift ;;
+      --no-packages) INSTALL_PACKAGES=0 && shift ;;
+      --no-run) RUN_AGENT=0 && shift ;;
+      *) die "unknown argument: $1 (see --help)" ;;
+    esac
+  done
+  [[ -n $CONTROL_PLANE ]] || die "--control-plane is required"
+  [[ -n $EMAIL ]] || die "--email is required"
+  [[ $EMAIL =~ ^[^[:space:]@]+@[^[:space:]@]+$ ]] || die "--email does not look like an address"
+  [[ -z $ROOT || $ROOT == /* ]] || die "--root must be an absolute path"
+  [[ $WG_INTERFACE =~ ^[A-Za-z0-9_=+.-]{1,15}$ ]] || die "bad WG_INTERFACE: $WG_INTERFACE"
+  if [[ -n $EDGE_FQDN && ! $EDGE_FQDN =~ ^([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\.)+[a-z0-9-]+$ ]]
+  then
+    die "--edge-fqdn is not a valid hostname: $EDGE_FQDN"
+  fi
+  if [[ -z $NAME ]]; then
+    NAME=${EDGE_FQDN:-$(hostname)}
+  fi
+  if [[ -z $WG_ENDPOINT && -n $EDGE_FQDN ]]; then
+    WG_ENDPOINT=$EDGE_FQDN:51820
+  fi
+}
+
+set_paths() {
+  AGENT_BIN=$ROOT/usr/local/bin/kokoa-edge-agent
+  ETC_KOKOA=$ROOT/etc/kokoa
+  ENV_FILE=$ETC_KOKOA/edge.env
+  FALLBACK_CERT=$ETC_KOKOA/fallback.crt
+  FALLBACK_KEY=$ETC_KOKOA/fallback.key
+  NGINX_CONF=$ROOT/etc/nginx/nginx.conf
+  CONFIG_DIR=$ROOT/etc/nginx/kokoa
+  STATE_DIR=$ROOT/var/lib/kokoa-edge
+  WEBROOT=$ROOT/var/www/kokoa-acme
+  LETSENCRYPT_DIR=$ROOT/etc/letsencrypt
+  WG_DIR=$ROOT/etc/wireguard
+  WG_CONF=$WG_DIR/$WG_INTERFACE.conf
+}
+
+install_packages() {
+  if ((!INSTALL_PACKAGES)); then
+    return 0
+  fi
+  local pkg missing=()
+  for pkg in "${PACKAGES[@]}"; do
+    dpkg-query -W -f '${Status}' "$pkg" 2>/dev/null | grep -q 'install ok installed' \
+      || missing+=("$pkg")
+  done
+  if ((${#missing[@]})); then
+    cmd apt-get update -q
+    DEBIAN_FRONTEND=noninteractive cmd apt-get install -y -q "${missing[@]}"
+    changed "installed packages: ${missing[*]}"
+  fi
+}
+
+check_dependencies() {
+  local tool
+  for tool in curl jq openssl wg flock install mktemp; do
+    command -v "$tool" >/dev/null 2>&1 || die "$tool is required (apt-get install ${PACKAGES[*]})"
+  done
+  [[ -f $SELF_DIR/agent.sh ]] || die "agent.sh not found next to $PROGRAM ($SELF_DIR)"
+}
+
+install_agent() {
+  ensure_dir 0755 "$ROOT/usr/local/bin"
+  put_file "$AGENT_BIN" 0755 "the agent" <"$SELF_DIR/agent.sh"
+}
+
+make_fallback_cert() {
+  if [[ -s $FALLBACK_CERT && -s $FALLBACK_KEY ]]; then
+    return 0
+  fi
+  local out key crt
+  # shellcheck disable=SC2310  # returns mktemp's status
+  make_tmp "$FALLBACK_KEY" || return
+  key=$TMP
+  # shellcheck disable=SC2310  # returns mktemp's status
+  make_tmp "$FALLBACK_CERT" || return
+  crt=$TMP
+  if ! out=$(openssl req -x509 -newkey rsa:2048 -nodes -days 3650 \
+    -subj "/CN=${EDGE_FQDN:-kokoa-edge-fallback}" -keyout "$key" -out "$crt" 2>&1); then
+    printf '%s\n' "$out" >&2
+    die "openssl could not create the fallback certificate; nothing installed for it"
+  fi
+  chmod 0600 -- "$key" && chmod 0644 -- "$crt" || return
+  mv -f -- "$key" "$FALLBACK_KEY" && mv -f -- "$crt" "$FALLBACK_CERT" || return
+  changed "created the fallback certificate $FALLBACK_CERT"
+}
+
+make_wireguard_keys() {
+  local private public
+  ensure_dir 0700 "$WG_DIR"
+  if [[ ! -s $WG_DIR/$WG_INTERFACE.key ]]; then
+    private=$(umask 077 && wg genkey) || return
+    printf '%s\n' "$private" | put_file "$WG_DIR/$WG_INTERFACE.key" 0600 "the WireGuard private key"
+  fi
+  IFS= read -r private <"$WG_DIR/$WG_INTERFACE.key" || return
+  public=$(printf '%s\n' "$private" | wg pubkey) || return
+  printf '%s\n' "$public" | put_file "$WG_DIR/$WG_INTERFACE.pub" 0644 "the WireGuard public key"
+  WG_PUBLIC_KEY=$public
+  if [[ ! -f $WG_CONF ]]; then
+    {
+      printf '# Kokoa edge WireGuard interface (install-edge.sh); the agent manages its peers.\n'
+      printf '[Interface]\nPrivateKey = %s\nListenPort = 51820\n' "$private"
+      if [[ -n $WG_IP ]]; then
+        printf 'Address = %s\n' "$WG_IP"
+      fi
+    } | put_file "$WG_CONF" 0600 "the WireGuard interface config"
+  fi
+}
+
+# Read edge.env (KEY=VALUE, allow-listed keys only) into ENV_VALUES.
+read_env_file() {
+  local line key value k
+  [[ -f $ENV_FILE ]] || return 0
+  while IFS= read -r line || [[ -n $line ]]; do
+    [[ $line =~ ^[[:space:]]*([A-Z_][A-Z0-9_]*)=(.*)$ ]] || continue
+    key=${BASH_REMATCH[1]}
+    value=${BASH_REMATCH[2]}
+    if [[ $value =~ ^\"(.*)\"$ || $value =~ ^\'(.*)\'$ ]]; then
+      value=${BASH_REMATCH[1]}
+    fi
+    for k in "${ENV_KEYS[@]}"; do
+      if [[ $k == "$key" ]]; then
+        ENV_VALUES[$key]=$value
+      fi
+    done
+  done <"$ENV_FILE"
+}
+
+register() {
+  local body code response token out
+  if [[ -n ${ENV_VALUES[NODE_TOKEN]:-} && ${ENV_VALUES[CONTROL_PLANE_URL]:-} == "$CONTROL_PLANE" ]]
+  then
+    return 0
+  fi
+  [[ -n $BOOTSTRAP_TOKEN ]] || die "--bootstrap-token is required to register this edge"
+  body=$(BT=$BOOTSTRAP_TOKEN NAME=$NAME KEY=${WG_PUBLIC_KEY:-} IP=$WG_IP EP=$WG_ENDPOINT \
+    jq -n -c '{bootstrap_token: env.BT, name: env.NAME, wg_public_key: env.KEY}
+      + (if env.IP != "" then {wg_ip: env.IP} else {} end)
+      + (if env.EP != "" then {wg_endpoint: env.EP} else {} end)') || return
+  # shellcheck disable=SC2310  # returns mktemp's status
+  make_tmp "$STATE_DIR/register.json" || return
+  response=$TMP
+  log "[#] curl -X POST $CONTROL_PLANE/api/v1/edge-nodes/register (name $NAME)"
+  if ! code=$(printf '%s' "$body" | curl --silent --show-error --max-time 30 \
+    --proto =http,https -o "$response" -w '%{http_code}' -X POST \
+    -H 'Content-Type: application/json' --data-binary @- \
+    "$CONTROL_PLANE/api/v1/edge-nodes/register" 2>&1); then
+    die "cannot reach the control plane at $CONTROL_PLANE: ${code##*$'\n'}; nothing registered"
+  fi
+  if [[ $code != 201 ]]; then
+    out=$(jq -r '.error.message // empty' -- "$response" 2>/dev/null) || true
+    die "registration refused (HTTP $code${out:+: $out})$([[ $code == 409 ]] \
+      && printf '; the name %s is taken: pass --name, or revoke the old edge' "$NAME")"
+  fi
+  token=$(jq -r '.token // empty' -- "$response") || return
+  [[ $token =~ ^[A-Za-z0-9._~+/=-]{16,512}$ ]] || die "the control plane returned no usable token"
+  ENV_VALUES[NODE_TOKEN]=$token
+  changed "registered this edge as $NAME (id $(jq -r '.id' -- "$response"))"
+}
+
+write_env_file() {
+  local key
+  ENV_VALUES[CONTROL_PLANE_URL]=$CONTROL_PLANE
+  ENV_VALUES[EMAIL]=$EMAIL
+  ENV_VALUES[CONFIG_DIR]=$CONFIG_DIR
+  ENV_VALUES[STATE_DIR]=$STATE_DIR
+  ENV_VALUES[WEBROOT]=$WEBROOT
+  ENV_VALUES[LETSENCRYPT_DIR]=$LETSENCRYPT_DIR
+  ENV_VALUES[FALLBACK_CERT]=$FALLBACK_CERT
+  ENV_VALUES[FALLBACK_KEY]=$FALLBACK_KEY
+  ENV_VALUES[WG_INTERFACE]=$WG_INTERFACE
+  if [[ -n $EDGE_FQDN ]]; then
+    ENV_VALUES[EDGE_FQDN]=$EDGE_FQDN
+  fi
+  if ((STAGING)); then
+    ENV_VALUES[ACME_STAGING]=1
+  fi
+  for key in "${PASS_THROUGH[@]}"; do
+    if [[ -n ${!key:-} ]]; then
+      ENV_VALUES[$key]=${!key}
+    fi
+  done
+  {
+    printf '# Kokoa edge agent settings, written by install-edge.sh. KEY=VALUE, never sourced.\n'
+    for key in "${ENV_KEYS[@]}"; do
+      if [[ -n ${ENV_VALUES[$key]:-} ]]; then
+        printf '%s=%s\n' "$key" "${ENV_VALUES[$key]}"
+      fi
+    done
+  } | put_file "$ENV_FILE" 0600 "the agent settings"
+}
+
+hook_nginx_conf() {
+  local include1="include $CONFIG_DIR/*.conf;" include2="include $CONFIG_DIR/servers/*.conf;"
+  [[ -f $NGINX_CONF ]] || die "$NGINX_CONF not found; is nginx installed?"
+  if ! grep -qF -- "$include1" "$NGINX_CONF"; then
+    grep -qE '^[[:space:]]*http[[:space:]]*\{' "$NGINX_CONF" \
+      || die "no 'http {' line in $NGINX_CONF; add '$include1 $include2' to it by hand"
+    awk -v a="    $include1" -v b="    $include2" '
+      { print }
+      !done && /^[[:space:]]*http[[:space:]]*\{/ {
+        print "    # Kokoa edge (install-edge.sh): files written by kokoa-edge-agent"
+        print a; print b; done = 1 }' "$NGINX_CONF" \
+      | put_file "$NGINX_CONF" "$(stat -c %a -- "$NGINX_CONF")" "the include lines in nginx.conf"
+  fi
+  # Debian's default site claims default_server on port 80, which the agent's default.conf owns.
+  if [[ -L $ROOT/etc/nginx/sites-enabled/default ]]; then
+    rm -f -- "$ROOT/etc/nginx/sites-enabled/default" || return
+    changed "disabled Debian's default nginx site (sites-enabled/default)"
+  fi
+}
+
+install_schedule() {
+  local agent=$AGENT_BIN env=$ENV_FILE
+  if [[ -d /run/systemd/system ]]; then
+    ensure_dir 0755 "$ROOT/etc/systemd/system"
+    put_file "$ROOT/etc/systemd/system/kokoa-edge-agent.service" 0644 "the agent service" <<EOF
+[Unit]
+Description=Kokoa edge agent (one poll/apply)
+After=network-online.target nginx.service
+Wants=network-online.target
+
+[Service]
+Type=oneshot
+ExecStart=$agent --env-file $env once
+EOF
+    put_file "$ROOT/etc/systemd/system/kokoa-edge-agent.timer" 0644 "the agent timer" <<EOF
+[Unit]
+Description=Run the Kokoa edge agent every 30 seconds
+
+[Timer]
+OnBootSec=15s
+OnUnitInactiveSec=30s
+AccuracySec=1s
+RandomizedDelaySec=5s
+
+[Install]
+WantedBy=timers.target
+EOF
+    if [[ -z $ROOT ]] && ! systemctl is-enabled --quiet kokoa-edge-agent.timer 2>/dev/null; then
+      cmd systemctl daemon-reload
+      cmd systemctl enable --now kokoa-edge-agent.timer
+      changed "enabled kokoa-edge-agent.timer"
+    fi
+  else
+    ensure_dir 0755 "$ROOT/etc/cron.d"
+    put_file "$ROOT/etc/cron.d/kokoa-edge-agent" 0644 "the agent cron job" <<EOF
+# Kokoa edge agent: poll the control plane every minute (install-edge.sh).
+SHELL=/bin/sh
+PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
+* * * * * root $agent --env-file $env once >/dev/null 2>&1
+EOF
+  fi
+}
+
+run_agent() {
+  if ((!RUN_AGENT)); then
+    return 0
+  fi
+  log "[#] $AGENT_BIN --env-file $ENV_FILE once"
+  if ! "$AGENT_BIN" --env-file "$ENV_FILE" once; then
+    die "installed, but the first agent run failed (see above); the timer will retry"
+  fi
+}
+
+main() {
+  trap cleanup EXIT
+  trap 'exit 143' TERM
+  trap 'exit 130' INT
+  parse_args "$@"
+  if [[ -z $ROOT && $EUID -ne 0 ]]; then
+    die "run me as root (or with --root DIR)"
+  fi
+  set_paths
+  install_packages
+  check_dependencies
+  ensure_dir 0755 "$ETC_KOKOA" "$CONFIG_DIR" "$CONFIG_DIR/servers" "$WEBROOT" "$LETSENCRYPT_DIR"
+  ensure_dir 0700 "$STATE_DIR"
+  install_agent
+  make_fallback_cert
+  make_wireguard_keys
+  read_env_file
+  register
+  write_env_file
+  hook_nginx_conf
+  install_schedule
+  if ((${#CHANGES[@]})); then
+    log "done: ${#CHANGES[@]} change(s); this edge's WireGuard public key is $WG_PUBLIC_KEY"
+  else
+    log "done: nothing to change"
+  fi
+  run_agent
+}
+
+main "$@"
