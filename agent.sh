@@ -84,7 +84,8 @@ lines, # comments; the environment wins):
   LETSENCRYPT_DIR    certbot --config-dir                 (/etc/letsencrypt)
   STATE_DIR          agent state, certbot work and logs   (/var/lib/kokoa-edge)
   WEBROOT            HTTP-01 webroot                      (/var/www/kokoa-acme)
-  WG_INTERFACE       WireGuard interface                  (kokoa)
+  WG_INTERFACE       WireGuard interface whose peers follow the control plane (kokoa0;
+                     "none": leave WireGuard alone)
   POLL_INTERVAL (30)  CERT_TIME_BUDGET (600 s of certbot per run)  RENEW_INTERVAL (43200)
 Exit status: 0 success (or another run holds the lock), 1 failure, 2 usage error.
 EOF
@@ -218,7 +219,7 @@ load_settings() {
   done
   : "${CONFIG_DIR:=/etc/nginx/kokoa}" "${NGINX_BIN:=nginx}" "${CERTBOT_BIN:=certbot}"
   : "${LETSENCRYPT_DIR:=/etc/letsencrypt}" "${STATE_DIR:=/var/lib/kokoa-edge}"
-  : "${WEBROOT:=/var/www/kokoa-acme}" "${WG_INTERFACE:=kokoa}" "${HTTP_PORT:=80}"
+  : "${WEBROOT:=/var/www/kokoa-acme}" "${WG_INTERFACE:=kokoa0}" "${HTTP_PORT:=80}"
   : "${HTTPS_PORT:=443}" "${LISTEN_ADDRESSES:=0.0.0.0 [::]}" "${POLL_INTERVAL:=30}"
   : "${FALLBACK_CERT:=/etc/kokoa/fallback.crt}" "${FALLBACK_KEY:=/etc/kokoa/fallback.key}"
   : "${CERT_TIME_BUDGET:=600}" "${RENEW_INTERVAL:=43200}"
@@ -863,13 +864,161 @@ ensure_fallback_cert() {
 }
 
 # --------------------------------------------------------------------------------------------
-# WireGuard (issue 8): keep the interface's peers in step with .wireguard.peers
+# WireGuard: keep $WG_INTERFACE's peers in step with .wireguard.peers of the applied payload
 
+# jq program: one line per peer, "public_key<TAB>allowed_ips (comma-separated)<TAB>endpoint",
+# or one line "error: ..." if any peer fails its strict pattern (then nothing is changed).
+read -r -d '' PEERS_JQ <<'JQ' || true
+def octet: "(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])";
+def ipv4: octet + "(?:\\." + octet + "){3}";
+def lbl: "[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?";
+def is_key: type == "string" and test("^[A-Za-z0-9+/]{42}[AEIMQUYcgkosw048]=$");
+def is_cidr: type == "string" and (test("^" + ipv4 + "/32$") or test("^[0-9a-f:]{2,39}/128$"));
+def is_endpoint: type == "string"
+  and test("^(?:(?:" + lbl + "\\.)*" + lbl + "|\\[[0-9a-f:]{2,39}\\]):[1-9][0-9]{0,4}$");
+def check_peer: if (.public_key | is_key) and (.allowed_ips | type == "array" and length > 0
+      and all(is_cidr)) and (.endpoint == null or (.endpoint | is_endpoint))
+    then . else error("invalid WireGuard peer \(.public_key | tostring | .[:60] | @json)") end;
+try (.wireguard.peers | map(check_peer)
+  | .[] | [.public_key, (.allowed_ips | join(",")), (.endpoint // "")] | @tsv)
+catch ("error: " + tostring)
+JQ
+
+wg_error() {
+  ERROR="WireGuard $WG_INTERFACE: $1"
+  return 1
+}
+
+# Make sure the interface exists: wg-quick brings it up from /etc/wireguard/$WG_INTERFACE.conf
+# (written by install-edge.sh) if it is down, e.g. after a reboot.
+ensure_wg_interface() {
+  local out
+  if wg show "$WG_INTERFACE" >/dev/null 2>&1; then
+    return 0
+  fi
+  if [[ ! -f /etc/wireguard/$WG_INTERFACE.conf ]]; then
+    wg_error "the interface does not exist and /etc/wireguard/$WG_INTERFACE.conf is missing"
+    return
+  fi
+  log "[#] wg-quick up $WG_INTERFACE"
+  if ! out=$(wg-quick up "$WG_INTERFACE" 2>&1); then
+    wg_error "wg-quick up failed: $(one_line "${out##*$'\n'}")"
+    return
+  fi
+}
+
+# Render the full `wg syncconf` input: the interface's own key and port, then the peers.
+render_wg_conf() {
+  local peers=$1 private port key ips endpoint
+  private=$(wg show "$WG_INTERFACE" private-key) || return
+  port=$(wg show "$WG_INTERFACE" listen-port) || return
+  printf '[Interface]\nPrivateKey = %s\nListenPort = %s\n' "$private" "$port"
+  while IFS=$'\t' read -r key ips endpoint; do
+    [[ -n $key ]] || continue
+    printf '\n[Peer]\nPublicKey = %s\nAllowedIPs = %s\n' "$key" "$ips"
+    if [[ -n $endpoint ]]; then
+      printf 'Endpoint = %s\n' "$endpoint"
+    fi
+  done <<<"$peers"
+}
+
+# The peers as `wg show IF allowed-ips` prints them, sorted, for comparison with the live state.
+peer_summary() {
+  local key ips
+  while IFS=$'\t' read -r key ips _; do
+    [[ -n $key ]] && printf '%s\t%s\n' "$key" "${ips//,/ }"
+  done <<<"$1" | sort
+}
+
+# Add a route per peer address (wg syncconf, unlike wg-quick, adds none); drop stale ones.
+sync_wg_routes() {
+  local peers=$1 cidr
+  local -A want=()
+  while IFS=$'\t' read -r _ ips _; do
+    for cidr in ${ips//,/ }; do
+      want[$cidr]=1
+      ip route replace "$cidr" dev "$WG_INTERFACE" || return
+    done
+  done <<<"$peers"
+  if [[ -f $STATE_DIR/wg_routes ]]; then
+    while IFS= read -r cidr; do
+      if [[ -n $cidr && -z ${want[$cidr]:-} ]]; then
+        ip route del "$cidr" dev "$WG_INTERFACE" 2>/dev/null || true
+      fi
+    done <"$STATE_DIR/wg_routes"
+  fi
+  printf '%s\n' "${!want[@]}" | sort | write_atomic "$STATE_DIR/wg_routes" 0600
+}
+
+# Bring the interface's peers in line with applied.json. Runs on every cycle (also when the
+# control plane is away), but calls `wg syncconf` only when the peers changed or the live
+# interface lost them. Unchanged peers keep their tunnels. On failure nothing is removed.
 sync_wireguard_peers() {
-  local payload=$1
-  : "$payload"
-  # Seam for issue 8: render `wg syncconf $WG_INTERFACE` input from .wireguard.peers.
-  return 0
+  local payload=$STATE_DIR/applied.json peers sum="" synced="" conf out want live
+  if [[ $WG_INTERFACE == none || ! -f $payload ]]; then
+    return 0
+  fi
+  peers=$(jq -r "$PEERS_JQ" -- "$payload") || { wg_error "cannot read the peers"; return; }
+  if [[ $peers == error:* ]]; then
+    wg_error "${peers#error: }; peers left as they are"
+    return
+  fi
+  if [[ -z $peers ]] && ! wg show "$WG_INTERFACE" >/dev/null 2>&1; then
+    return 0
+  fi
+  command -v wg >/dev/null || { wg_error "wg is not installed (wireguard-tools)"; return; }
+  # shellcheck disable=SC2310  # each step in ensure_wg_interface ends in return
+  ensure_wg_interface || return
+  sum=$(printf '%s' "$peers" | sha256sum) || return
+  sum=${sum%% *}
+  if [[ -f $STATE_DIR/wg_synced ]]; then
+    IFS= read -r synced <"$STATE_DIR/wg_synced" || true
+  fi
+  # shellcheck disable=SC2310  # a pipeline of printf and sort
+  want=$(peer_summary "$peers") || return
+  live=$(wg show "$WG_INTERFACE" allowed-ips | sort) || return
+  if [[ $sum == "$synced" && $want == "$live" ]]; then
+    return 0
+  fi
+  # shellcheck disable=SC2310  # returns mktemp's status
+  make_tmp "$STATE_DIR/wg.conf" || return
+  conf=$TMP
+  chmod 0600 -- "$conf" || return
+  # shellcheck disable=SC2310  # each step in render_wg_conf ends in || return
+  render_wg_conf "$peers" >"$conf" || { wg_error "cannot read the interface's key"; return; }
+  log "[#] wg syncconf $WG_INTERFACE ($(grep -c '^\[Peer\]' -- "$conf") peers)"
+  if ! out=$(wg syncconf "$WG_INTERFACE" "$conf" 2>&1); then
+    rm -f -- "$conf"
+    wg_error "wg syncconf failed: $(one_line "$out")"
+    return
+  fi
+  rm -f -- "$conf"
+  # shellcheck disable=SC2310  # each step in sync_wg_routes ends in || return
+  sync_wg_routes "$peers" || { wg_error "could not add routes for the peers"; return; }
+  save_state wg_synced "$sum"
+}
+
+# Run the sync and keep its error (if any) for the status report.
+sync_wireguard() {
+  local previous="" current
+  if [[ -f $STATE_DIR/wg_error ]]; then
+    IFS= read -r previous <"$STATE_DIR/wg_error" || true
+  fi
+  # shellcheck disable=SC2310  # each step in sync_wireguard_peers ends in return
+  if sync_wireguard_peers; then
+    if [[ -n $previous ]]; then
+      rm -f -- "$STATE_DIR/wg_error"
+      REPORT=1
+    fi
+    return 0
+  fi
+  warn "$ERROR"
+  current=$(one_line "$ERROR")
+  if [[ $current != "$previous" ]]; then
+    save_state wg_error "$current"
+    REPORT=1
+  fi
+  return 1
 }
 
 # --------------------------------------------------------------------------------------------
@@ -933,7 +1082,6 @@ poll_and_apply() {
   REPORT=1
   forget_removed_hosts
   log "applied config ${hash:0:12}"
-  sync_wireguard_peers "$STATE_DIR/applied.json"
 }
 
 record_failure() {
@@ -1178,10 +1326,13 @@ renew_if_due() {
 
 # Print the status body: applied hash, ok/error, certificates of the applied hostnames.
 status_body() {
-  local payload=$STATE_DIR/applied.json result="" h status today err
+  local payload=$STATE_DIR/applied.json result="" wg="" h status today err
   local -a hosts=()
   if [[ -f $STATE_DIR/last_result ]]; then
     IFS= read -r result <"$STATE_DIR/last_result" || true
+  fi
+  if [[ -f $STATE_DIR/wg_error ]]; then
+    IFS= read -r wg <"$STATE_DIR/wg_error" || true
   fi
   if [[ -f $payload ]]; then
     mapfile -t hosts < <(jq -r '.hostnames[]' -- "$payload")
@@ -1207,15 +1358,16 @@ status_body() {
       fi
       printf '%s\t%s\t%s\t%s\n' "$h" "$status" "$C_NOTAFTER" "$err"
     done
-  } | jq -R -s -c --arg hash "$(applied_hash)" --arg result "$result" '
+  } | jq -R -s -c --arg hash "$(applied_hash)" --arg result "$result" --arg wg "$wg" '
     (split("\n") | map(select(length > 0) | split("\t")
       | {key: .[0], value: ({status: .[1]}
           + (if .[2] != "-" and .[2] != "" then {not_after: .[2]} else {} end)
           + (if .[3] != "" then {error: .[3]} else {} end))}) | from_entries) as $certs
+    | [(if ($result | startswith("error: ")) then $result | ltrimstr("error: ")
+        else empty end), (if $wg != "" then $wg else empty end)] as $errors
     | {applied_hash: (if $hash == "" then null else $hash end),
-       ok: ($result == "ok" or $result == "")}
-      + (if ($result | startswith("error: ")) then {error: ($result | ltrimstr("error: "))}
-         else {} end)
+       ok: (($result == "ok" or $result == "") and $wg == "")}
+      + (if ($errors | length) > 0 then {error: ($errors | join("; "))} else {} end)
       + {certificates: $certs}'
 }
 
@@ -1296,6 +1448,10 @@ run_once() {
   fi
   # shellcheck disable=SC2310  # each step in poll_and_apply ends in || return
   poll_and_apply || rc=$?
+  # shellcheck disable=SC2310  # each step in sync_wireguard ends in || return
+  if ! sync_wireguard && ((rc == 0)); then
+    rc=1
+  fi
   if ((rc == 3)); then
     warn "$ERROR"
     return 3

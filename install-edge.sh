@@ -22,7 +22,7 @@ INSTALL_PACKAGES=1
 RUN_AGENT=1
 WG_IP=""
 WG_ENDPOINT=""
-WG_INTERFACE=${WG_INTERFACE:-kokoa}
+WG_INTERFACE=${WG_INTERFACE:-kokoa0}
 CHANGES=()
 
 # Agent settings that, when set in this script's environment, are recorded in edge.env.
@@ -237,6 +237,9 @@ make_fallback_cert() {
 
 make_wireguard_keys() {
   local private public
+  if [[ $WG_INTERFACE == none ]]; then
+    return 0
+  fi
   ensure_dir 0700 "$WG_DIR"
   if [[ ! -s $WG_DIR/$WG_INTERFACE.key ]]; then
     private=$(umask 077 && wg genkey) || return
@@ -284,7 +287,8 @@ register() {
   fi
   [[ -n $BOOTSTRAP_TOKEN ]] || die "--bootstrap-token is required to register this edge"
   body=$(BT=$BOOTSTRAP_TOKEN NAME=$NAME KEY=${WG_PUBLIC_KEY:-} IP=$WG_IP EP=$WG_ENDPOINT \
-    jq -n -c '{bootstrap_token: env.BT, name: env.NAME, wg_public_key: env.KEY}
+    jq -n -c '{bootstrap_token: env.BT, name: env.NAME}
+      + (if env.KEY != "" then {wg_public_key: env.KEY} else {} end)
       + (if env.IP != "" then {wg_ip: env.IP} else {} end)
       + (if env.EP != "" then {wg_endpoint: env.EP} else {} end)') || return
   # shellcheck disable=SC2310  # returns mktemp's status
@@ -403,6 +407,22 @@ EOF
   fi
 }
 
+# Brings the edge's interface up now and at boot; the agent then keeps its peers in step.
+bring_up_wireguard() {
+  if [[ -n $ROOT || $WG_INTERFACE == none ]] || wg show "$WG_INTERFACE" >/dev/null 2>&1; then
+    return 0
+  fi
+  if command -v systemctl >/dev/null && [[ -d /run/systemd/system ]]; then
+    # shellcheck disable=SC2310  # cmd runs one command; its status is that command's
+    cmd systemctl enable --now "wg-quick@$WG_INTERFACE" \
+      || die "could not start wg-quick@$WG_INTERFACE; see journalctl -u wg-quick@$WG_INTERFACE"
+  else
+    # shellcheck disable=SC2310  # cmd runs one command; its status is that command's
+    cmd wg-quick up "$WG_INTERFACE" || die "wg-quick up $WG_INTERFACE failed"
+  fi
+  changed "brought up WireGuard interface $WG_INTERFACE"
+}
+
 run_agent() {
   if ((!RUN_AGENT)); then
     return 0
@@ -434,8 +454,12 @@ main() {
   write_env_file
   hook_nginx_conf
   install_schedule
+  bring_up_wireguard
   if ((${#CHANGES[@]})); then
-    log "done: ${#CHANGES[@]} change(s); this edge's WireGuard public key is $WG_PUBLIC_KEY"
+    log "done: ${#CHANGES[@]} change(s)"
+    if [[ -n ${WG_PUBLIC_KEY:-} ]]; then
+      log "this edge's WireGuard public key is $WG_PUBLIC_KEY"
+    fi
   else
     log "done: nothing to change"
   fi

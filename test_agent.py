@@ -317,6 +317,7 @@ class Edge:
             "HTTP_PORT": str(self.http_port),
             "HTTPS_PORT": str(self.https_port),
             "LISTEN_ADDRESSES": "127.0.0.1",
+            "WG_INTERFACE": "none",     # WireGuard has its own tests (test_e2e.py)
         }
 
     def agent(self, *args, env=None, timeout=120, check_rc=None):
@@ -514,6 +515,21 @@ def test_same_files_under_a_new_hash_do_not_reload(edge, double, backends):
     assert "already up to date" in proc.stdout
     assert edge.snapshot() == before and edge.reload_count() == 1
     assert double.reports[-1]["applied_hash"] == payload["config_hash"]
+
+
+def test_missing_wireguard_interface_is_reported_while_nginx_is_applied(edge, double, backends):
+    payload = make_payload({"a.example.com": backends[0].addr})
+    payload["wireguard"]["peers"] = [{"public_key": "k" * 43 + "=", "allowed_ips": ["10.8.0.2/32"]}]
+    payload["config_hash"] = config_hash(payload)
+    double.payload = payload
+    proc = edge.once(rc=1, env={"WG_INTERFACE": "kkmissing0"})
+    assert "WireGuard kkmissing0: the interface does not exist" in proc.stderr
+    assert edge.get("a.example.com") == (200, "alpha /")
+    report = double.reports[-1]
+    assert report["ok"] is False and "kkmissing0" in report["error"]
+    assert report["applied_hash"] == payload["config_hash"]
+    edge.once(rc=0)                     # WireGuard no longer managed: the error clears
+    assert double.reports[-1]["ok"] is True and "error" not in double.reports[-1]
 
 
 def test_removing_a_route_removes_its_file(edge, double, backends):
@@ -994,6 +1010,32 @@ def test_end_to_end_with_real_control_plane(kokoa, netns_backends, workdir):
         edge.nginx.stop()
 
 
+def test_install_edge_makes_the_wireguard_key_pair_and_registers_it(kokoa, workdir):
+    require_tools("jq", "curl", "openssl", "wg", "flock")
+    root = workdir / "root"
+    (root / "etc/nginx").mkdir(parents=True)
+    (root / "etc/nginx/nginx.conf").write_text("events {}\nhttp {\n}\n")
+    env = {"PATH": os.environ["PATH"], "KOKOA_BOOTSTRAP_TOKEN": kokoa.bootstrap_token}
+    result = subprocess.run(
+        ["bash", str(INSTALL), "--root", str(root), "--no-packages", "--no-run",
+         "--control-plane", kokoa.url, "--email", "ops@example.com", "--name", "edge-wg",
+         "--wg-ip", "10.99.0.1", "--wg-endpoint", "edge-wg.example.com:51820"],
+        env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    wg_dir = root / "etc/wireguard"
+    assert (wg_dir / "kokoa0.key").stat().st_mode & 0o077 == 0
+    conf = (wg_dir / "kokoa0.conf").read_text()
+    assert (wg_dir / "kokoa0.conf").stat().st_mode & 0o077 == 0
+    assert "Address = 10.99.0.1" in conf and "ListenPort = 51820" in conf
+    private = (wg_dir / "kokoa0.key").read_text().strip()
+    assert f"PrivateKey = {private}" in conf
+    _, _, listing = kokoa.request("GET", "/api/v1/edge-nodes")
+    node = next(n for n in listing["edge_nodes"] if n["name"] == "edge-wg")
+    assert node["wg_public_key"] == (wg_dir / "kokoa0.pub").read_text().strip()
+    assert node["wg_ip"] == "10.99.0.1" and node["wg_endpoint"] == "edge-wg.example.com:51820"
+    assert private not in json.dumps(listing)
+
+
 def tree(root):
     """Every path under root with its mode, and content hash and mtime for files."""
     result = {}
@@ -1027,7 +1069,7 @@ def test_install_edge_twice_gives_the_same_tree(kokoa, netns_backends, workdir):
     env = {"PATH": edge.env["PATH"], "NGINX_BIN": str(edge.nginx.wrapper),
            "HTTP_PORT": edge.env["HTTP_PORT"], "HTTPS_PORT": edge.env["HTTPS_PORT"],
            "LISTEN_ADDRESSES": "127.0.0.1", "CERTBOT_BIN": "/bin/false",
-           "KOKOA_BOOTSTRAP_TOKEN": kokoa.bootstrap_token}
+           "WG_INTERFACE": "none", "KOKOA_BOOTSTRAP_TOKEN": kokoa.bootstrap_token}
     args = ["bash", str(INSTALL), "--root", str(root), "--no-packages",
             "--control-plane", kokoa.url, "--email", "ops@example.com", "--name", "edge-inst",
             "--wg-ip", "10.99.0.1"]
@@ -1044,10 +1086,7 @@ def test_install_edge_twice_gives_the_same_tree(kokoa, netns_backends, workdir):
         assert kokoa.bootstrap_token not in env_file.read_text()
         assert (root / "etc/nginx/nginx.conf").read_text().count("kokoa/servers/*.conf;") == 1
         assert (root / "usr/local/bin/kokoa-edge-agent").read_bytes() == AGENT.read_bytes()
-        assert (root / "etc/wireguard/kokoa.key").stat().st_mode & 0o077 == 0
-        _, _, listing = kokoa.request("GET", "/api/v1/edge-nodes")
-        node = next(n for n in listing["edge_nodes"] if n["name"] == "edge-inst")
-        assert node["wg_public_key"] == (root / "etc/wireguard/kokoa.pub").read_text().strip()
+        assert not (root / "etc/wireguard").exists()      # WG_INTERFACE=none
         before = tree(root)
         second = subprocess.run(args, env=env, capture_output=True, text=True, timeout=120)
         assert second.returncode == 0, second.stdout + second.stderr
