@@ -14,17 +14,16 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import threading
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 
 from conftest import KokoaServer, free_port, require, require_tools, stop_process, wait_until
+from netlab import Nginx, Pebble, connects
 
 REPO = Path(__file__).resolve().parent
 AGENT = REPO / "agent.sh"
@@ -186,111 +185,6 @@ class Backend:
     def close(self):
         self.server.shutdown()
         self.server.server_close()
-
-
-NGINX_WRAPPER = """#!/bin/sh
-if [ "$1" = "-t" ] && [ -n "${{KOKOA_TEST_NGINX_HANG:-}}" ]; then
-    : > "$KOKOA_TEST_NGINX_HANG"
-    exec sleep 30
-fi
-if [ "$1" = "-s" ] && [ -n "${{KOKOA_TEST_NGINX_FAIL_RELOAD:-}}" ]; then
-    echo "nginx: [error] simulated reload failure" >&2
-    exit 1
-fi
-printf '%s\\n' "$*" >> "{log}"
-exec nginx -p "{prefix}/" -c "{conf}" -g "pid {prefix}/run/nginx.pid;" "$@"
-"""
-
-NGINX_CONF = """worker_processes 1;
-error_log {prefix}/logs/error.log;
-events {{ worker_connections 256; }}
-http {{
-    access_log off;
-    client_body_temp_path {prefix}/tmp/body;
-    proxy_temp_path {prefix}/tmp/proxy;
-    fastcgi_temp_path {prefix}/tmp/fastcgi;
-    uwsgi_temp_path {prefix}/tmp/uwsgi;
-    scgi_temp_path {prefix}/tmp/scgi;
-    include {config_dir}/*.conf;
-    include {config_dir}/servers/*.conf;
-}}
-"""
-
-
-class Nginx:
-    """A private nginx instance under `prefix`, driven through a wrapper script (NGINX_BIN)."""
-
-    def __init__(self, prefix, config_dir, conf_path=None):
-        self.prefix = Path(prefix)
-        self.config_dir = Path(config_dir)
-        for sub in ("conf", "logs", "run", "tmp"):
-            (self.prefix / sub).mkdir(parents=True, exist_ok=True)
-        self.calls_log = self.prefix / "calls.log"
-        self.calls_log.touch()
-        self.conf_path = Path(conf_path or self.prefix / "conf/nginx.conf")
-        self.conf_path.parent.mkdir(parents=True, exist_ok=True)
-        if conf_path is None:
-            self.config_dir.mkdir(parents=True, exist_ok=True)
-            self.conf_path.write_text(
-                NGINX_CONF.format(prefix=self.prefix, config_dir=self.config_dir))
-        else:                       # install-edge.sh adds the include lines
-            self.conf_path.write_text(NGINX_CONF.format(prefix=self.prefix, config_dir="X")
-                                      .replace("    include X/*.conf;\n", "")
-                                      .replace("    include X/servers/*.conf;\n", ""))
-        self.wrapper = self.prefix / "nginx-wrapper"
-        self.wrapper.write_text(NGINX_WRAPPER.format(prefix=self.prefix, log=self.calls_log,
-                                                     conf=self.conf_path))
-        self.wrapper.chmod(0o755)
-        self.pid_file = self.prefix / "run/nginx.pid"
-
-    def start(self):
-        subprocess.run([str(self.wrapper)], check=True, timeout=30, capture_output=True)
-        wait_until(self.master_pid, timeout=10, what="nginx pid file")
-        wait_until(self.workers, timeout=10, what="nginx workers")
-        return self
-
-    def master_pid(self):
-        try:
-            return int(self.pid_file.read_text())
-        except (OSError, ValueError):
-            return None
-
-    def workers(self):
-        """Pids of the master's current children."""
-        master = self.master_pid()
-        pids = set()
-        for entry in Path("/proc").iterdir():
-            if not entry.name.isdigit():
-                continue
-            try:
-                stat = (entry / "stat").read_text()
-            except OSError:
-                continue
-            if int(stat.rsplit(")", 1)[1].split()[1]) == master:
-                pids.add(int(entry.name))
-        return pids
-
-    def calls(self):
-        return self.calls_log.read_text().splitlines()
-
-    def wait_reloaded(self, old_workers):
-        """Wait until every worker from before the reload is gone and new ones serve."""
-        wait_until(lambda: not (self.workers() & old_workers) and self.workers(), timeout=20,
-                   what="old nginx workers to exit")
-
-    def stop(self):
-        master = self.master_pid()
-        if master is None:
-            return
-        try:
-            os.kill(master, signal.SIGTERM)
-        except ProcessLookupError:
-            return
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline and Path(f"/proc/{master}").exists():
-            time.sleep(0.05)
-        if Path(f"/proc/{master}").exists():
-            os.kill(master, signal.SIGKILL)
 
 
 class Edge:
@@ -735,80 +629,6 @@ def test_etag_differing_from_config_hash_is_rejected(workdir, double):
 # Certificates: certbot against a real pebble
 
 
-class Pebble:
-    """pebble + pebble-challtestsrv on free loopback ports; HTTP-01 goes to `http_port`."""
-
-    def __init__(self, workdir, http_port):
-        self.dir = Path(workdir) / "pebble"
-        self.dir.mkdir()
-        self.port, self.mgmt_port = free_port(), free_port()
-        self.dns_port, self.dns_mgmt_port = free_port(), free_port()
-        self.ca = self.dir / "ca.pem"
-        self._make_listener_cert()
-        config = {"pebble": {
-            "listenAddress": f"127.0.0.1:{self.port}",
-            "managementListenAddress": f"127.0.0.1:{self.mgmt_port}",
-            "certificate": str(self.dir / "leaf.pem"), "privateKey": str(self.dir / "leaf.key"),
-            "httpPort": http_port, "tlsPort": free_port(), "ocspResponderURL": "",
-            "externalAccountBindingRequired": False}}
-        (self.dir / "pebble.json").write_text(json.dumps(config))
-        self.directory = f"https://127.0.0.1:{self.port}/dir"
-        self.procs = []
-
-    def _make_listener_cert(self):
-        d = self.dir
-
-        def openssl(*args):
-            subprocess.run(["openssl", *args], check=True, capture_output=True, timeout=60)
-
-        openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj",
-                "/CN=kokoa test pebble CA", "-keyout", str(d / "ca.key"), "-out", str(self.ca))
-        openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=localhost",
-                "-keyout", str(d / "leaf.key"), "-out", str(d / "leaf.csr"))
-        (d / "ext.cnf").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
-        openssl("x509", "-req", "-in", str(d / "leaf.csr"), "-CA", str(self.ca), "-CAkey",
-                str(d / "ca.key"), "-CAcreateserial", "-days", "2", "-extfile",
-                str(d / "ext.cnf"), "-out", str(d / "leaf.pem"))
-
-    def start(self):
-        log = open(self.dir / "pebble.log", "ab")
-        self.procs.append(subprocess.Popen(
-            ["pebble-challtestsrv", "-dns01", f"127.0.0.1:{self.dns_port}", "-http01", "",
-             "-https01", "", "-tlsalpn01", "",
-             "-management", f"127.0.0.1:{self.dns_mgmt_port}",
-             "-defaultIPv4", "127.0.0.1", "-defaultIPv6", ""],
-            stdout=log, stderr=subprocess.STDOUT))
-        env = dict(os.environ, PEBBLE_VA_NOSLEEP="1", PEBBLE_WFE_NONCEREJECT="0")
-        self.procs.append(subprocess.Popen(
-            ["pebble", "-config", str(self.dir / "pebble.json"), "-dnsserver",
-             f"127.0.0.1:{self.dns_port}", "-strict=false"],
-            stdout=log, stderr=subprocess.STDOUT, env=env))
-        log.close()
-        wait_until(lambda: self._get(self.directory), timeout=20, what="pebble directory")
-        wait_until(lambda: _connects("127.0.0.1", self.dns_mgmt_port), timeout=20,
-                   what="challtestsrv management")
-        self.root = self.dir / "root.pem"
-        self.root.write_bytes(self._get(f"https://127.0.0.1:{self.mgmt_port}/roots/0"))
-        return self
-
-    def _get(self, url):
-        proc = subprocess.run(["curl", "-sf", "--cacert", str(self.ca), "--max-time", "5", url],
-                              capture_output=True, timeout=10)
-        return proc.stdout if proc.returncode == 0 else None
-
-    def add_a(self, host, address):
-        """Make the mock DNS answer `host` with `address`."""
-        body = json.dumps({"host": host + ".", "addresses": [address]}).encode()
-        req = urllib.request.Request(f"http://127.0.0.1:{self.dns_mgmt_port}/add-a", data=body,
-                                     method="POST")
-        with urllib.request.urlopen(req, timeout=5):
-            pass
-
-    def stop(self):
-        for proc in self.procs:
-            stop_process(proc)
-
-
 def test_pebble_certificates_switch_hosts_to_tls_and_back_off_failing_ones(
         edge, double, backends, workdir):
     require_tools("pebble", "pebble-challtestsrv", "certbot")
@@ -930,7 +750,7 @@ class NetnsBackends:
                  self.address, "--directory", str(directory)],
                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL), directory))
         for port in self.ports:
-            wait_until(lambda p=port: _connects(self.address, p), timeout=15,
+            wait_until(lambda p=port: connects(self.address, p), timeout=15,
                        what="netns backend")
         return self
 
@@ -940,14 +760,6 @@ class NetnsBackends:
             shutil.rmtree(directory, ignore_errors=True)
         subprocess.run(["ip", "netns", "del", self.ns], capture_output=True, timeout=30)
         subprocess.run(["ip", "link", "del", self.veth + "a"], capture_output=True, timeout=30)
-
-
-def _connects(host, port):
-    try:
-        with socket.create_connection((host, port), timeout=1):
-            return True
-    except OSError:
-        return False
 
 
 @pytest.fixture
