@@ -123,6 +123,15 @@ now() {
   printf -v NOW '%(%s)T' -1
 }
 
+# Print the delay before attempt number $1+1: $2 doubled per earlier failure, capped at $3.
+backoff_delay() {
+  local failures=$1 delay=$2 cap=$3 i
+  for ((i = 1; i < failures && delay < cap; i++)); do
+    delay=$((delay * 2))
+  done
+  printf '%s\n' $((delay > cap ? cap : delay))
+}
+
 # Run a command in the background and wait for it, so that a TERM/INT trap fires at once (bash
 # defers traps while a foreground child runs); the trap kills CHILD_PID.
 run_child() {
@@ -1230,12 +1239,7 @@ cert_phase() {
       CERTS_CHANGED=1
     else
       C_FAILS=$((C_FAILS + 1))
-      delay=$CERT_BACKOFF_MIN
-      local i
-      for ((i = 1; i < C_FAILS && delay < CERT_BACKOFF_MAX; i++)); do
-        delay=$((delay * 2))
-      done
-      ((delay > CERT_BACKOFF_MAX)) && delay=$CERT_BACKOFF_MAX
+      delay=$(backoff_delay "$C_FAILS" "$CERT_BACKOFF_MIN" "$CERT_BACKOFF_MAX")
       now
       C_NEXT=$((NOW + delay))
       ((C_NEXT < next_due)) && next_due=$C_NEXT
@@ -1495,12 +1499,7 @@ cmd_run() {
     CHILD_PID=""
     if ((rc == 3)); then
       errors=$((errors + 1))
-      delay=$NET_BACKOFF_MIN
-      local i
-      for ((i = 1; i < errors && delay < NET_BACKOFF_MAX; i++)); do
-        delay=$((delay * 2))
-      done
-      ((delay > NET_BACKOFF_MAX)) && delay=$NET_BACKOFF_MAX
+      delay=$(backoff_delay "$errors" "$NET_BACKOFF_MIN" "$NET_BACKOFF_MAX")
       delay=$((delay * (80 + RANDOM % 41) / 100))
       log "backing off ${delay}s after error $errors"
     else
