@@ -205,7 +205,7 @@ def canonical_json(value):
 def sha256_hex(data):
     """Hex SHA-256 of bytes or str."""
     if isinstance(data, str):
-        data = data.encode()
+        data = data.encode("utf-8", "surrogatepass")    # a client's lone surrogate is no 500
     return hashlib.sha256(data).hexdigest()
 
 
@@ -448,15 +448,39 @@ def quote_identifier(name):
     return '"' + name.replace('"', '""') + '"'
 
 
+STORAGE_ERRORS = ("SQLITE_CANTOPEN", "SQLITE_IOERR", "SQLITE_READONLY", "SQLITE_FULL")
+
+
 def connect(path):
-    """Open a connection: autocommit mode, foreign keys, busy timeout, WAL, durable commits."""
+    """Open a connection: autocommit mode, foreign keys, busy timeout, WAL, durable commits.
+
+    If the storage refuses writes (read-only filesystem, full disk), WAL cannot even be read:
+    fall back to a read-only connection so that reads keep working and writes fail.
+    """
     db = sqlite3.connect(path, isolation_level=None, timeout=5.0)
     db.row_factory = sqlite3.Row
+    try:
+        db.execute("PRAGMA foreign_keys = ON")
+        db.execute("PRAGMA busy_timeout = 5000")
+        if path != ":memory:":
+            db.execute("PRAGMA journal_mode = WAL")
+        db.execute("PRAGMA synchronous = FULL")
+    except sqlite3.OperationalError as err:
+        db.close()
+        if path == ":memory:" or not getattr(err, "sqlite_errorname", "").startswith(
+                STORAGE_ERRORS) or not Path(path).is_file():
+            raise
+        return connect_read_only(path)
+    return db
+
+
+def connect_read_only(path):
+    """A read-only connection that needs no lock or -shm file (which full or read-only storage
+    cannot give); used only while the storage refuses writes, so the file cannot change."""
+    uri = Path(path).resolve().as_uri() + "?mode=ro&immutable=1"
+    db = sqlite3.connect(uri, uri=True, isolation_level=None, timeout=5.0)
+    db.row_factory = sqlite3.Row
     db.execute("PRAGMA foreign_keys = ON")
-    db.execute("PRAGMA busy_timeout = 5000")
-    if path != ":memory:":
-        db.execute("PRAGMA journal_mode = WAL")
-    db.execute("PRAGMA synchronous = FULL")
     return db
 
 
@@ -634,8 +658,9 @@ def check_dns_name(name, field, min_labels):
         if not LABEL_RE.fullmatch(label):
             raise invalid(field, f"{field} has an invalid label {label!r}: use 1-63 letters, "
                                  "digits or inner hyphens")
-    if labels[-1].isdigit() or is_ip_address(name):
-        raise invalid(field, f"{field} must be a DNS name, not an IP address")
+    if not re.search("[a-z]", labels[-1]) or is_ip_address(name):     # as the agent checks
+        raise invalid(field, f"{field} must be a DNS name whose last label has a letter, "
+                             "not an IP address")
     return name
 
 
@@ -667,6 +692,8 @@ def validate_wg_ip(value, network, field="wg_ip"):
         address = ipaddress.ip_address(value.strip())
     except ValueError:
         raise invalid(field, f"{field} must be an IPv4 or IPv6 address") from None
+    if getattr(address, "scope_id", None) is not None:     # "fd00::1%eth0" breaks nginx
+        raise invalid(field, f"{field} must not carry a %zone")
     mapped = getattr(address, "ipv4_mapped", None)
     for candidate in (address, mapped):
         if candidate is not None and (
@@ -1071,7 +1098,9 @@ def bounded_int(body, field, default, low, high):
 def insert_enrollment_key(db, body):
     """Make an enrollment key; returns (row, the key shown once)."""
     check_fields(body, ENROLLMENT_FIELDS)
-    description = check_text(body.get("description") or "", "description", 200).strip()
+    description = body.get("description")
+    description = "" if description is None else check_text(description, "description", 200)
+    description = description.strip()
     expires_in = bounded_int(body, "expires_in", 3600, 60, 30 * 86400)
     uses = bounded_int(body, "uses", 1, 1, 1000)
     key = ENROLLMENT_KEY_PREFIX + secrets.token_urlsafe(32)
@@ -1435,9 +1464,9 @@ class Request:
     def content_length(self):
         """The declared body length; 400 if malformed."""
         text = self.environ.get("CONTENT_LENGTH") or "0"
-        if not text.isdigit():
+        if not re.fullmatch("[0-9]+", text):     # not str.isdigit(): "²" is a digit
             raise HTTPError(400, "invalid_json", "malformed Content-Length")
-        return int(text)
+        return int(text) if len(text) < 19 else sys.maxsize
 
     def check_body_headers(self):
         """415 unless a body-carrying request says JSON; 413 over MAX_BODY_BYTES."""
@@ -1588,9 +1617,13 @@ class LastSeen:
             _, flushed = self._seen.get(edge_id, (None, 0.0))
             due = now - flushed >= self.flush_seconds
             self._seen[edge_id] = (now, now if due else flushed)
-        if due:
+        if not due:
+            return
+        try:
             req.db.execute("UPDATE edge_nodes SET last_seen = ? WHERE id = ?",
                            (iso_time(now), edge_id))
+        except sqlite3.OperationalError as err:     # read-only or full disk: polls go on
+            log.debug("last_seen of edge %s not stored: %s", edge_id, err)
 
     def get(self, edge_id):
         """The in-memory last poll time of `edge_id` (ISO 8601), or None."""
@@ -1646,9 +1679,12 @@ class App:
             return json_response(err.status, err.body(), err.headers)
         except sqlite3.OperationalError as err:
             log.error("database unavailable in %s %s: %s", req.method, req.path, err)
-            return json_response(503, HTTPError(
-                503, "unavailable", "the database is unavailable; try again later").body(),
-                [("Retry-After", "5")])
+            message = "the database is unavailable; try again later"
+            if getattr(err, "sqlite_errorname", "").startswith(STORAGE_ERRORS):
+                message = ("the database is read-only or the disk is full: changes are refused "
+                           "until an operator fixes it; reads keep working")
+            return json_response(503, HTTPError(503, "unavailable", message).body(),
+                                 [("Retry-After", "5")])
         except Exception:
             log.exception("unhandled error in %s %s", req.method, req.path)
             return json_response(500, HTTPError(500, "internal", "internal error").body())

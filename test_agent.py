@@ -92,6 +92,7 @@ class ControlPlaneDouble:
         self.payload = make_payload({})
         self.status = None          # force this HTTP status on /me/config
         self.etag = None            # override the ETag header
+        self.delay = 0.0            # seconds to wait before answering /me/config
         self.reports = []
         self.config_requests = []
         double = self
@@ -119,6 +120,7 @@ class ControlPlaneDouble:
 
             def do_GET(self):  # noqa: N802 (http.server API)
                 double.config_requests.append(dict(self.headers))
+                time.sleep(double.delay)
                 if self.path != "/api/v1/edge-nodes/me/config":
                     return self._error(404, "not_found")
                 if double.status:
@@ -533,6 +535,22 @@ def test_control_plane_down_leaves_nginx_serving(edge, double, backends):
     assert proc.stderr.count("\n") == 1 and "cannot reach the control plane" in proc.stderr
     assert edge.snapshot() == before
     assert edge.get("a.example.com") == (200, "alpha /")
+
+
+def test_control_plane_errors_then_slowness_keep_serving_and_converge(edge, double, backends):
+    apply_routes(edge, double, {"a.example.com": backends[0].addr})
+    double.status = 500
+    failed = edge.once(rc=1)
+    assert "HTTP 500" in failed.stderr and failed.stderr.count("\n") == 1
+    assert edge.get("a.example.com") == (200, "alpha /")
+    double.status = None
+    double.delay = 10.0                 # a control plane that takes 10 s to answer
+    double.payload = make_payload({"a.example.com": backends[1].addr})
+    started = time.monotonic()
+    edge.once()
+    assert time.monotonic() - started >= 10
+    assert edge.get("a.example.com") == (200, "beta /")
+    assert double.reports[-1]["applied_hash"] == double.payload["config_hash"]
 
 
 def test_run_backs_off_on_network_errors_and_stops_on_sigterm(edge):
