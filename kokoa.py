@@ -75,6 +75,8 @@ UUID_RE = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0
 HEX64_RE = re.compile(r"[0-9a-f]{64}")
 LABEL_RE = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
 DEFAULT_SETTINGS = {"acme_staging": False}
+BIDI_CONTROLS = frozenset("\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e"
+                          "\u2066\u2067\u2068\u2069")   # could make a name read backwards
 CERT_STATUSES = ("valid", "pending", "failed")
 
 
@@ -621,7 +623,7 @@ def check_text(value, field, max_length, allow_newlines=False):
     for char in value:
         if allow_newlines and char in "\n\t":
             continue
-        if unicodedata.category(char) in ("Cc", "Cs"):
+        if unicodedata.category(char) in ("Cc", "Cs") or char in BIDI_CONTROLS:
             raise invalid(field, f"{field} must not contain control characters")
     return value
 
@@ -1493,6 +1495,7 @@ class TokenCache:
     def __init__(self, ttl=TOKEN_CACHE_SECONDS):
         self.ttl = ttl
         self._entries = {}
+        self._revocations = 0
         self._lock = threading.Lock()
 
     def lookup(self, req, token):
@@ -1502,6 +1505,7 @@ class TokenCache:
         entry = self._entries.get(digest)
         if entry and entry[1] > now:
             return entry[0]
+        revocations = self._revocations
         row = req.db.execute("SELECT id, token_hash FROM edge_nodes WHERE token_hash = ?",
                              (digest,)).fetchone()
         if row is None or not hmac.compare_digest(row["token_hash"], digest):
@@ -1509,12 +1513,14 @@ class TokenCache:
         with self._lock:
             if len(self._entries) > 100000:
                 self._entries.clear()
-            self._entries[digest] = (row["id"], now + self.ttl)
+            if revocations == self._revocations:    # a revoke meanwhile: do not cache
+                self._entries[digest] = (row["id"], now + self.ttl)
         return row["id"]
 
     def forget(self, edge_id):
         """Evict every cached token of `edge_id`."""
         with self._lock:
+            self._revocations += 1
             for digest in [d for d, (eid, _) in self._entries.items() if eid == edge_id]:
                 del self._entries[digest]
 

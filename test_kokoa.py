@@ -323,6 +323,7 @@ ORIGIN_BAD = [
     ({"name": "bad\x00name", "wg_ip": "10.8.0.9"}, "name"),
     ({"name": "bad\nname", "wg_ip": "10.8.0.9"}, "name"),
     ({"name": "bad\ud800", "wg_ip": "10.8.0.9"}, "name"),
+    ({"name": "gpj.\u202eexe", "wg_ip": "10.8.0.9"}, "name"),
     ({"name": 7, "wg_ip": "10.8.0.9"}, "name"),
     ({"name": "o"}, "wg_ip"),
     ({"name": "o", "wg_ip": "127.0.0.1"}, "wg_ip"),
@@ -665,6 +666,26 @@ def test_node_token_is_stored_only_as_its_hash_and_revoke_makes_it_fail(api):
     assert api.request("DELETE", f"/api/v1/edge-nodes/{edge_id}")[0] == 204
     assert api.my_config(token)[0] == 401
     assert api.request("DELETE", f"/api/v1/edge-nodes/{edge_id}")[0] == 404
+
+
+def test_a_revoke_racing_a_lookup_leaves_nothing_cached(api):
+    edge_id, token = api.register_edge("edge1")
+    cache = api.app.tokens
+    db = kokoa.connect(api.config.db_path)
+
+    class RacingDb:         # the revoke lands between the lookup's read and its caching
+        def execute(self, *args):
+            rows = db.execute(*args)
+            cache.forget(edge_id)
+            return rows
+
+    class RacingRequest:
+        db = RacingDb()
+    try:
+        assert cache.lookup(RacingRequest, token) == edge_id
+    finally:
+        db.close()
+    assert kokoa.hash_token(token) not in cache._entries
 
 
 def test_secret_comparisons_are_constant_time():
