@@ -20,6 +20,7 @@ NAME=""
 STAGING=0
 INSTALL_PACKAGES=1
 RUN_AGENT=1
+INIT=auto
 WG_IP=""
 WG_ENDPOINT=""
 WG_INTERFACE=${WG_INTERFACE:-kokoa0}
@@ -41,7 +42,7 @@ usage() {
   cat <<EOF
 Usage: $PROGRAM --control-plane URL --bootstrap-token T --email E [--edge-fqdn F] [--name N]
                 [--staging] [--wg-ip IP] [--wg-endpoint HOST:PORT] [--root DIR] [--no-packages]
-                [--no-run]
+                [--no-run] [--init auto|systemd|cron]
 
   --control-plane URL    the control plane (https; http only for loopback)
   --bootstrap-token T    the control plane's KOKOA_BOOTSTRAP_TOKEN (or set KOKOA_BOOTSTRAP_TOKEN
@@ -54,6 +55,8 @@ Usage: $PROGRAM --control-plane URL --bootstrap-token T --email E [--edge-fqdn F
   --root DIR             install under DIR instead of / (for tests and images)
   --no-packages          do not run apt-get
   --no-run               do not run the agent at the end
+  --init KIND            schedule the agent with a systemd timer or a cron job (default: auto,
+                         systemd when it runs)
 
 Agent settings found in the environment (${PASS_THROUGH[*]})
 are recorded in edge.env too. Re-running is safe: what is already right is left alone.
@@ -133,7 +136,7 @@ parse_args() {
         exit 0
         ;;
       --control-plane | --bootstrap-token | --email | --edge-fqdn | --name | --wg-ip | \
-        --wg-endpoint | --root)
+        --wg-endpoint | --root | --init)
         (($# >= 2)) || die "$1 needs a value"
         case $1 in
           --control-plane) CONTROL_PLANE=${2%/} ;;
@@ -144,6 +147,7 @@ parse_args() {
           --wg-ip) WG_IP=$2 ;;
           --wg-endpoint) WG_ENDPOINT=$2 ;;
           --root) ROOT=${2%/} ;;
+          --init) INIT=$2 ;;
         esac
         shift 2
         ;;
@@ -157,6 +161,11 @@ parse_args() {
   [[ -n $EMAIL ]] || die "--email is required"
   [[ $EMAIL =~ ^[^[:space:]@]+@[^[:space:]@]+$ ]] || die "--email does not look like an address"
   [[ -z $ROOT || $ROOT == /* ]] || die "--root must be an absolute path"
+  [[ $INIT =~ ^(auto|systemd|cron)$ ]] || die "--init must be auto, systemd or cron"
+  if [[ $INIT == auto ]]; then
+    INIT=cron
+    [[ -d /run/systemd/system ]] && INIT=systemd
+  fi
   [[ $WG_INTERFACE =~ ^[A-Za-z0-9_=+.-]{1,15}$ ]] || die "bad WG_INTERFACE: $WG_INTERFACE"
   if [[ -n $EDGE_FQDN && ! $EDGE_FQDN =~ ^([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\.)+[a-z0-9-]+$ ]]
   then
@@ -366,7 +375,7 @@ hook_nginx_conf() {
 
 install_schedule() {
   local agent=$AGENT_BIN env=$ENV_FILE
-  if [[ -d /run/systemd/system ]]; then
+  if [[ $INIT == systemd ]]; then
     ensure_dir 0755 "$ROOT/etc/systemd/system"
     put_file "$ROOT/etc/systemd/system/kokoa-edge-agent.service" 0644 "the agent service" <<EOF
 [Unit]
@@ -377,6 +386,11 @@ Wants=network-online.target
 [Service]
 Type=oneshot
 ExecStart=$agent --env-file $env once
+TimeoutStartSec=30min
+NoNewPrivileges=yes
+PrivateTmp=yes
+ProtectHome=yes
+UMask=0022
 EOF
     put_file "$ROOT/etc/systemd/system/kokoa-edge-agent.timer" 0644 "the agent timer" <<EOF
 [Unit]

@@ -139,3 +139,26 @@ def test_systemd_unit_verifies_and_is_hardened(unit_with_local_python):
     for setting in ("DynamicUser=yes", "ProtectSystem=strict", "StateDirectory=kokoa",
                     "NoNewPrivileges=yes"):
         assert setting in text
+
+
+def test_agent_units_from_install_edge_verify(kokoa_server, tmp_path):
+    """install-edge.sh writes the agent's .service + .timer; systemd accepts them."""
+    require_tools("systemd-analyze", "jq", "curl", "openssl", "flock")
+    root = tmp_path / "root"
+    (root / "etc/nginx").mkdir(parents=True)
+    (root / "etc/nginx/nginx.conf").write_text("events {}\nhttp {\n}\n")
+    env = {"PATH": os.environ["PATH"], "KOKOA_BOOTSTRAP_TOKEN": kokoa_server.bootstrap_token,
+           "WG_INTERFACE": "none"}
+    result = subprocess.run(
+        ["bash", str(REPO / "install-edge.sh"), "--root", str(root), "--no-packages",
+         "--no-run", "--init", "systemd", "--control-plane", kokoa_server.url,
+         "--email", "ops@example.com", "--name", "edge-units"],
+        env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    units = root / "etc/systemd/system"
+    service, timer = units / "kokoa-edge-agent.service", units / "kokoa-edge-agent.timer"
+    verify = subprocess.run(["systemd-analyze", "verify", str(service), str(timer)],
+                            capture_output=True, text=True, timeout=60)
+    assert verify.returncode == 0, verify.stderr
+    assert "RandomizedDelaySec=" in timer.read_text()
+    assert "--env-file" in service.read_text() and not (root / "etc/cron.d").exists()
