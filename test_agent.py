@@ -462,6 +462,22 @@ def test_config_failing_nginx_t_is_rolled_back_and_reported(edge, double, backen
     assert sum(1 for c in edge.nginx.calls() if c == "-t") == 2
 
 
+def test_certificate_broken_under_the_agent_fails_nginx_t_and_keeps_serving(
+        edge, double, backends):
+    alpha, beta = backends
+    apply_routes(edge, double, {"a.example.com": alpha.addr})
+    before = edge.snapshot()
+    Path(edge.env["FALLBACK_CERT"]).write_text("not a certificate\n")
+    double.payload = make_payload({"a.example.com": alpha.addr, "b.example.com": beta.addr})
+    proc = edge.once(rc=1)
+    assert "nginx -t failed" in proc.stderr
+    assert edge.snapshot() == before
+    assert edge.get("a.example.com") == (200, "alpha /")
+    assert edge.get("a.example.com", tls=True) == (200, "alpha /")
+    report = double.reports[-1]
+    assert report["ok"] is False and "nginx -t failed" in report["error"]
+
+
 def test_first_ever_config_failing_nginx_t_leaves_no_files(edge, double, backends):
     double.payload = bad_for_nginx({"a.example.com": backends[0].addr})
     edge.once(rc=1)
@@ -592,6 +608,16 @@ def hostile_payloads():
     p["routes"] = {"a.example.com\n}": "10.8.0.2:8080"}
     p["config_hash"] = config_hash(p)
     cases["hostname-with-newline"] = p
+    for label, hostname in (("dollar", "$host.example.com"), ("quote", 'a"b.example.com'),
+                            ("apostrophe", "a'b.example.com"), ("slash", "../../etc/passwd"),
+                            ("path", "a/b.example.com"), ("brace", "a}.example.com"),
+                            ("10000-chars", "a" * 10000 + ".example.com")):
+        p = make_payload(good)
+        p["hostnames"] = [hostname]
+        p["routes"] = {hostname: "10.8.0.2:8080"}
+        p["config_hash"] = config_hash(p)
+        cases[f"hostname-with-{label}"] = p
+    cases["truncated-json"] = json.dumps(make_payload(good)).encode()[:120]
     cases["ip-as-hostname"] = make_payload({"10.1.2.3": "10.8.0.2:8080"})
     cases["single-label"] = make_payload({"localhost": "10.8.0.2:8080"})
     cases["upper-case"] = make_payload({"A.example.com": "10.8.0.2:8080"})
