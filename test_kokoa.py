@@ -1226,3 +1226,16 @@ def test_serve_exits_clearly_and_leaves_the_file_untouched_when_a_migration_fail
     assert result.returncode == 2
     assert "migration failed, nothing was changed" in result.stderr.splitlines()[-1]
     assert db_path.read_bytes() == before
+
+
+def test_an_empty_database_file_is_migrated_and_a_restart_changes_nothing(tmp_path):
+    path = tmp_path / "empty.db"
+    path.write_bytes(b"")
+    db = kokoa.connect(str(path))
+    assert kokoa.migrate(db) == len(kokoa.MIGRATIONS)
+    schema = db.execute("SELECT sql FROM sqlite_master ORDER BY name").fetchall()
+    db.close()
+    db = kokoa.connect(str(path))
+    assert kokoa.migrate(db) == len(kokoa.MIGRATIONS)
+    assert db.execute("SELECT sql FROM sqlite_master ORDER BY name").fetchall() == schema
+    db.close()
