@@ -5,6 +5,7 @@ when the tool is absent, except under KOKOA_REQUIRE_E2E=1 (set by .ci/run), wher
 """
 
 import base64
+import http.client
 import json
 import os
 import shutil
@@ -68,6 +69,19 @@ def http_ok(url, timeout=2.0):
             return resp.status == 200
     except (urllib.error.URLError, ConnectionError, OSError):
         return False
+
+
+def send_request(url, method, path, body=b"", headers=None, source="127.0.0.1", timeout=20):
+    """One request with http.client from a chosen loopback source; (status, headers, bytes)."""
+    host, port = url.removeprefix("http://").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=timeout,
+                                      source_address=(source, 0))
+    try:
+        conn.request(method, path, body=body, headers=headers or {})
+        resp = conn.getresponse()
+        return resp.status, resp.headers, resp.read()
+    finally:
+        conn.close()
 
 
 def stop_process(proc, timeout=10.0):

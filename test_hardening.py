@@ -39,6 +39,7 @@ from hypothesis.stateful import (
 
 import kokoa
 from conftest import KokoaServer, free_port, require_root, require_tools, wait_until
+from conftest import send_request as send
 from test_kokoa import (
     InProcessServer,
     make_config,
@@ -78,18 +79,6 @@ class HardenedServer(InProcessServer):
         user = self.admin_user if user is None else user
         password = self.admin_password if password is None else password
         return "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
-
-
-def send(url, method, path, body=b"", headers=None, source="127.0.0.1"):
-    """One request with http.client; returns (status, headers, raw body)."""
-    host, port = url.removeprefix("http://").split(":")
-    conn = http.client.HTTPConnection(host, int(port), timeout=20, source_address=(source, 0))
-    try:
-        conn.request(method, path, body=body, headers=headers or {})
-        resp = conn.getresponse()
-        return resp.status, resp.headers, resp.read()
-    finally:
-        conn.close()
 
 
 def assert_error_envelope(status, headers, raw):
@@ -441,7 +430,12 @@ def call_wsgi(app, environ):
     def start_response(status, headers, exc_info=None):
         captured["status"], captured["headers"] = int(status.split()[0]), dict(headers)
         return lambda data: None
-    body = b"".join(app(environ, start_response))
+    result = app(environ, start_response)
+    try:
+        body = b"".join(result)
+    finally:
+        if hasattr(result, "close"):        # as a WSGI server must (wsgiref.validate checks)
+            result.close()
     return captured["status"], captured["headers"], body
 
 

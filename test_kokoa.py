@@ -1,7 +1,6 @@
 """Tests of the control plane (kokoa.py): real SQLite, real waitress over loopback, real nginx."""
 
 import base64
-import http.client
 import inspect
 import json
 import logging
@@ -20,7 +19,15 @@ import pytest
 import waitress
 
 import kokoa
-from conftest import REPO, ApiClient, KokoaServer, free_port, fresh_secrets, require_tools
+from conftest import (
+    REPO,
+    ApiClient,
+    KokoaServer,
+    free_port,
+    fresh_secrets,
+    require_tools,
+    send_request,
+)
 
 TESTDATA = Path(__file__).resolve().parent / "testdata"
 
@@ -96,16 +103,9 @@ def wg_keypair():
 
 
 def raw_request(url, method, path, body=b"", headers=None, source="127.0.0.1"):
-    """A request through http.client, from a chosen loopback source address."""
-    host, port = url.removeprefix("http://").split(":")
-    conn = http.client.HTTPConnection(host, int(port), timeout=10, source_address=(source, 0))
-    try:
-        conn.request(method, path, body=body, headers=headers or {})
-        resp = conn.getresponse()
-        data = resp.read()
-        return resp.status, resp.headers, json.loads(data) if data else None
-    finally:
-        conn.close()
+    """send_request() with the body parsed as JSON."""
+    status, headers, data = send_request(url, method, path, body, headers, source)
+    return status, headers, json.loads(data) if data else None
 
 
 # nginx generator #############################################################################
