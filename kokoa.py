@@ -1733,9 +1733,11 @@ class App:
         scheme, _, token = req.header("Authorization").partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
             raise HTTPError(401, "unauthorized", "a node token is required", headers=challenge)
-        self.limiter.check(req.client)
+        # A valid token passes even from an address over its failure limit: tokens are too
+        # long to guess, and a revoked edge behind the same NAT must not lock out the others.
         edge_id = self.tokens.lookup(req, token.strip())
         if edge_id is None:
+            self.limiter.check(req.client)
             self.limiter.fail(req.client)
             raise HTTPError(401, "unauthorized", "unknown or revoked node token",
                             headers=challenge)

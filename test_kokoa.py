@@ -715,6 +715,16 @@ def test_wrong_bootstrap_tokens_are_rate_limited_per_address(api):
     assert status == 201 and created["name"] == "edge-ok"
 
 
+def test_a_revoked_edge_behind_the_same_address_does_not_lock_out_the_others(api):
+    _, good = api.register_edge("good")
+    revoked_id, revoked = api.register_edge("revoked")
+    api.request("DELETE", f"/api/v1/edge-nodes/{revoked_id}")
+    statuses = [api.my_config(revoked)[0] for _ in range(kokoa.AUTH_FAILURE_LIMIT + 2)]
+    assert statuses[:kokoa.AUTH_FAILURE_LIMIT] == [401] * kokoa.AUTH_FAILURE_LIMIT
+    assert statuses[-1] == 429
+    assert api.my_config(good)[0] == 200
+
+
 def test_successful_registrations_do_not_count_against_the_limit(api):
     for i in range(kokoa.AUTH_FAILURE_LIMIT + 3):
         api.register_edge(f"edge{i}")
