@@ -32,6 +32,7 @@ from hypothesis.stateful import (
     Bundle,
     RuleBasedStateMachine,
     consumes,
+    initialize,
     invariant,
     multiple,
     rule,
@@ -497,6 +498,17 @@ class ConfigMachine(RuleBasedStateMachine):
         status, _, answer = self.server.request(method, path, body)
         assert status < 500, (method, path, body, answer)
         return status, answer
+
+    @initialize(target=routes)
+    def seed_route(self):
+        """Start every run with one valid route, so that there is a map for nginx -t."""
+        status, origin = self.call("POST", "/api/v1/origins",
+                                   {"name": "seed", "wg_ip": "172.31.250.1"})
+        assert status == 201, origin
+        status, route = self.call("POST", "/api/v1/routes", {
+            "hostname": "seed.example.com", "origin_id": origin["id"], "target_port": 8080})
+        assert status == 201, route
+        return route["id"]
 
     @rule(target=origins, name=st.text(max_size=8), wg_ip=MACHINE_IPS,
           endpoint=st.sampled_from([None, "o.example.net:51820", "[fd00::1]:51820", "x"]))
