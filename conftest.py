@@ -7,6 +7,7 @@ when the tool is absent, except under KOKOA_REQUIRE_E2E=1 (set by .ci/run), wher
 import base64
 import http.client
 import json
+import logging
 import os
 import shutil
 import signal
@@ -22,6 +23,42 @@ import pytest
 
 REPO = Path(__file__).resolve().parent
 REQUIRE_E2E = os.environ.get("KOKOA_REQUIRE_E2E") == "1"
+
+# Suite-wide secret audit: every secret the tests make or receive is remembered, every line
+# the control plane logs (in-process, and each `kokoa.py serve`'s output) is kept, and the
+# session fails if any secret shows up in any log line.
+SECRETS = set()
+LOG_LINES = []
+
+
+class _LogCapture(logging.Handler):
+    def emit(self, record):
+        LOG_LINES.append(self.format(record))
+
+
+def remember_secret(*values):
+    """Note values that must never appear in a log."""
+    SECRETS.update(v for v in values if isinstance(v, str) and len(v) >= 16)
+
+
+def pytest_sessionstart(session):
+    import kokoa
+    handler = _LogCapture(logging.DEBUG)
+    handler.setFormatter(kokoa.JsonLogFormatter())
+    logger = logging.getLogger("kokoa")
+    logger.addHandler(handler)
+    logger.setLevel(logging.DEBUG)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    leaked = sorted({s for s in SECRETS for line in LOG_LINES if s in line})
+    if leaked:
+        print(f"\nSECRET AUDIT: {len(leaked)} secret(s) appear in control plane logs, e.g. "
+              f"{leaked[0][:6]}...", file=sys.stderr)
+        session.exitstatus = 1
+    elif SECRETS:
+        print(f"\nsecret audit: {len(SECRETS)} secrets, none in {len(LOG_LINES)} log lines",
+              file=sys.stderr)
 
 
 def require(condition, reason):
@@ -122,9 +159,11 @@ class ApiClient:
         req = urllib.request.Request(self.url + path, data=data, method=method, headers=hdrs)
         try:
             with urllib.request.urlopen(req, timeout=30) as resp:
-                return resp.status, resp.headers, _decode(resp.read(), resp.headers)
+                answer = resp.status, resp.headers, _decode(resp.read(), resp.headers)
         except urllib.error.HTTPError as err:
-            return err.code, err.headers, _decode(err.read(), err.headers)
+            answer = err.code, err.headers, _decode(err.read(), err.headers)
+        remember_response_secrets(answer[2])
+        return answer
 
     def register_edge(self, name, **fields):
         """Register an edge with the bootstrap token; return (id, node token)."""
@@ -136,9 +175,11 @@ class ApiClient:
 
 def fresh_secrets():
     """(encryption key hex, bootstrap token, admin password) for a test control plane."""
-    return (os.urandom(32).hex(),
-            base64.urlsafe_b64encode(os.urandom(24)).decode().rstrip("="),
-            base64.urlsafe_b64encode(os.urandom(18)).decode())
+    values = (os.urandom(32).hex(),
+              base64.urlsafe_b64encode(os.urandom(24)).decode().rstrip("="),
+              base64.urlsafe_b64encode(os.urandom(18)).decode())
+    remember_secret(*values)
+    return values
 
 
 class KokoaServer(ApiClient):
@@ -180,9 +221,20 @@ class KokoaServer(ApiClient):
         return http_ok(self.url + "/healthz")
 
     def stop(self):
-        """Stop the server process."""
+        """Stop the server process; its output joins the suite's secret audit."""
         if self.proc is not None:
             stop_process(self.proc)
+            if self.log_path.exists():
+                LOG_LINES.extend(self.log_path.read_text(errors="replace").splitlines())
+
+
+def remember_response_secrets(body):
+    """Node tokens, enrollment keys and WireGuard private keys the API hands out."""
+    if isinstance(body, dict):
+        remember_secret(body.get("token"), body.get("key"))
+    elif isinstance(body, bytes) and b"PrivateKey = " in body:
+        remember_secret(*(line.split(" = ", 1)[1] for line in body.decode().splitlines()
+                          if line.startswith("PrivateKey = ")))
 
 
 def _decode(raw, headers):

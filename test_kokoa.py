@@ -25,6 +25,7 @@ from conftest import (
     KokoaServer,
     free_port,
     fresh_secrets,
+    remember_secret,
     require_tools,
     send_request,
 )
@@ -99,6 +100,7 @@ def api(tmp_path):
 
 def wg_keypair():
     private = kokoa.wg_generate_private()
+    remember_secret(kokoa.b64(private))
     return kokoa.b64(private), kokoa.b64(kokoa.wg_public_from_private(private))
 
 
