@@ -136,7 +136,7 @@ backoff_delay() {
 # defers traps while a foreground child runs); the trap kills CHILD_PID.
 run_child() {
   local rc=0
-  "$@" &
+  "$@" 9>&- &
   CHILD_PID=$!
   wait "$CHILD_PID" || rc=$?
   CHILD_PID=""
@@ -270,11 +270,11 @@ check_control_plane() {
   if [[ $CONTROL_PLANE_URL =~ ^https://[^[:space:]\"]+$ ]]; then
     return 0
   fi
-  [[ $CONTROL_PLANE_URL =~ ^http://([^/:]+|\[[^]]+\])(:[0-9]+)?(/[^[:space:]\"]*)?$ ]] \
+  [[ $CONTROL_PLANE_URL =~ ^http://([^/:@]+|\[[^]@]+\])(:[0-9]+)?(/[^[:space:]\"@]*)?$ ]] \
     || usage_error "CONTROL_PLANE_URL must be an http(s) URL: $CONTROL_PLANE_URL"
-  case ${BASH_REMATCH[1]} in
-    localhost | 127.* | \[::1\]) return 0 ;;
-  esac
+  if [[ ${BASH_REMATCH[1]} =~ ^(localhost|127(\.[0-9]{1,3}){3}|\[::1\])$ ]]; then
+    return 0
+  fi
   [[ $KOKOA_INSECURE_HTTP == 1 ]] || usage_error "refusing plain-http CONTROL_PLANE_URL" \
     "$CONTROL_PLANE_URL: the node token would travel in clear (use https, or" \
     "KOKOA_INSECURE_HTTP=1)"
@@ -910,21 +910,30 @@ ensure_wg_interface() {
     return
   fi
   log "[#] wg-quick up $WG_INTERFACE"
-  if ! out=$(wg-quick up "$WG_INTERFACE" 2>&1); then
+  # 9>&-: a userspace wireguard-go started by wg-quick must not inherit (and hold) the lock.
+  if ! out=$(wg-quick up "$WG_INTERFACE" 2>&1 9>&-); then
     wg_error "wg-quick up failed: $(one_line "${out##*$'\n'}")"
     return
   fi
 }
 
-# Render the full `wg syncconf` input: the interface's own key and port, then the peers.
+# Render the full `wg syncconf` input: the interface's own key and port, then the peers. An
+# endpoint whose name does not resolve now is left out (wg would refuse the whole file); the
+# origin can still dial in, and the next run tries the name again.
 render_wg_conf() {
-  local peers=$1 private port key ips endpoint
+  local peers=$1 private port key ips endpoint host
   private=$(wg show "$WG_INTERFACE" private-key) || return
   port=$(wg show "$WG_INTERFACE" listen-port) || return
   printf '[Interface]\nPrivateKey = %s\nListenPort = %s\n' "$private" "$port"
   while IFS=$'\t' read -r key ips endpoint; do
     [[ -n $key ]] || continue
     printf '\n[Peer]\nPublicKey = %s\nAllowedIPs = %s\n' "$key" "$ips"
+    host=${endpoint%:*}
+    if [[ -n $endpoint && $host != \[* && ! $host =~ ^[0-9.]+$ ]] \
+      && ! timeout 5 getent ahosts "$host" >/dev/null 2>&1; then
+      warn "WireGuard peer ${key:0:8}...: endpoint $endpoint does not resolve; left out for now"
+      continue
+    fi
     if [[ -n $endpoint ]]; then
       printf 'Endpoint = %s\n' "$endpoint"
     fi
@@ -978,7 +987,13 @@ sync_wireguard_peers() {
   command -v wg >/dev/null || { wg_error "wg is not installed (wireguard-tools)"; return; }
   # shellcheck disable=SC2310  # each step in ensure_wg_interface ends in return
   ensure_wg_interface || return
-  sum=$(printf '%s' "$peers" | sha256sum) || return
+  # shellcheck disable=SC2310  # returns mktemp's status
+  make_tmp "$STATE_DIR/wg.conf" || return
+  conf=$TMP
+  chmod 0600 -- "$conf" || return
+  # shellcheck disable=SC2310  # each step in render_wg_conf ends in || return
+  render_wg_conf "$peers" >"$conf" || { wg_error "cannot read the interface's key"; return; }
+  sum=$(sed -n '/^\[Peer\]/,$p' -- "$conf" | sha256sum) || return
   sum=${sum%% *}
   if [[ -f $STATE_DIR/wg_synced ]]; then
     IFS= read -r synced <"$STATE_DIR/wg_synced" || true
@@ -987,14 +1002,9 @@ sync_wireguard_peers() {
   want=$(peer_summary "$peers") || return
   live=$(wg show "$WG_INTERFACE" allowed-ips | sort) || return
   if [[ $sum == "$synced" && $want == "$live" ]]; then
+    rm -f -- "$conf"
     return 0
   fi
-  # shellcheck disable=SC2310  # returns mktemp's status
-  make_tmp "$STATE_DIR/wg.conf" || return
-  conf=$TMP
-  chmod 0600 -- "$conf" || return
-  # shellcheck disable=SC2310  # each step in render_wg_conf ends in || return
-  render_wg_conf "$peers" >"$conf" || { wg_error "cannot read the interface's key"; return; }
   log "[#] wg syncconf $WG_INTERFACE ($(grep -c '^\[Peer\]' -- "$conf") peers)"
   if ! out=$(wg syncconf "$WG_INTERFACE" "$conf" 2>&1); then
     rm -f -- "$conf"
@@ -1197,6 +1207,10 @@ cert_phase() {
   if ((!CONFIG_APPLIED)) && [[ -f $STATE_DIR/cert_due ]]; then
     read -r due <"$STATE_DIR/cert_due" || true
     if [[ $due =~ ^[0-9]+$ ]] && ((NOW < due)); then
+      if [[ -f $STATE_DIR/switch_pending ]]; then
+        # shellcheck disable=SC2310  # each step in switch_to_new_certs ends in || return
+        switch_to_new_certs || return
+      fi
       return 0
     fi
   fi
@@ -1213,6 +1227,8 @@ cert_phase() {
     # shellcheck disable=SC2310  # a predicate
     if have_cert "$h" && [[ $C_ACME == "$want" || $C_ACME == - ]]; then
       if [[ $C_NOTAFTER == - || $C_ACME == - ]]; then
+        # A certificate this state does not know of: a run was stopped after certbot.
+        CERTS_CHANGED=1
         C_NOTAFTER=$(cert_not_after "$h")
         C_ACME=$want
         # shellcheck disable=SC2310  # each step in write_cert_state ends in || return
@@ -1237,6 +1253,8 @@ cert_phase() {
       C_NOTAFTER=$(cert_not_after "$h")
       log "certificate for $h obtained (valid until ${C_NOTAFTER:-?})"
       CERTS_CHANGED=1
+      # shellcheck disable=SC2310  # each step in save_state ends in || return
+      save_state switch_pending 1 || return
     else
       C_FAILS=$((C_FAILS + 1))
       delay=$(backoff_delay "$C_FAILS" "$CERT_BACKOFF_MIN" "$CERT_BACKOFF_MAX")
@@ -1252,15 +1270,23 @@ cert_phase() {
   ((next_due > NOW + 86400)) && next_due=$((NOW + 86400))
   # shellcheck disable=SC2310  # each step in save_state ends in || return
   save_state cert_due "$next_due" || return
-  if ((CERTS_CHANGED)); then
-    # shellcheck disable=SC2310  # each step in render_all ends in || return
-    render_all "$payload" || return
-    # shellcheck disable=SC2310  # each step in sync_files ends in || return
-    if ! sync_files "switching hosts to their new certificates"; then
-      record_failure "$ERROR"
-      return 1
-    fi
+  if ((CERTS_CHANGED)) || [[ -f $STATE_DIR/switch_pending ]]; then
+    # shellcheck disable=SC2310  # each step in switch_to_new_certs ends in || return
+    switch_to_new_certs || return
   fi
+}
+
+# Point the hosts' server files at their certificates. A run stopped between certbot and this
+# step leaves switch_pending behind, so the next run finishes the switch.
+switch_to_new_certs() {
+  # shellcheck disable=SC2310  # each step in render_all ends in || return
+  render_all "$STATE_DIR/applied.json" || return
+  # shellcheck disable=SC2310  # each step in sync_files ends in || return
+  if ! sync_files "switching hosts to their new certificates"; then
+    record_failure "$ERROR"
+    return 1
+  fi
+  rm -f -- "$STATE_DIR/switch_pending"
 }
 
 # Drop the certificate state of hostnames that are no longer in the applied config.

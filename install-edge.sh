@@ -128,6 +128,16 @@ ensure_dir() {
   done
 }
 
+# Secrets go to the control plane: plain http only to loopback, or when explicitly allowed.
+check_secure_url() {
+  local url=$1
+  if [[ $url =~ ^https://[^[:space:]]+$ || ${KOKOA_INSECURE_HTTP:-} == 1 ]]; then
+    return 0
+  fi
+  [[ $url =~ ^http://(localhost|127(\.[0-9]{1,3}){3}|\[::1\])(:[0-9]+)?(/[^@[:space:]]*)?$ ]] \
+    || die "refusing $url: use https (secrets would travel in clear), or set KOKOA_INSECURE_HTTP=1"
+}
+
 parse_args() {
   while (($#)); do
     case $1 in
@@ -158,6 +168,7 @@ parse_args() {
     esac
   done
   [[ -n $CONTROL_PLANE ]] || die "--control-plane is required"
+  check_secure_url "$CONTROL_PLANE"
   [[ -n $EMAIL ]] || die "--email is required"
   [[ $EMAIL =~ ^[^[:space:]@]+@[^[:space:]@]+$ ]] || die "--email does not look like an address"
   [[ -z $ROOT || $ROOT == /* ]] || die "--root must be an absolute path"

@@ -107,6 +107,16 @@ read_env_file() {
   done < "$file"
 }
 
+# Secrets go to the control plane: plain http only to loopback, or when explicitly allowed.
+check_secure_url() {
+  local url=$1
+  if [[ $url =~ ^https://[^[:space:]]+$ || ${KOKOA_INSECURE_HTTP:-} == 1 ]]; then
+    return 0
+  fi
+  [[ $url =~ ^http://(localhost|127(\.[0-9]{1,3}){3}|\[::1\])(:[0-9]+)?(/[^@[:space:]]*)?$ ]] \
+    || die "refusing $url: use https (secrets would travel in clear), or set KOKOA_INSECURE_HTTP=1"
+}
+
 validate_args() {
   [[ $INTERFACE =~ ^[A-Za-z0-9_=+.-]{1,15}$ ]] || die "invalid interface name: $INTERFACE"
   if [[ -n $CONFIG_FILE && -n $CONTROL_PLANE_URL ]]; then
@@ -119,6 +129,7 @@ validate_args() {
   if [[ -n $CONTROL_PLANE_URL ]]; then
     [[ $ORIGIN_ID =~ ^[0-9a-f-]{36}$ ]] || die "--origin-id must be the origin's UUID"
     [[ $CONTROL_PLANE_URL =~ ^https?://[^[:space:]]+$ ]] || die "invalid URL: $CONTROL_PLANE_URL"
+    check_secure_url "$CONTROL_PLANE_URL"
     if [[ -n $PASSWORD_FILE ]]; then
       KOKOA_ADMIN_PASSWORD=$(<"$PASSWORD_FILE")
     fi
@@ -153,10 +164,13 @@ check_dependencies() {
 
 # Fetches the origin's wireguard.conf; the password goes to curl on stdin, never in argv.
 fetch_config() {
-  local out=$1 url
+  local out=$1 url credentials
   url="${CONTROL_PLANE_URL%/}/api/v1/origins/$ORIGIN_ID/wireguard.conf"
+  credentials="$ADMIN_USER:$KOKOA_ADMIN_PASSWORD"
+  credentials=${credentials//\\/\\\\}         # curl config quoting: \ and " escaped
+  credentials=${credentials//\"/\\\"}
   if ! curl --fail --silent --show-error --max-time 30 --retry 2 -K - -o "$out" "$url" \
-      <<<"user = \"$ADMIN_USER:$KOKOA_ADMIN_PASSWORD\""; then
+      <<<"user = \"$credentials\""; then
     die "could not fetch $url; nothing changed"
   fi
 }
@@ -254,9 +268,14 @@ open_firewall() {
 }
 
 bring_up() {
+  local cidr
   if wg show "$INTERFACE" >/dev/null 2>&1; then
     log "[#] wg syncconf $INTERFACE <(wg-quick strip $INTERFACE)"
     wg syncconf "$INTERFACE" <(wg-quick strip "$INTERFACE")
+    # wg-quick routes the peers' addresses only at "up": route the ones syncconf just added.
+    for cidr in $(sed -n 's/^AllowedIPs = //p' "/etc/wireguard/$INTERFACE.conf" | tr ',' ' '); do
+      cmd ip route replace "$cidr" dev "$INTERFACE"
+    done
   elif command -v systemctl >/dev/null && [[ -d /run/systemd/system ]]; then
     cmd systemctl enable --now "wg-quick@$INTERFACE"
     CHANGES+=("enabled wg-quick@$INTERFACE")

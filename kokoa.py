@@ -741,7 +741,7 @@ def validate_endpoint(value, field="wg_endpoint"):
         except ValueError:
             raise invalid(field, f"{field} has an invalid IPv6 address") from None
     elif not is_ip_address(host):
-        check_dns_name(host.rstrip("."), field, min_labels=1)
+        host = check_dns_name(host.removesuffix("."), field, min_labels=1)
     return f"{host}:{int(port)}"
 
 

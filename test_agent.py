@@ -336,6 +336,9 @@ def test_plain_http_control_plane_is_refused_unless_loopback_or_allowed(edge):
     proc = edge.agent("once", env={"CONTROL_PLANE_URL": "http://192.0.2.1:9"})
     assert proc.returncode == 2 and "refusing plain-http" in proc.stderr
     assert not (edge.config_dir / "map.conf").exists()
+    for disguised in ("http://127.0.0.1@192.0.2.1:9/", "http://127.example.net:9/"):
+        proc = edge.agent("once", env={"CONTROL_PLANE_URL": disguised})
+        assert proc.returncode == 2, (disguised, proc.stderr)
     proc = edge.agent("once", env={"CONTROL_PLANE_URL": "http://127.0.0.1:9",
                                    "KOKOA_INSECURE_HTTP": "1"})
     assert proc.returncode == 1 and "cannot reach the control plane" in proc.stderr

@@ -468,6 +468,9 @@ def test_patch_changes_fields_and_validates_them(api):
                                      {"name": "renamed", "wg_endpoint": "[2001:db8::1]:51820"})
     assert status == 200 and renamed["name"] == "renamed"
     assert renamed["wg_endpoint"] == "[2001:db8::1]:51820"
+    status, _, dotted = api.request("PATCH", f"/api/v1/origins/{origin['id']}",
+                                    {"wg_endpoint": "Home.Example.NET.:51820"})
+    assert status == 200 and dotted["wg_endpoint"] == "home.example.net:51820"
     status, _, error = api.request("PATCH", f"/api/v1/origins/{origin['id']}",
                                    {"wg_ip": "10.8.0.3"})
     assert status == 409 and error["error"]["field"] == "wg_ip"

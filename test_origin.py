@@ -6,7 +6,7 @@ import subprocess
 
 import pytest
 
-from conftest import REPO, require_tools
+from conftest import REPO, KokoaServer, require_tools
 
 SCRIPT = str(REPO / "install-origin.sh")
 
@@ -135,3 +135,28 @@ def test_public_key_only_origin_keeps_the_private_key_already_here(kokoa_server,
     assert kept.returncode == 0, kept.stderr
     assert f"PrivateKey = {private}" in live.read_text()
     assert "Address = 10.8.0.4/32" in live.read_text()
+
+
+def test_plain_http_to_another_host_is_refused_before_sending_the_password(tmp_path):
+    result = run_install("--control-plane", "http://192.0.2.1:8080", "--origin-id",
+                         "00000000-0000-4000-8000-000000000000", "--root", str(tmp_path / "r"),
+                         "--no-packages", env={"KOKOA_ADMIN_PASSWORD": "x" * 20})
+    assert result.returncode == 1 and "refusing http://192.0.2.1:8080" in result.stderr
+
+
+def test_a_password_with_quotes_and_backslashes_reaches_the_control_plane(tmp_path):
+    require_tools("wg", "curl")
+    server = KokoaServer(tmp_path)
+    server.admin_password = 'pa"ss\\word with spaces'
+    server.env["KOKOA_ADMIN_PASSWORD"] = server.admin_password
+    server.start()
+    try:
+        _, _, origin = server.request("POST", "/api/v1/origins", {"name": "home",
+                                                                  "wg_ip": "10.8.0.2"})
+        result = run_install("--control-plane", server.url, "--origin-id", origin["id"],
+                             "--root", str(tmp_path / "root"), "--no-packages",
+                             env={"KOKOA_ADMIN_PASSWORD": server.admin_password})
+        assert result.returncode == 0, result.stderr
+        assert (tmp_path / "root/etc/wireguard/kokoa0.conf").exists()
+    finally:
+        server.stop()
