@@ -366,6 +366,7 @@ write_env_file() {
 
 hook_nginx_conf() {
   local include1="include $CONFIG_DIR/*.conf;" include2="include $CONFIG_DIR/servers/*.conf;"
+  local site=$ROOT/etc/nginx/sites-enabled/default sum
   [[ -f $NGINX_CONF ]] || die "$NGINX_CONF not found; is nginx installed?"
   if ! grep -qF -- "$include1" "$NGINX_CONF"; then
     grep -qE '^[[:space:]]*http[[:space:]]*\{' "$NGINX_CONF" \
@@ -378,9 +379,16 @@ hook_nginx_conf() {
       | put_file "$NGINX_CONF" "$(stat -c %a -- "$NGINX_CONF")" "the include lines in nginx.conf"
   fi
   # Debian's default site claims default_server on port 80, which the agent's default.conf owns.
-  if [[ -L $ROOT/etc/nginx/sites-enabled/default ]]; then
-    rm -f -- "$ROOT/etc/nginx/sites-enabled/default" || return
-    changed "disabled Debian's default nginx site (sites-enabled/default)"
+  # Only the untouched package file is switched off: an operator's own site there stays.
+  if [[ -L $site ]]; then
+    sum=$(md5sum <"$site") || return
+    if ! dpkg-query -W -f='${Conffiles}\n' nginx-common 2>/dev/null \
+        | grep -qx " /etc/nginx/sites-available/default ${sum%% *}"; then
+      die "$site is not Debian's stock site; move its default_server elsewhere (or remove" \
+        "the link) and re-run; nothing was changed in it"
+    fi
+    rm -f -- "$site" || return
+    changed "disabled Debian's stock default nginx site (sites-enabled/default)"
   fi
 }
 

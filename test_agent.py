@@ -953,3 +953,31 @@ def test_install_edge_twice_gives_the_same_tree(kokoa, netns_backends, workdir):
         assert tree(root) == before
     finally:
         edge.nginx.stop()
+
+
+@pytest.mark.parametrize("stock", [True, False])
+def test_install_edge_only_switches_off_the_stock_default_site(kokoa, workdir, stock):
+    require_tools("jq", "curl", "openssl", "flock", "dpkg-query")
+    stock_site = Path("/etc/nginx/sites-available/default")
+    require(stock_site.is_file(), "Debian's nginx default site is not installed")
+    root = workdir / "root"
+    (root / "etc/nginx/sites-available").mkdir(parents=True)
+    (root / "etc/nginx/sites-enabled").mkdir()
+    (root / "etc/nginx/nginx.conf").write_text("events {}\nhttp {\n}\n")
+    site = root / "etc/nginx/sites-available/default"
+    site.write_bytes(stock_site.read_bytes() if stock else
+                     b"server { listen 80 default_server; root /srv/shop; }\n")
+    link = root / "etc/nginx/sites-enabled/default"
+    link.symlink_to("../sites-available/default")
+    env = {"PATH": os.environ["PATH"], "KOKOA_BOOTSTRAP_TOKEN": kokoa.bootstrap_token,
+           "WG_INTERFACE": "none"}
+    result = subprocess.run(
+        ["bash", str(INSTALL), "--root", str(root), "--no-packages", "--no-run", "--init",
+         "cron", "--control-plane", kokoa.url, "--email", "ops@example.com",
+         "--name", f"edge-site-{stock}"], env=env, capture_output=True, text=True, timeout=120)
+    if stock:
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert not link.exists()
+    else:
+        assert result.returncode == 1 and "not Debian's stock site" in result.stderr
+        assert link.is_symlink() and site.read_text().startswith("server { listen 80")
