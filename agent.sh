@@ -59,13 +59,15 @@ declare -A DESIRED=()
 
 usage() {
   cat <<EOF
-Usage: $PROGRAM [--env-file FILE] once|run|status
+Usage: $PROGRAM [--env-file FILE] once|run|status|recover
        $PROGRAM --help | --version
 
   once     poll the control plane once, apply a new config, get missing certificates, report
   run      'once' in a loop every POLL_INTERVAL s; network errors back off
            ${NET_BACKOFF_MIN} s -> ${NET_BACKOFF_MAX} s
   status   print what is applied and the state of each certificate (no network)
+  recover  restore the files of an apply that was cut short, so that nginx can start (no
+           network; install-edge.sh runs it before nginx starts)
 
 Settings come from the environment or from the env file ($ENV_FILE_DEFAULT by default; KEY=VALUE
 lines, # comments; the environment wins):
@@ -1540,6 +1542,16 @@ cmd_run() {
   done
 }
 
+# Put back the files of an apply that was cut short (power loss during nginx -t), so that
+# nginx can start. Run before nginx starts (install-edge.sh adds it as nginx's ExecStartPre).
+cmd_recover() {
+  # shellcheck disable=SC2310  # each step in prepare_dirs ends in || return
+  prepare_dirs || die "cannot create $CONFIG_DIR, $STATE_DIR or $WEBROOT"
+  exec 9>>"$STATE_DIR/agent.lock"
+  flock -w 60 9 || die "another run holds $STATE_DIR/agent.lock; nothing recovered"
+  recover
+}
+
 cmd_status() {
   local hash result="" payload=$STATE_DIR/applied.json h status n=0 line
   hash=$(applied_hash)
@@ -1591,7 +1603,7 @@ main() {
         ENV_FILE_GIVEN=1
         shift
         ;;
-      once | run | status)
+      once | run | status | recover)
         [[ -z $command ]] || usage_error "one command at a time"
         command=$1
         shift
@@ -1599,7 +1611,7 @@ main() {
       *) usage_error "unknown argument: $1 (see --help)" ;;
     esac
   done
-  [[ -n $command ]] || usage_error "no command given (once, run or status; see --help)"
+  [[ -n $command ]] || usage_error "no command given (once, run, status or recover; see --help)"
   local tool
   for tool in curl jq flock mktemp sha256sum openssl; do
     command -v "$tool" >/dev/null 2>&1 || die "$tool is required but not installed"
@@ -1613,6 +1625,7 @@ main() {
       cmd_run
       ;;
     status) cmd_status ;;
+    recover) cmd_recover ;;
   esac
 }
 

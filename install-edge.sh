@@ -424,6 +424,14 @@ RandomizedDelaySec=5s
 [Install]
 WantedBy=timers.target
 EOF
+    ensure_dir 0755 "$ROOT/etc/systemd/system/nginx.service.d"
+    put_file "$ROOT/etc/systemd/system/nginx.service.d/kokoa.conf" 0644 \
+      "nginx's drop-in that repairs an interrupted apply before nginx starts" <<EOF
+# A power loss in the middle of an agent apply could leave files nginx refuses at boot:
+# put the previous ones back first ("-": never keep nginx from starting).
+[Service]
+ExecStartPre=-$agent --env-file $env recover
+EOF
     if [[ -z $ROOT ]] && ! systemctl is-enabled --quiet kokoa-edge-agent.timer 2>/dev/null; then
       cmd systemctl daemon-reload
       cmd systemctl enable --now kokoa-edge-agent.timer

@@ -525,6 +525,31 @@ def test_sigterm_during_nginx_t_restores_previous_files(edge, double, backends, 
     assert edge.get("a.example.com") == (200, "alpha /")
 
 
+def test_power_loss_during_nginx_t_is_repaired_by_recover_before_nginx_starts(
+        edge, double, backends, workdir):
+    alpha, beta = backends
+    apply_routes(edge, double, {"a.example.com": alpha.addr})
+    before = edge.snapshot()
+    double.payload = bad_for_nginx({"a.example.com": beta.addr})
+    hang = workdir / "hanging"
+    proc = subprocess.Popen(["bash", str(AGENT), "once"],
+                            env=dict(edge.env, KOKOA_TEST_NGINX_HANG=str(hang)),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    try:
+        wait_until(hang.exists, timeout=30, what="agent to reach nginx -t")
+        os.killpg(proc.pid, signal.SIGKILL)       # no trap runs: as if the power went
+        proc.wait(timeout=15)
+    finally:
+        stop_process(proc)
+    assert edge.snapshot() != before              # the broken files are live on disk
+    edge.nginx.stop()                             # ... and the machine reboots
+    edge.agent("recover", check_rc=0)             # nginx's ExecStartPre
+    assert edge.snapshot() == before
+    edge.nginx.start()
+    assert edge.get("a.example.com") == (200, "alpha /")
+
+
 def test_lock_held_exits_0_and_touches_nothing(edge, double, backends):
     double.payload = make_payload({"a.example.com": backends[0].addr})
     edge.state_dir.mkdir(parents=True, exist_ok=True)

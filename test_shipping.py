@@ -162,3 +162,5 @@ def test_agent_units_from_install_edge_verify(kokoa_server, tmp_path):
     assert verify.returncode == 0, verify.stderr
     assert "RandomizedDelaySec=" in timer.read_text()
     assert "--env-file" in service.read_text() and not (root / "etc/cron.d").exists()
+    drop_in = (root / "etc/systemd/system/nginx.service.d/kokoa.conf").read_text()
+    assert "ExecStartPre=-" in drop_in and drop_in.rstrip().endswith(" recover")
