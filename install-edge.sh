@@ -364,6 +364,16 @@ write_env_file() {
   } | put_file "$ENV_FILE" 0600 "the agent settings"
 }
 
+# Before anything is registered or written: nginx.conf must not set what the agent's files set
+# (hash sizes that grow with the hostnames); nginx refuses a directive set twice.
+check_nginx_conf() {
+  [[ -f $NGINX_CONF ]] || die "$NGINX_CONF not found; is nginx installed?"
+  if grep -HnE '^[[:space:]]*(server_names|map)_hash_(max|bucket)_size' -- "$NGINX_CONF" \
+      "$ROOT"/etc/nginx/conf.d/*.conf 2>/dev/null; then
+    die "the lines above set nginx hash sizes that Kokoa's files manage; remove them and re-run"
+  fi
+}
+
 hook_nginx_conf() {
   local include1="include $CONFIG_DIR/*.conf;" include2="include $CONFIG_DIR/servers/*.conf;"
   local site=$ROOT/etc/nginx/sites-enabled/default sum
@@ -485,6 +495,7 @@ main() {
   set_paths
   install_packages
   check_dependencies
+  check_nginx_conf
   ensure_dir 0755 "$ETC_KOKOA" "$CONFIG_DIR" "$CONFIG_DIR/servers" "$WEBROOT" "$LETSENCRYPT_DIR"
   ensure_dir 0700 "$STATE_DIR"
   install_agent

@@ -1006,3 +1006,21 @@ def test_install_edge_only_switches_off_the_stock_default_site(kokoa, workdir, s
     else:
         assert result.returncode == 1 and "not Debian's stock site" in result.stderr
         assert link.is_symlink() and site.read_text().startswith("server { listen 80")
+
+
+def test_install_edge_refuses_an_nginx_conf_that_sets_the_hash_sizes(kokoa, workdir):
+    require_tools("jq", "curl", "openssl", "flock")
+    root = workdir / "root"
+    (root / "etc/nginx").mkdir(parents=True)
+    conf = "events {}\nhttp {\n    server_names_hash_bucket_size 64;\n}\n"
+    (root / "etc/nginx/nginx.conf").write_text(conf)
+    result = subprocess.run(
+        ["bash", str(INSTALL), "--root", str(root), "--no-packages", "--no-run", "--init",
+         "cron", "--control-plane", kokoa.url, "--email", "ops@example.com"],
+        env={"PATH": os.environ["PATH"], "KOKOA_BOOTSTRAP_TOKEN": kokoa.bootstrap_token,
+             "WG_INTERFACE": "none"}, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1 and "hash sizes" in result.stderr
+    assert (root / "etc/nginx/nginx.conf").read_text() == conf
+    assert list(root.iterdir()) == [root / "etc"]           # nothing installed
+    _, _, listing = kokoa.request("GET", "/api/v1/edge-nodes")
+    assert listing["edge_nodes"] == []                      # nothing registered
