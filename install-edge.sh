@@ -256,28 +256,36 @@ make_fallback_cert() {
 }
 
 make_wireguard_keys() {
-  local private public
+  local private public address
   if [[ $WG_INTERFACE == none ]]; then
     return 0
   fi
   ensure_dir 0700 "$WG_DIR"
   if [[ ! -s $WG_DIR/$WG_INTERFACE.key ]]; then
     private=$(umask 077 && wg genkey) || return
-    printf '%s\n' "$private" | put_file "$WG_DIR/$WG_INTERFACE.key" 0600 "the WireGuard private key"
+    put_file "$WG_DIR/$WG_INTERFACE.key" 0600 "the WireGuard private key" \
+      < <(printf '%s\n' "$private")
   fi
   IFS= read -r private <"$WG_DIR/$WG_INTERFACE.key" || return
   public=$(printf '%s\n' "$private" | wg pubkey) || return
-  printf '%s\n' "$public" | put_file "$WG_DIR/$WG_INTERFACE.pub" 0644 "the WireGuard public key"
+  put_file "$WG_DIR/$WG_INTERFACE.pub" 0644 "the WireGuard public key" \
+    < <(printf '%s\n' "$public")
   WG_PUBLIC_KEY=$public
-  if [[ ! -f $WG_CONF ]]; then
-    {
-      printf '# Kokoa edge WireGuard interface (install-edge.sh); the agent manages its peers.\n'
-      printf '[Interface]\nPrivateKey = %s\nListenPort = 51820\n' "$private"
-      if [[ -n $WG_IP ]]; then
-        printf 'Address = %s\n' "$WG_IP"
-      fi
-    } | put_file "$WG_CONF" 0600 "the WireGuard interface config"
+  if [[ -f $WG_CONF ]]; then
+    address=$(sed -n 's/^Address = //p' -- "$WG_CONF")
+    if [[ -n $WG_IP && -n $address && $address != "$WG_IP" ]]; then
+      die "this edge is registered with WireGuard address $address; to change it, revoke" \
+        "the edge in the control plane, remove $WG_CONF and re-run"
+    fi
+    WG_IP=${WG_IP:-$address}
   fi
+  put_file "$WG_CONF" 0600 "the WireGuard interface config" < <(
+    printf '# Kokoa edge WireGuard interface (install-edge.sh); the agent manages its peers.\n'
+    printf '[Interface]\nPrivateKey = %s\nListenPort = 51820\n' "$private"
+    if [[ -n $WG_IP ]]; then
+      printf 'Address = %s\n' "$WG_IP"
+    fi
+  )
 }
 
 # Read edge.env (KEY=VALUE, allow-listed keys only) into ENV_VALUES.
@@ -348,20 +356,22 @@ write_env_file() {
   fi
   if ((STAGING)); then
     ENV_VALUES[ACME_STAGING]=1
+  else
+    unset 'ENV_VALUES[ACME_STAGING]'
   fi
   for key in "${PASS_THROUGH[@]}"; do
     if [[ -n ${!key:-} ]]; then
       ENV_VALUES[$key]=${!key}
     fi
   done
-  {
+  put_file "$ENV_FILE" 0600 "the agent settings" < <(
     printf '# Kokoa edge agent settings, written by install-edge.sh. KEY=VALUE, never sourced.\n'
     for key in "${ENV_KEYS[@]}"; do
       if [[ -n ${ENV_VALUES[$key]:-} ]]; then
         printf '%s=%s\n' "$key" "${ENV_VALUES[$key]}"
       fi
     done
-  } | put_file "$ENV_FILE" 0600 "the agent settings"
+  )
 }
 
 # Before anything is registered or written: nginx.conf must not set what the agent's files set
@@ -381,12 +391,12 @@ hook_nginx_conf() {
   if ! grep -qF -- "$include1" "$NGINX_CONF"; then
     grep -qE '^[[:space:]]*http[[:space:]]*\{' "$NGINX_CONF" \
       || die "no 'http {' line in $NGINX_CONF; add '$include1 $include2' to it by hand"
-    awk -v a="    $include1" -v b="    $include2" '
-      { print }
-      !done && /^[[:space:]]*http[[:space:]]*\{/ {
-        print "    # Kokoa edge (install-edge.sh): files written by kokoa-edge-agent"
-        print a; print b; done = 1 }' "$NGINX_CONF" \
-      | put_file "$NGINX_CONF" "$(stat -c %a -- "$NGINX_CONF")" "the include lines in nginx.conf"
+    put_file "$NGINX_CONF" "$(stat -c %a -- "$NGINX_CONF")" "the include lines in nginx.conf" \
+      < <(awk -v a="    $include1" -v b="    $include2" '
+        { print }
+        !done && /^[[:space:]]*http[[:space:]]*\{/ {
+          print "    # Kokoa edge (install-edge.sh): files written by kokoa-edge-agent"
+          print a; print b; done = 1 }' "$NGINX_CONF")
   fi
   # Debian's default site claims default_server on port 80, which the agent's default.conf owns.
   # Only the untouched package file is switched off: an operator's own site there stays.

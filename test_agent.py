@@ -1024,3 +1024,26 @@ def test_install_edge_refuses_an_nginx_conf_that_sets_the_hash_sizes(kokoa, work
     assert list(root.iterdir()) == [root / "etc"]           # nothing installed
     _, _, listing = kokoa.request("GET", "/api/v1/edge-nodes")
     assert listing["edge_nodes"] == []                      # nothing registered
+
+
+def test_install_edge_rerun_turns_staging_on_and_off_and_says_so(kokoa, workdir):
+    require_tools("jq", "curl", "openssl", "flock")
+    root = workdir / "root"
+    (root / "etc/nginx").mkdir(parents=True)
+    (root / "etc/nginx/nginx.conf").write_text("events {}\nhttp {\n}\n")
+    env = {"PATH": os.environ["PATH"], "KOKOA_BOOTSTRAP_TOKEN": kokoa.bootstrap_token,
+           "WG_INTERFACE": "none"}
+    args = ["bash", str(INSTALL), "--root", str(root), "--no-packages", "--no-run", "--init",
+            "cron", "--control-plane", kokoa.url, "--email", "ops@example.com",
+            "--name", "edge-staging"]
+    env_file = root / "etc/kokoa/edge.env"
+    outputs = []
+    for extra in ([], ["--staging"], [], []):
+        result = subprocess.run(args + extra, env=env, capture_output=True, text=True,
+                                timeout=120)
+        assert result.returncode == 0, result.stdout + result.stderr
+        outputs.append((result.stdout + result.stderr, "ACME_STAGING=1" in env_file.read_text()))
+    assert [staging for _, staging in outputs] == [False, True, False, False]
+    assert "wrote the agent settings" in outputs[1][0] and "done: 1 change(s)" in outputs[1][0]
+    assert "wrote the agent settings" in outputs[2][0]
+    assert "nothing to change" in outputs[3][0]
