@@ -22,6 +22,8 @@ Environment (real variables win over kokoa.env):
     KOKOA_ADMIN_USER              admin user name for HTTP Basic (default admin)
     KOKOA_ADMIN_PASSWORD          admin password; unset or empty: admin API on loopback only
     KOKOA_WG_NETWORK              optional CIDR that every wg_ip must lie in
+    KOKOA_TRUSTED_PROXY           address of a reverse proxy in front of serve: its last
+                                  X-Forwarded-For entry becomes the client address
 """
 
 __version__ = "0.1.0"
@@ -2130,6 +2132,17 @@ def open_migrated(db_path, backup_first=False):
         db.close()
 
 
+def proxy_settings(trusted_proxy):
+    """waitress settings: behind the given proxy, the client address (for rate limits, the
+    loopback check and logs) is the last X-Forwarded-For entry; otherwise such headers go."""
+    if not trusted_proxy:
+        return {"clear_untrusted_proxy_headers": True}
+    if not is_ip_address(trusted_proxy.strip()):
+        raise CLIError("KOKOA_TRUSTED_PROXY must be the proxy's IP address")
+    return {"trusted_proxy": trusted_proxy.strip(), "trusted_proxy_count": 1,
+            "trusted_proxy_headers": {"x-forwarded-for"}, "clear_untrusted_proxy_headers": True}
+
+
 def cmd_serve(args):
     """Serve the app with waitress until interrupted."""
     import waitress
@@ -2147,8 +2160,8 @@ def cmd_serve(args):
     log.info("kokoa %s serving on http://%s:%d/ (database %s, schema v%d)",
              __version__, host, port, config.db_path, version)
     waitress.serve(make_app(config), host=host, port=port, threads=args.threads,
-                   ident="kokoa", clear_untrusted_proxy_headers=True,
-                   max_request_body_size=4 * MAX_BODY_BYTES)
+                   ident="kokoa", max_request_body_size=4 * MAX_BODY_BYTES,
+                   **proxy_settings(env.get("KOKOA_TRUSTED_PROXY", "")))
     return 0
 
 
