@@ -743,7 +743,10 @@ rollback() {
 
 commit_txn() {
   TXN_ARMED=0
-  rm -rf -- "$TXN_DIR"
+  # Rename first: a crash while removing must not leave a half-deleted transaction that
+  # recover would then "roll back" over the committed files.
+  mv -f -- "$TXN_DIR" "${TXN_DIR/.kokoa-txn./.kokoa-done.}" \
+    && rm -rf -- "${TXN_DIR/.kokoa-txn./.kokoa-done.}"
   TXN_DIR=""
 }
 
@@ -754,7 +757,8 @@ recover() {
     # shellcheck disable=SC2310  # each step in rollback_txn ends in || return
     rollback_txn "$d" || die "cannot restore $d; fix $CONFIG_DIR by hand"
   done
-  for d in "$CONFIG_DIR"/.kokoa-stage.* "$CONFIG_DIR"/.*.tmp.?????? "$STATE_DIR"/.*.tmp.??????; do
+  for d in "$CONFIG_DIR"/.kokoa-stage.* "$CONFIG_DIR"/.kokoa-done.* "$CONFIG_DIR"/.*.tmp.?????? \
+    "$STATE_DIR"/.*.tmp.??????; do
     rm -rf -- "$d"
   done
 }
