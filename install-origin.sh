@@ -215,22 +215,12 @@ complete_private_key() {
 }
 
 write_config() {
-  local new=$1 dir live staged
+  local new=$1 dir live
   dir="$ROOT/etc/wireguard"
   live="$dir/$INTERFACE.conf"
   complete_private_key "$new" "$live"
   install -d -m 0700 "$dir"
-  if [[ -f $live ]] && cmp -s "$new" "$live"; then
-    log "$live is up to date"
-    return 0
-  fi
-  staged=$(mktemp "$dir/.$INTERFACE.conf.XXXXXX")
-  cat "$new" > "$staged"
-  chmod 0600 "$staged"
-  sync "$staged"
-  mv -f "$staged" "$live"
-  CHANGES+=("wrote $live")
-  log "wrote $live"
+  write_if_changed "$live" 0600 "$(<"$new")"
 }
 
 listen_port() {
@@ -285,17 +275,22 @@ bring_up() {
   fi
 }
 
+# Atomically replace target with content (mode, in its own directory), unless it is the same.
+# A missing directory is created 0755; an existing one keeps its mode (0700 for secrets).
 write_if_changed() {
-  local target=$1 mode=$2 content=$3 staged
+  local target=$1 mode=$2 content=$3 dir staged
   if [[ -f $target ]] && [[ $(<"$target") == "$content" ]]; then
     return 0
   fi
-  install -d -m 0755 "$(dirname "$target")"
-  staged=$(mktemp "$(dirname "$target")/.${target##*/}.XXXXXX")
+  dir=$(dirname "$target")
+  [[ -d $dir ]] || install -d -m 0755 "$dir"
+  staged=$(mktemp "$dir/.${target##*/}.XXXXXX")
   printf '%s\n' "$content" > "$staged"
   chmod "$mode" "$staged"
+  sync "$staged"
   mv -f "$staged" "$target"
   CHANGES+=("wrote $target")
+  log "wrote $target"
 }
 
 install_refresh_timer() {

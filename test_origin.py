@@ -78,6 +78,7 @@ def test_fetch_with_refresh_timer_follows_new_edges(origin_setup):
     assert server.admin_password not in result.stderr
     env_file = root / "etc/kokoa/origin.env"
     assert stat.S_IMODE(env_file.stat().st_mode) == 0o600
+    assert stat.S_IMODE(env_file.parent.stat().st_mode) == 0o700
     assert (root / "etc/systemd/system/kokoa-origin-refresh.timer").exists()
     service = (root / "etc/systemd/system/kokoa-origin-refresh.service").read_text()
     assert "--env-file /etc/kokoa/origin.env" in service
