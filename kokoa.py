@@ -1068,14 +1068,19 @@ def record_edge_status(db, edge_id, body):
              now, now, certificates, edge_id))
 
 
+def delete_by_id(db, table, row_id, what):
+    """Delete one row of `table` by its UUID; 404 naming `what` if there is none."""
+    if not UUID_RE.fullmatch(row_id or ""):
+        raise not_found(what)
+    with transaction(db):
+        sql = f"DELETE FROM {quote_identifier(table)} WHERE id = ?"
+        if not db.execute(sql, (row_id,)).rowcount:
+            raise not_found(what)
+
+
 def revoke_edge(db, edge_id):
     """Delete an edge node, which makes its token fail; 404 if unknown."""
-    if not UUID_RE.fullmatch(edge_id or ""):
-        raise not_found("edge node")
-    with transaction(db):
-        deleted = db.execute("DELETE FROM edge_nodes WHERE id = ?", (edge_id,)).rowcount
-    if not deleted:
-        raise not_found("edge node")
+    delete_by_id(db, "edge_nodes", edge_id, "edge node")
 
 
 # Enrollment keys
@@ -1121,13 +1126,6 @@ def insert_enrollment_key(db, body):
     return row, key
 
 
-def remove_enrollment_key(db, key_id):
-    """Revoke (delete) an enrollment key; 404 if unknown."""
-    if not UUID_RE.fullmatch(key_id or ""):
-        raise not_found("enrollment key")
-    with transaction(db):
-        if not db.execute("DELETE FROM enrollment_keys WHERE id = ?", (key_id,)).rowcount:
-            raise not_found("enrollment key")
 
 
 def enrollment_key_usable(db, key):
@@ -1942,7 +1940,7 @@ def create_enrollment_key(req):
 
 @route("DELETE", "/api/v1/enrollment-keys/<id>")
 def delete_enrollment_key(req, id):
-    remove_enrollment_key(req.db, id)
+    delete_by_id(req.db, "enrollment_keys", id, "enrollment key")
     return 204, None
 
 
@@ -2041,6 +2039,16 @@ def load_environment(env_file):
     return values
 
 
+def db_path_from(args, env):
+    """--db, else KOKOA_DB, else ./kokoa.db."""
+    return args.db or env.get("KOKOA_DB") or DEFAULT_DB
+
+
+def file_stamp():
+    """UTC time for names of copies kept beside the database, e.g. 20261128T201500Z."""
+    return time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+
+
 def load_keyring(env):
     """The Keyring from WIREGUARD_KEY_ENC_SECRET (+ _OLD); CLIError if missing or malformed."""
     try:
@@ -2067,7 +2075,7 @@ def load_config(args, env):
         except ValueError:
             raise CLIError("KOKOA_WG_NETWORK must be a CIDR such as 10.8.0.0/24") from None
     return Config(
-        db_path=args.db or env.get("KOKOA_DB") or DEFAULT_DB,
+        db_path=db_path_from(args, env),
         keyring=load_keyring(env),
         bootstrap_token=env.get("KOKOA_BOOTSTRAP_TOKEN", ""),
         admin_user=env.get("KOKOA_ADMIN_USER") or "admin",
@@ -2116,8 +2124,7 @@ def open_migrated(db_path, backup_first=False):
     try:
         version = schema_version(db)
         if backup_first and 0 < version < len(MIGRATIONS):
-            stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
-            backup_path = f"{db_path}.bak-v{version}-{stamp}"
+            backup_path = f"{db_path}.bak-v{version}-{file_stamp()}"
             db.close()
             backup_database(db_path, backup_path)
             log.info("backed up schema v%d database to %s before migrating", version,
@@ -2168,7 +2175,7 @@ def cmd_serve(args):
 def cmd_migrate(args):
     """Create or upgrade the database schema."""
     env = load_environment(args.env_file)
-    db_path = args.db or env.get("KOKOA_DB") or DEFAULT_DB
+    db_path = db_path_from(args, env)
     print(f"{db_path}: schema v{open_migrated(db_path)}")
     return 0
 
@@ -2176,7 +2183,7 @@ def cmd_migrate(args):
 def cmd_backup(args):
     """Consistent online copy of the database to a new file."""
     env = load_environment(args.env_file)
-    db_path = args.db or env.get("KOKOA_DB") or DEFAULT_DB
+    db_path = db_path_from(args, env)
     target = Path(args.path)
     if not Path(db_path).is_file():
         raise CLIError(f"database {db_path} does not exist")
@@ -2217,14 +2224,13 @@ def check_restorable(path):
 def cmd_restore(args):
     """Replace the database's content with a backup, through SQLite's backup API."""
     env = load_environment(args.env_file)
-    db_path = args.db or env.get("KOKOA_DB") or DEFAULT_DB
+    db_path = db_path_from(args, env)
     version = check_restorable(args.path)
     if Path(db_path).exists():
         if not args.force:
             raise CLIError(f"{db_path} exists; pass --force to replace it (a copy of it is "
                            "kept beside it)")
-        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
-        keep = f"{db_path}.pre-restore-{stamp}"
+        keep = f"{db_path}.pre-restore-{file_stamp()}"
         backup_database(db_path, keep)
         print(f"kept the previous database as {keep}")
     backup_database(args.path, db_path)
