@@ -26,7 +26,7 @@ Environment (real variables win over kokoa.env):
                                   X-Forwarded-For entry becomes the client address
 """
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 import argparse
 import base64
@@ -80,6 +80,13 @@ DEFAULT_SETTINGS = {"acme_staging": False}
 BIDI_CONTROLS = frozenset("\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e"
                           "\u2066\u2067\u2068\u2069")   # could make a name read backwards
 CERT_STATUSES = ("valid", "pending", "failed")
+SCHEMAS = (1, 2)                  # edge payload schemas this control plane can send
+NGINX_MAP_GENERATOR = "kokoa 0.1.0"   # the map grammar, not the release: an upgrade of the
+                                      # control plane must not change every edge's payload
+VERSION_RE = re.compile(r"[0-9]{1,4}(\.[0-9]{1,4}){0,3}([.+-][A-Za-z0-9.+-]{0,40})?")
+AGENT_HEADER_RE = re.compile(
+    r"\s*(?P<version>[A-Za-z0-9.+-]{1,60})\s*;\s*schema\s*=\s*"
+    r"(?P<schemas>[0-9]{1,4}(\s*,\s*[0-9]{1,4}){0,31})\s*")
 
 
 @dataclasses.dataclass
@@ -443,6 +450,10 @@ MIGRATIONS = [
             uses_left    INTEGER NOT NULL CHECK (uses_left >= 0),
             last_used_at TEXT
         )""",
+    ],
+    [
+        "ALTER TABLE edge_nodes ADD COLUMN agent_version TEXT",
+        "ALTER TABLE edge_nodes ADD COLUMN agent_schema INTEGER",
     ],
 ]
 
@@ -970,21 +981,43 @@ def remove_route(db, route_id):
 # Edge nodes
 
 REGISTER_FIELDS = ("bootstrap_token", "name", "wg_public_key", "wg_ip", "wg_endpoint")
-STATUS_FIELDS = ("applied_hash", "ok", "error", "certificates")
+STATUS_FIELDS = ("applied_hash", "ok", "error", "certificates", "agent_version", "schema")
 CERT_FIELDS = ("status", "not_after", "error")
 
 
-def edge_json(row, config_hash, last_seen=None):
-    """The public JSON of an edge row (never its token hash)."""
+def version_key(version):
+    """The numeric parts of a version such as 0.2.0 as a tuple, for ordering."""
+    match = re.match(r"[0-9]+(\.[0-9]+)*", version or "")
+    return tuple(int(part) for part in match.group().split(".")) if match else ()
+
+
+def agent_outdated(row, last_seen):
+    """True when the edge's agent is older than this control plane (or too old to say which
+    it is); None while the edge has never polled."""
+    if last_seen is None:
+        return None
+    return version_key(row["agent_version"]) < version_key(__version__)
+
+
+def edge_json(row, configs, last_seen=None):
+    """The public JSON of an edge row (never its token hash), judged against the payload of
+    the schema its agent speaks: `configs` is {schema: (config_hash, body, unserved)}."""
+    schema = row["agent_schema"] if row["agent_schema"] in configs else 1
+    config_hash, _, unserved = configs[schema]
+    last_seen = last_seen or row["last_seen"]
     return {
         "id": row["id"], "name": row["name"], "wg_ip": row["wg_ip"],
         "wg_public_key": row["wg_public_key"], "wg_endpoint": row["wg_endpoint"],
-        "created_at": row["created_at"], "last_seen": last_seen or row["last_seen"],
-        "applied_hash": row["applied_hash"],
+        "created_at": row["created_at"], "last_seen": last_seen,
+        "applied_hash": row["applied_hash"], "config_hash": config_hash,
         "in_sync": row["applied_hash"] is not None and row["applied_hash"] == config_hash,
         "status_ok": None if row["status_ok"] is None else bool(row["status_ok"]),
         "last_error": row["last_error"], "last_status_at": row["last_status_at"],
         "certificates": json.loads(row["certificates"]),
+        "agent_version": row["agent_version"], "schema": schema,
+        "agent_outdated": agent_outdated(row, last_seen),
+        "unserved_routes": [{"hostname": hostname, "reason": reason}
+                            for hostname, reason in sorted(unserved.items())],
     }
 
 
@@ -1056,16 +1089,48 @@ def record_edge_status(db, edge_id, body):
     certificates = body.get("certificates")
     if certificates is not None:
         certificates = json.dumps(validate_certificates(certificates), sort_keys=True)
+    version = validate_agent_version(body.get("agent_version"))
+    schema = body.get("schema")
+    if schema is not None and (isinstance(schema, bool) or schema not in SCHEMAS):
+        raise invalid("schema", "schema must be one of " + ", ".join(map(str, SCHEMAS)))
     now = utc_now()
     with transaction(db):
         db.execute(
             """
             UPDATE edge_nodes
                SET applied_hash = ?, status_ok = ?, last_error = ?, last_status_at = ?,
-                   last_seen = ?, certificates = coalesce(?, certificates)
+                   last_seen = ?, certificates = coalesce(?, certificates),
+                   agent_version = coalesce(?, agent_version),
+                   agent_schema = coalesce(?, agent_schema)
              WHERE id = ?""",
             (applied, int(body["ok"]), None if body["ok"] else (error or "unknown error"),
-             now, now, certificates, edge_id))
+             now, now, certificates, version, schema, edge_id))
+
+
+def validate_agent_version(value, field="agent_version"):
+    """An agent's version string such as 0.2.0 (None stays None)."""
+    if value is not None and (not isinstance(value, str) or not VERSION_RE.fullmatch(value)):
+        raise invalid(field, f"{field} must be a version such as {__version__}")
+    return value
+
+
+def negotiate_schema(header):
+    """(agent version or None, payload schema) from an X-Kokoa-Agent header value.
+
+    No header: an agent from before negotiation, schema 1. 400 naming X-Kokoa-Agent if the
+    header is malformed or names no schema this control plane can send.
+    """
+    if not header:
+        return None, 1
+    match = AGENT_HEADER_RE.fullmatch(header)
+    if not match:
+        raise invalid("X-Kokoa-Agent", "X-Kokoa-Agent must be '<version>; schema=<n>[,<n>...]'")
+    version = validate_agent_version(match["version"], "X-Kokoa-Agent")
+    known = {int(n) for n in match["schemas"].split(",")} & set(SCHEMAS)
+    if not known:
+        raise invalid("X-Kokoa-Agent", f"the agent knows payload schemas {match['schemas']}; "
+                      f"this control plane sends {', '.join(map(str, SCHEMAS))}")
+    return version, max(known)
 
 
 def delete_by_id(db, table, row_id, what):
@@ -1190,31 +1255,76 @@ def wireguard_peers(origins):
     return sorted(peers, key=lambda peer: peer["public_key"])
 
 
-def build_edge_config(db):
-    """The edge payload and its hash: a pure function of routes, origins and settings.
+# Keys of a route object (the schema-2 form) that each schema can carry. A route with any
+# other key set (a protection the schema's agents cannot enforce) is left out of that schema's
+# payload and listed as unserved: never served without it.
+SCHEMA_ROUTE_KEYS = {1: ("upstream",), 2: ("upstream",)}
 
-    Returns (config_hash, response body bytes).
-    """
-    routes = {
-        row["hostname"]: upstream_address(row["wg_ip"], row["target_port"])
+
+def route_objects(db):
+    """{hostname: route object} of every route: the desired state, in the schema-2 form."""
+    return {
+        row["hostname"]: {"upstream": upstream_address(row["wg_ip"], row["target_port"])}
         for row in db.execute(
             """
             SELECT r.hostname, r.target_port, o.wg_ip
               FROM routes AS r
               JOIN origins AS o ON o.id = r.origin_id""")
     }
-    origins = db.execute("SELECT wg_ip, wg_public_key, wg_endpoint FROM origins").fetchall()
-    settings = read_settings(db)
+
+
+def unserved_reason(route, schema):
+    """Why `schema` cannot carry `route` (None if it can)."""
+    extra = sorted(key for key, value in route.items()
+                   if key not in SCHEMA_ROUTE_KEYS[schema] and value is not None)
+    if not extra:
+        return None
+    return (f"needs {', '.join(extra)}, which schema {schema} agents cannot enforce: "
+            "upgrade the edge's agent")
+
+
+def edge_payload(routes, peers, staging, schema):
+    """The edge payload of one schema, with its config_hash, and the routes left out of it.
+
+    A pure function of its inputs (DESIGN.md "Edge config" and "Schema negotiation"):
+    `routes` maps hostname -> route object. Returns (payload dict, {hostname: reason}).
+    """
+    if schema not in SCHEMAS:
+        raise ValueError(f"unknown edge payload schema {schema!r}")
+    unserved, served = {}, {}
+    for hostname, route in routes.items():
+        reason = unserved_reason(route, schema)
+        if reason is None:
+            served[hostname] = route
+        else:
+            unserved[hostname] = reason
+    upstreams = {hostname: route["upstream"] for hostname, route in served.items()}
     payload = {
-        "hostnames": sorted(routes),
-        "routes": routes,
-        "acme": {"staging": bool(settings["acme_staging"])},
-        "nginx_map": render_nginx_map(routes),
-        "wireguard": {"peers": wireguard_peers(origins)},
+        "hostnames": sorted(served),
+        "routes": upstreams if schema == 1 else {
+            hostname: {key: route[key] for key in SCHEMA_ROUTE_KEYS[schema]}
+            for hostname, route in served.items()},
+        "acme": {"staging": bool(staging)},
+        "nginx_map": render_nginx_map(upstreams),
+        "wireguard": {"peers": peers},
     }
-    config_hash = sha256_hex(canonical_json(payload))
-    payload["config_hash"] = config_hash
-    return config_hash, canonical_json(payload)
+    if schema > 1:
+        payload["schema"] = schema
+    payload["config_hash"] = sha256_hex(canonical_json(
+        {key: value for key, value in payload.items() if key != "config_hash"}))
+    return payload, unserved
+
+
+def build_edge_configs(db):
+    """Every schema's payload from the database: {schema: (config_hash, body, unserved)}."""
+    routes = route_objects(db)
+    origins = db.execute("SELECT wg_ip, wg_public_key, wg_endpoint FROM origins").fetchall()
+    staging = read_settings(db)["acme_staging"]
+    built = {}
+    for schema in SCHEMAS:
+        payload, unserved = edge_payload(routes, wireguard_peers(origins), staging, schema)
+        built[schema] = (payload["config_hash"], canonical_json(payload), unserved)
+    return built
 
 
 # nginx config generator ######################################################################
@@ -1251,7 +1361,7 @@ def render_nginx_map(routes):
             raise ValueError(f"refusing to render unvalidated route {hostname!r} -> {address!r}")
     max_size, bucket = map_hash_sizes(routes)
     lines = [
-        f"# generated by kokoa {__version__}; do not edit",
+        f"# generated by {NGINX_MAP_GENERATOR}; do not edit",
         f"map_hash_max_size {max_size};",
         f"map_hash_bucket_size {bucket};",
         "map $http_upgrade $kokoa_connection_upgrade {",
@@ -1330,14 +1440,21 @@ class Route:
     handler: object
     auth: str
     int_params: tuple
+    changes_config: bool
 
 
-def route(method, pattern, auth="admin"):
+AUTH_KINDS = ("admin", "edge", "local_or_admin", "none")
+
+
+def route(method, pattern, auth="admin", changes_config=False):
     """Register a handler for METHOD and a path pattern with <name> or <int:name> parts.
 
     auth is "admin" (HTTP Basic), "edge" (Bearer node token), "local_or_admin" (loopback
-    peers, or admin) or "none".
+    peers, or admin) or "none"; anything else raises at import, so a typo cannot make a route
+    public. changes_config: a successful call changes the edge payload (its cache is cleared).
     """
+    if auth not in AUTH_KINDS:
+        raise ValueError(f"route {method} {pattern}: unknown auth kind {auth!r}")
     int_params = tuple(re.findall(r"<int:(\w+)>", pattern))
     regex = re.compile(re.sub(
         r"<(int:)?(\w+)>",
@@ -1345,7 +1462,8 @@ def route(method, pattern, auth="admin"):
         pattern))
 
     def decorate(handler):
-        ROUTES.append(Route(method, pattern, regex, handler, auth, int_params))
+        ROUTES.append(Route(method, pattern, regex, handler, auth, int_params,
+                            changes_config))
         return handler
     return decorate
 
@@ -1526,13 +1644,13 @@ class TokenCache:
 
 
 class EdgeConfigCache:
-    """The edge payload, built once per change of desired state rather than per poll."""
+    """The edge payloads, built once per change of desired state rather than per poll."""
 
     def __init__(self):
         self.generation = 0
         self.changed_at = time.time()
         self.build_seconds = 0.0
-        self._cached = None         # (generation, hash, body)
+        self._cached = None         # (generation, {schema: (hash, body, unserved)})
         self._lock = threading.Lock()
         self._build_lock = threading.Lock()
 
@@ -1542,20 +1660,19 @@ class EdgeConfigCache:
             self.generation += 1
             self.changed_at = time.time()
 
-    def get(self, req):
-        """(config_hash, body bytes) for the current desired state."""
+    def get(self, req, schema=1):
+        """(config_hash, body bytes, {hostname: why unserved}) of one schema's payload."""
         cached = self._cached
-        if cached is not None and cached[0] == self.generation:
-            return cached[1], cached[2]
-        with self._build_lock:
-            cached = self._cached
-            if cached is None or cached[0] != self.generation:
-                generation = self.generation
-                started = time.perf_counter()
-                config_hash, body = build_edge_config(req.db)
-                self.build_seconds = time.perf_counter() - started
-                cached = self._cached = (generation, config_hash, body)
-        return cached[1], cached[2]
+        if cached is None or cached[0] != self.generation:
+            with self._build_lock:
+                cached = self._cached
+                if cached is None or cached[0] != self.generation:
+                    generation = self.generation
+                    started = time.perf_counter()
+                    built = build_edge_configs(req.db)
+                    self.build_seconds = time.perf_counter() - started
+                    cached = self._cached = (generation, built)
+        return cached[1][schema]
 
 
 class Metrics:
@@ -1609,25 +1726,30 @@ def prometheus_labels(**labels):
 
 
 class LastSeen:
-    """When each edge last polled: exact in memory, written to disk at most every 30 s."""
+    """When each edge last polled, and with which agent: exact in memory, written to disk at
+    most every 30 s (at once when the agent changes)."""
 
     def __init__(self, flush_seconds=LAST_SEEN_FLUSH_SECONDS):
         self.flush_seconds = flush_seconds
-        self._seen = {}             # edge id -> (unix time of last poll, of last disk write)
+        self._seen = {}     # edge id -> (unix time of last poll, of last write, agent, schema)
         self._lock = threading.Lock()
 
-    def touch(self, req, edge_id):
+    def touch(self, req, edge_id, agent_version, schema):
         """Note a poll by `edge_id` now; persist it if the stored value is stale."""
         now = time.time()
         with self._lock:
-            _, flushed = self._seen.get(edge_id, (None, 0.0))
-            due = now - flushed >= self.flush_seconds
-            self._seen[edge_id] = (now, now if due else flushed)
+            _, flushed, *agent = self._seen.get(edge_id, (None, 0.0, None, None))
+            due = now - flushed >= self.flush_seconds or agent != [agent_version, schema]
+            self._seen[edge_id] = (now, now if due else flushed, agent_version, schema)
         if not due:
             return
         try:
-            req.db.execute("UPDATE edge_nodes SET last_seen = ? WHERE id = ?",
-                           (iso_time(now), edge_id))
+            req.db.execute(
+                """
+                UPDATE edge_nodes
+                   SET last_seen = ?, agent_version = ?, agent_schema = ?
+                 WHERE id = ?""",
+                (iso_time(now), agent_version, schema, edge_id))
         except sqlite3.OperationalError as err:     # read-only or full disk: polls go on
             log.debug("last_seen of edge %s not stored: %s", edge_id, err)
 
@@ -1680,6 +1802,8 @@ class App:
             self.authenticate(req, entry.auth)
             req.check_body_headers()
             result = entry.handler(req, **params)
+            if entry.changes_config:
+                self.edge_config.invalidate()
             return result if isinstance(result, Response) else json_response(*result)
         except HTTPError as err:
             return json_response(err.status, err.body(), err.headers)
@@ -1752,12 +1876,7 @@ class App:
 
 
 def make_app(config):
-    """Migrate the database and return the WSGI application for `config`."""
-    db = connect(config.db_path)
-    try:
-        migrate(db)
-    finally:
-        db.close()
+    """The WSGI application for `config` (whose database the caller has migrated)."""
     return App(config)
 
 
@@ -1792,19 +1911,21 @@ def get_healthz(req):
 
 @route("GET", "/metrics", auth="local_or_admin")
 def get_metrics(req):
-    config_hash, _ = req.app.edge_config.get(req)
-    lines = req.app.metrics.render() + fleet_metrics(req, config_hash)
+    configs = {schema: req.app.edge_config.get(req, schema)[0] for schema in SCHEMAS}
+    lines = req.app.metrics.render() + fleet_metrics(req, configs)
     return Response(200, ("\n".join(lines) + "\n").encode(),
                     "text/plain; version=0.0.4; charset=utf-8")
 
 
-def fleet_metrics(req, config_hash):
-    """Gauges of the desired state and of how the edges follow it."""
+def fleet_metrics(req, config_hashes):
+    """Gauges of the desired state and of how the edges follow it ({schema: hash})."""
     now = time.time()
     edges = {"total": 0, "in_sync": 0, "stale": 0}
-    for row in req.db.execute("SELECT id, applied_hash, last_seen FROM edge_nodes"):
+    for row in req.db.execute(
+            "SELECT id, applied_hash, last_seen, agent_schema FROM edge_nodes"):
         edges["total"] += 1
-        edges["in_sync"] += row["applied_hash"] == config_hash
+        edges["in_sync"] += row["applied_hash"] == config_hashes.get(row["agent_schema"],
+                                                                    config_hashes[1])
         seen = req.app.last_seen.get(row["id"]) or row["last_seen"]
         if seen is None or now - parse_iso_time(seen) > EDGE_STALE_SECONDS:
             edges["stale"] += 1
@@ -1823,20 +1944,14 @@ def fleet_metrics(req, config_hash):
     return lines
 
 
-def changed(req, status, value):
-    """Invalidate the cached edge config after a write, then answer."""
-    req.app.edge_config.invalidate()
-    return status, value
-
-
 @route("GET", "/api/v1/origins")
 def list_origins(req):
     return 200, {"origins": [origin_json(row) for row in query_origins(req.db)]}
 
 
-@route("POST", "/api/v1/origins")
+@route("POST", "/api/v1/origins", changes_config=True)
 def create_origin(req):
-    return changed(req, 201, origin_json(insert_origin(req.db, req.app.config, req.json())))
+    return 201, origin_json(insert_origin(req.db, req.app.config, req.json()))
 
 
 @route("GET", "/api/v1/origins/<id>")
@@ -1844,16 +1959,15 @@ def get_origin(req, id):
     return 200, origin_json(get_origin_row(req.db, id))
 
 
-@route("PATCH", "/api/v1/origins/<id>")
+@route("PATCH", "/api/v1/origins/<id>", changes_config=True)
 def update_origin(req, id):
-    row = patch_origin(req.db, req.app.config, id, req.json())
-    return changed(req, 200, origin_json(row))
+    return 200, origin_json(patch_origin(req.db, req.app.config, id, req.json()))
 
 
-@route("DELETE", "/api/v1/origins/<id>")
+@route("DELETE", "/api/v1/origins/<id>", changes_config=True)
 def delete_origin(req, id):
     remove_origin(req.db, id)
-    return changed(req, 204, None)
+    return 204, None
 
 
 @route("GET", "/api/v1/origins/<id>/wireguard.conf")
@@ -1878,9 +1992,9 @@ def list_routes(req):
     return 200, {"routes": [route_json(row) for row in query_routes(req.db)]}
 
 
-@route("POST", "/api/v1/routes")
+@route("POST", "/api/v1/routes", changes_config=True)
 def create_route(req):
-    return changed(req, 201, route_json(insert_route(req.db, req.json())))
+    return 201, route_json(insert_route(req.db, req.json()))
 
 
 @route("GET", "/api/v1/routes/<id>")
@@ -1888,23 +2002,25 @@ def get_route(req, id):
     return 200, route_json(get_route_row(req.db, id))
 
 
-@route("PATCH", "/api/v1/routes/<id>")
+@route("PATCH", "/api/v1/routes/<id>", changes_config=True)
 def update_route(req, id):
-    return changed(req, 200, route_json(patch_route(req.db, id, req.json())))
+    return 200, route_json(patch_route(req.db, id, req.json()))
 
 
-@route("DELETE", "/api/v1/routes/<id>")
+@route("DELETE", "/api/v1/routes/<id>", changes_config=True)
 def delete_route(req, id):
     remove_route(req.db, id)
-    return changed(req, 204, None)
+    return 204, None
 
 
 @route("GET", "/api/v1/edge-nodes")
 def list_edge_nodes(req):
-    config_hash, _ = req.app.edge_config.get(req)
-    edges = [edge_json(row, config_hash, req.app.last_seen.get(row["id"]))
+    configs = {schema: req.app.edge_config.get(req, schema) for schema in SCHEMAS}
+    edges = [edge_json(row, configs, req.app.last_seen.get(row["id"]))
              for row in query_edges(req.db)]
-    return 200, {"edge_nodes": edges, "config_hash": config_hash}
+    return 200, {"edge_nodes": edges, "config_hash": configs[1][0],
+                 "config_hashes": {str(schema): configs[schema][0] for schema in SCHEMAS},
+                 "version": __version__}
 
 
 @route("DELETE", "/api/v1/edge-nodes/<id>")
@@ -1920,9 +2036,9 @@ def get_settings(req):
     return 200, read_settings(req.db)
 
 
-@route("PATCH", "/api/v1/settings")
+@route("PATCH", "/api/v1/settings", changes_config=True)
 def update_settings(req):
-    return changed(req, 200, store_settings(req.db, req.json()))
+    return 200, store_settings(req.db, req.json())
 
 
 @route("GET", "/api/v1/enrollment-keys")
@@ -1974,8 +2090,9 @@ def register_edge_node(req):
 
 @route("GET", "/api/v1/edge-nodes/me/config", auth="edge")
 def get_my_config(req):
-    req.app.last_seen.touch(req, req.edge_id)
-    config_hash, body = req.app.edge_config.get(req)
+    agent_version, schema = negotiate_schema(req.header("X-Kokoa-Agent"))
+    req.app.last_seen.touch(req, req.edge_id, agent_version, schema)
+    config_hash, body, _ = req.app.edge_config.get(req, schema)
     headers = [("ETag", f'"{config_hash}"'), ("Cache-Control", "no-cache")]
     if etag_matches(req.header("If-None-Match"), config_hash):
         return Response(304, headers=headers)
@@ -1984,6 +2101,7 @@ def get_my_config(req):
 
 @route("POST", "/api/v1/edge-nodes/me/status", auth="edge")
 def post_my_status(req):
+    negotiate_schema(req.header("X-Kokoa-Agent"))
     record_edge_status(req.db, req.edge_id, req.json())
     return 204, None
 
