@@ -359,16 +359,21 @@ post_status() {
 # --------------------------------------------------------------------------------------------
 # Payload validation (defence in depth: nothing from the control plane reaches a file unchecked)
 
-# jq program: prints "ok <config_hash>" or one line "error: ...". Checks the shape, every
-# hostname and route, and the nginx_map text line by line against its fixed grammar,
-# cross-checked with routes.
-read -r -d '' VALIDATE_JQ <<'JQ' || true
+# jq definitions shared by every jq program below: the one hostname grammar of the edge (RFC
+# 1123 labels, at most 253 characters, the last label not all digits) and address patterns.
+read -r -d '' COMMON_JQ <<'JQ' || true
 def lbl: "[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?";
 def hostre: "^(?:" + lbl + "\\.)+" + lbl + "\\z";
 def is_host: type == "string" and length <= 253 and test(hostre)
   and (split(".") | last | test("[a-z]"));
 def octet: "(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])";
 def ipv4: octet + "(?:\\." + octet + "){3}";
+JQ
+
+# jq program: prints "ok <config_hash>" or one line "error: ...". Checks the shape, every
+# hostname and route, and the nginx_map text line by line against its fixed grammar,
+# cross-checked with routes.
+read -r -d '' VALIDATE_JQ <<'JQ' || true
 def addrre: "^(?:(?<v4>" + ipv4 + ")|\\[(?<v6>[0-9a-f:.]{2,45})\\]):(?<port>[1-9][0-9]{0,4})\\z";
 def parse_addr: capture(addrre) as $m
   | if ($m.port | tonumber) > 65535 then error("port out of range")
@@ -453,7 +458,7 @@ JQ
 # Check the payload in $1: JSON, hash, ETag ($2 headers), strict content. Sets ERROR on failure.
 validate_payload() {
   local payload=$1 headers=$2 result claimed computed etag
-  if ! result=$(jq -r "$VALIDATE_JQ" -- "$payload" 2>&1); then
+  if ! result=$(jq -r "$COMMON_JQ $VALIDATE_JQ" -- "$payload" 2>&1); then
     ERROR="config payload is not valid JSON: $(one_line "${result##*$'\n'}")"
     return 1
   fi
@@ -884,9 +889,6 @@ ensure_fallback_cert() {
 # jq program: one line per peer, "public_key<TAB>allowed_ips (comma-separated)<TAB>endpoint",
 # or one line "error: ..." if any peer fails its strict pattern (then nothing is changed).
 read -r -d '' PEERS_JQ <<'JQ' || true
-def octet: "(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])";
-def ipv4: octet + "(?:\\." + octet + "){3}";
-def lbl: "[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?";
 def is_key: type == "string" and test("^[A-Za-z0-9+/]{42}[AEIMQUYcgkosw048]=\\z");
 def is_cidr: type == "string" and (test("^" + ipv4 + "/32\\z") or test("^[0-9a-f:]{2,39}/128\\z"));
 def is_endpoint: type == "string"
@@ -982,7 +984,7 @@ sync_wireguard_peers() {
   if [[ $WG_INTERFACE == none || ! -f $payload ]]; then
     return 0
   fi
-  peers=$(jq -r "$PEERS_JQ" -- "$payload") || { wg_error "cannot read the peers"; return; }
+  peers=$(jq -r "$COMMON_JQ $PEERS_JQ" -- "$payload") || { wg_error "cannot read the peers"; return; }
   if [[ $peers == error:* ]]; then
     wg_error "${peers#error: }; peers left as they are"
     return
