@@ -249,3 +249,30 @@ def kokoa_server(tmp_path):
     server = KokoaServer(tmp_path).start()
     yield server
     server.stop()
+
+
+# The agent's own hostname grammar (STYLE J1: tests use it, never a copy of it) ################
+
+_AGENT_HOST_VERDICTS = {}
+
+
+def agent_common_jq():
+    """The jq definitions agent.sh shares between its jq programs (its COMMON_JQ heredoc, with
+    `def is_host:`), read out of agent.sh itself."""
+    opening = "read -r -d '' COMMON_JQ <<'JQ' || true\n"
+    _, found, rest = (REPO / "agent.sh").read_text().partition(opening)
+    text, closed, _ = rest.partition("\nJQ\n")
+    assert found and closed and "def is_host:" in text, "agent.sh has no COMMON_JQ with is_host"
+    return text + "\n"
+
+
+def agent_is_host(names):
+    """The agent's jq `is_host` verdict on each name; the names go to jq as JSON, as a payload's
+    do. Verdicts are remembered, so property tests can ask often."""
+    todo = sorted({name for name in names if name not in _AGENT_HOST_VERDICTS})
+    if todo:
+        out = subprocess.run(["jq", "-c", agent_common_jq() + "map(is_host)"],
+                             input=json.dumps(todo), capture_output=True, text=True,
+                             timeout=60, check=True).stdout
+        _AGENT_HOST_VERDICTS.update(zip(todo, json.loads(out), strict=True))
+    return [_AGENT_HOST_VERDICTS[name] for name in names]

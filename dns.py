@@ -15,8 +15,9 @@ asks the provider what exists and prints what would change, without changing it.
 
 NAME is relative to the zone (`app` -> app.example.com), `@` is the apex, a name that already
 ends with the zone's name is taken as it is, and a name ending in a dot is absolute (refused
-unless it lies inside the zone). Names must be RFC 1123 host names (IDN is converted with
-Python's `idna` codec); addresses are checked before anything is sent.
+unless it lies inside the zone). Names must be host names as Kokoa has them: RFC 1123, at
+least two labels, the last with a letter (IDN is converted with Python's `idna` codec);
+addresses are checked before anything is sent.
 
 Environment (a variable that is set and not empty wins over the INI file):
     KOKOA_DNS_ZONE            the zone, e.g. example.com                    (INI: zone)
@@ -161,7 +162,7 @@ def normalize_zone(zone):
     name = to_ascii(zone.strip()).rstrip(".").lower() if zone else ""
     if not name:
         raise UsageError("no zone configured: set KOKOA_DNS_ZONE or zone in the config file")
-    check_hostname(name, what="zone")
+    check_hostname(name, what="zone", min_labels=1)
     return name
 
 
@@ -175,21 +176,32 @@ def to_ascii(name):
         raise UsageError(f"invalid name {name!r}: not a valid internationalized name") from None
 
 
-def check_hostname(name, what="name"):
-    """Raise UsageError unless `name` is RFC 1123 labels of 1-63 characters, 253 in all."""
+def check_hostname(name, what="name", min_labels=2):
+    """Raise UsageError unless `name` is a host name as kokoa.py and the agent have it.
+
+    RFC 1123 labels of 1-63 letters, digits and inner hyphens, at most 253 characters, at least
+    `min_labels` labels (a zone may have one), the last label with a letter (so not an IP).
+    """
+    labels = name.split(".")
     if len(name) > 253:
         raise UsageError(f"invalid {what} {name!r}: longer than 253 characters")
-    for label in name.split("."):
+    if len(labels) < min_labels:
+        raise UsageError(f"invalid {what} {name!r}: fewer than {min_labels} labels")
+    for label in labels:
         if not LABEL_RE.fullmatch(label):
             raise UsageError(
                 f"invalid {what} {name!r}: label {label!r} is not 1-63 letters, digits or "
                 f"inner hyphens (RFC 1123)")
+    if not re.search("[a-z]", labels[-1]):
+        raise UsageError(f"invalid {what} {name!r}: the last label has no letter "
+                         f"(an IP address is not a host name)")
 
 
 def resolve_name(raw, zone):
     """Turn a --name argument into an absolute name inside `zone`; raise UsageError."""
     text = raw.strip()
     if text == "@":
+        check_hostname(zone)            # the apex of a one-label zone is not a host name
         return zone
     if not text or text.startswith(".") or ".." in text:
         raise UsageError(f"invalid name {raw!r}")

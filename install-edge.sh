@@ -25,6 +25,10 @@ WG_IP=""
 WG_ENDPOINT=""
 WG_INTERFACE=${WG_INTERFACE:-kokoa0}
 CHANGES=()
+# The edge's hostname grammar, as agent.sh has it: RFC 1123 labels, at most 253 characters, the
+# last label with a letter (so never an IP address).
+RE_LABEL='[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?'
+RE_HOST="^(${RE_LABEL}\.)+${RE_LABEL}\$"
 
 # Agent settings that, when set in this script's environment, are recorded in edge.env.
 PASS_THROUGH=(NGINX_BIN CERTBOT_BIN ACME_SERVER ACME_STAGING_SERVER ACME_CA_BUNDLE HTTP_PORT
@@ -138,6 +142,11 @@ check_secure_url() {
     || die "refusing $url: use https (secrets would travel in clear), or set KOKOA_INSECURE_HTTP=1"
 }
 
+is_hostname() {
+  local h=$1
+  ((${#h} <= 253)) && [[ $h =~ $RE_HOST && ${h##*.} == *[a-z]* ]]
+}
+
 parse_args() {
   while (($#)); do
     case $1 in
@@ -178,9 +187,9 @@ parse_args() {
     [[ -d /run/systemd/system ]] && INIT=systemd
   fi
   [[ $WG_INTERFACE =~ ^[A-Za-z0-9_=+.-]{1,15}$ ]] || die "bad WG_INTERFACE: $WG_INTERFACE"
-  if [[ -n $EDGE_FQDN && ! $EDGE_FQDN =~ ^([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\.)+[a-z0-9-]+$ ]]
-  then
-    die "--edge-fqdn is not a valid hostname: $EDGE_FQDN"
+  if [[ -n $EDGE_FQDN ]]; then
+    # shellcheck disable=SC2310  # a predicate
+    is_hostname "$EDGE_FQDN" || die "--edge-fqdn is not a valid hostname: $EDGE_FQDN"
   fi
   if [[ -z $NAME ]]; then
     NAME=${EDGE_FQDN:-$(hostname)}
