@@ -2,6 +2,9 @@
 
 Tests that need root or an external tool call `require_tools()` / `require_root()`: they skip
 when the tool is absent, except under KOKOA_REQUIRE_E2E=1 (set by .ci/run), where they fail.
+The control plane runs here as a real `kokoa.py serve` (KokoaServer) or in-process under
+waitress (InProcessServer); real processes around the edge live in netlab.py, which imports
+this module (so this one never imports netlab).
 """
 
 import base64
@@ -14,12 +17,16 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
 from pathlib import Path
+from wsgiref.validate import validator
 
 import pytest
+
+import kokoa
 
 REPO = Path(__file__).resolve().parent
 REQUIRE_E2E = os.environ.get("KOKOA_REQUIRE_E2E") == "1"
@@ -42,7 +49,6 @@ def remember_secret(*values):
 
 
 def pytest_sessionstart(session):
-    import kokoa
     handler = _LogCapture(logging.DEBUG)
     handler.setFormatter(kokoa.JsonLogFormatter())
     logger = logging.getLogger("kokoa")
@@ -241,6 +247,106 @@ def _decode(raw, headers):
     if (headers.get("Content-Type") or "").startswith("application/json") and raw:
         return json.loads(raw)
     return raw
+
+
+def make_config(db_path, **overrides):
+    """A kokoa.Config on `db_path` with fresh secrets (remembered for the audit)."""
+    key, bootstrap, password = fresh_secrets()
+    values = {"db_path": str(db_path), "keyring": kokoa.Keyring(bytes.fromhex(key)),
+              "bootstrap_token": bootstrap, "admin_password": password}
+    values.update(overrides)
+    return kokoa.Config(**values)
+
+
+def migrated_app(config):
+    """Migrate the config's database as `serve` does, then wire the WSGI app."""
+    kokoa.open_migrated(config.db_path)
+    return kokoa.make_app(config)
+
+
+class InProcessServer(ApiClient):
+    """kokoa.make_app under waitress in a thread, wrapped in wsgiref's validator."""
+
+    def __init__(self, config):
+        # Imported here, not at the top: netlab and the benches import this module without it.
+        import waitress
+        self.config = config
+        self.app = migrated_app(config)
+        self.server = waitress.create_server(validator(self.app), host="127.0.0.1", port=0,
+                                             threads=4, asyncore_use_poll=True,
+                                             asyncore_loop_timeout=0.05)
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        super().__init__(f"http://127.0.0.1:{self.server.effective_port}", config.admin_user,
+                         config.admin_password, config.bootstrap_token)
+
+    def close(self):
+        self.server.close()
+        self.server.task_dispatcher.shutdown(timeout=5)
+        self.thread.join(timeout=5)
+
+    def rows(self, sql, params=()):
+        db = kokoa.connect(self.config.db_path)
+        try:
+            return [tuple(row) for row in db.execute(sql, params)]
+        finally:
+            db.close()
+
+    def snapshot(self):
+        """Every row of every table, to prove that a rejected request changed nothing."""
+        return {table: self.rows(f"SELECT * FROM {table} ORDER BY 1")
+                for table in ("origins", "routes", "edge_nodes", "settings")}
+
+    def create_origin(self, name="home", wg_ip="10.8.0.2", **fields):
+        status, _, body = self.request("POST", "/api/v1/origins",
+                                       {"name": name, "wg_ip": wg_ip, **fields})
+        assert status == 201, body
+        return body
+
+    def create_route(self, hostname, origin_id, port=8080):
+        status, _, body = self.request("POST", "/api/v1/routes", {
+            "hostname": hostname, "origin_id": origin_id, "target_port": port})
+        assert status == 201, body
+        return body
+
+    def my_config(self, token, etag=None):
+        headers = {"If-None-Match": etag} if etag else {}
+        return self.request("GET", "/api/v1/edge-nodes/me/config", headers=headers, auth=token)
+
+
+def wg_keypair():
+    """(private, public) base64 WireGuard keys made by kokoa; the private one is remembered."""
+    private = kokoa.wg_generate_private()
+    remember_secret(kokoa.b64(private))
+    return kokoa.b64(private), kokoa.b64(kokoa.wg_public_from_private(private))
+
+
+def write_nginx_prefix(prefix, map_text, port):
+    """A private nginx instance whose only server proxies to $kokoa_backend."""
+    for sub in ("conf", "logs", "run", "tmp"):
+        (prefix / sub).mkdir(parents=True, exist_ok=True)
+    (prefix / "conf" / "map.conf").write_text(map_text)
+    temp_paths = "".join(f"    {name}_temp_path {prefix}/tmp/{name};\n"
+                         for name in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
+    (prefix / "conf" / "nginx.conf").write_text(f"""
+error_log {prefix}/logs/error.log;
+events {{ worker_connections 64; }}
+http {{
+    access_log off;
+{temp_paths}    include {prefix}/conf/map.conf;
+    server {{
+        listen 127.0.0.1:{port};
+        location / {{ proxy_pass http://$kokoa_backend; }}
+    }}
+}}
+""")
+
+
+def nginx_test(prefix):
+    """`nginx -t` on the instance write_nginx_prefix() made; the CompletedProcess."""
+    return subprocess.run(
+        ["nginx", "-t", "-p", f"{prefix}/", "-c", "conf/nginx.conf",
+         "-g", f"pid {prefix}/run/nginx.pid;"], capture_output=True, text=True, timeout=60)
 
 
 @pytest.fixture

@@ -1,26 +1,34 @@
-"""Real processes for Kokoa's end-to-end tests and benches: namespaces, WireGuard, nginx, pebble.
+"""Real processes for Kokoa's end-to-end tests and benches: namespaces, WireGuard, nginx, pebble,
+a crafted control-plane double, HTTP backends, an edge running agent.sh, and the whole world.
 
-Everything lives in namespaces this module creates, on addresses that exist only there:
+NetLab's hosts live in namespaces this module creates, on addresses that exist only there:
 an underlay 198.18.0.0/24 (RFC 2544 benchmarking range) on a bridge in a "hub" namespace, and
 the WireGuard overlay the test chooses. Every process is started by this module, owned by pid
 and stopped in close(); close() deletes the namespaces (and with them every veth).
+Payloads for the double are built by kokoa.py's own generator (make_payload), never a copy.
 """
 
 import contextlib
 import ctypes
+import http.server
 import json
 import os
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
+import tempfile
 import threading
 import time
 import urllib.request
 from pathlib import Path
 
-from conftest import free_port, stop_process, wait_until
+import kokoa
+from conftest import REPO, KokoaServer, free_port, stop_process, wait_until
 
+AGENT = REPO / "agent.sh"
+TOKEN = "edge-token-" + "x" * 40      # the node token ControlPlaneDouble accepts
 UNDERLAY_PREFIX = "198.18.0"
 CLONE_NEWNET = 0x40000000
 
@@ -410,3 +418,415 @@ class Pebble:
     def stop(self):
         for proc in self.procs:
             stop_process(proc)
+
+
+# The edge payload, as kokoa.py makes it ####################################################
+
+def make_payload(routes, staging=False, nginx_map=None, hostnames=None, schema=1, peers=()):
+    """kokoa.edge_payload of {hostname: "ip:port"}, with a correct config_hash.
+
+    `nginx_map` / `hostnames` replace what kokoa rendered (for hostile payloads); config_hash
+    is then computed again, so that only the content is wrong.
+    """
+    routes = {hostname: {"upstream": address} for hostname, address in routes.items()}
+    payload, unserved = kokoa.edge_payload(routes, list(peers), staging, schema)
+    assert not unserved, unserved
+    if nginx_map is not None:
+        payload["nginx_map"] = nginx_map
+    if hostnames is not None:
+        payload["hostnames"] = hostnames
+    return rehash(payload)
+
+
+def rehash(payload):
+    """Set payload's config_hash as kokoa computes it (after a test changed it); return it."""
+    content = {key: value for key, value in payload.items() if key != "config_hash"}
+    payload["config_hash"] = kokoa.sha256_hex(kokoa.canonical_json(content))
+    return payload
+
+
+# A control-plane double, HTTP backends and an edge running agent.sh ########################
+
+class ControlPlaneDouble:
+    """A crafted control plane: serves `payload` (dict, or raw bytes) to the right token."""
+
+    def __init__(self):
+        self.payload = make_payload({})
+        self.status = None          # force this HTTP status on /me/config
+        self.etag = None            # override the ETag header
+        self.delay = 0.0            # seconds to wait before answering /me/config
+        self.reports = []
+        self.config_requests = []
+        double = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def _authorized(self):
+                return self.headers.get("Authorization") == f"Bearer {TOKEN}"
+
+            def _send(self, status, body=b"", headers=()):
+                self.send_response(status)
+                for key, value in headers:
+                    self.send_header(key, value)
+                if status not in (204, 304):
+                    self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                if status not in (204, 304):
+                    self.wfile.write(body)
+
+            def _error(self, status, code):
+                body = json.dumps({"error": {"code": code, "message": f"{code} ({status})"}})
+                self._send(status, body.encode(), [("Content-Type", "application/json")])
+
+            def do_GET(self):  # noqa: N802 (http.server API)
+                double.config_requests.append(dict(self.headers))
+                time.sleep(double.delay)
+                if self.path != "/api/v1/edge-nodes/me/config":
+                    return self._error(404, "not_found")
+                if double.status:
+                    return self._error(double.status, "forced")
+                if not self._authorized():
+                    return self._error(401, "unauthorized")
+                payload = double.payload
+                if isinstance(payload, bytes):
+                    return self._send(200, payload, [("Content-Type", "application/json")])
+                etag = double.etag or payload.get("config_hash", "")
+                if self.headers.get("If-None-Match") == f'"{etag}"':
+                    return self._send(304, headers=[("ETag", f'"{etag}"')])
+                body = json.dumps(payload).encode()
+                self._send(200, body, [("Content-Type", "application/json"),
+                                       ("ETag", f'"{etag}"')])
+
+            def do_POST(self):  # noqa: N802 (http.server API)
+                if self.path != "/api/v1/edge-nodes/me/status":
+                    return self._error(404, "not_found")
+                if not self._authorized():
+                    return self._error(401, "unauthorized")
+                length = int(self.headers.get("Content-Length", "0"))
+                double.reports.append(json.loads(self.rfile.read(length)))
+                self._send(204)
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.block_on_close = False
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+class Backend:
+    """An HTTP backend on 127.0.0.1 answering `<name> <path>` and recording request headers."""
+
+    def __init__(self, name):
+        self.name = name
+        self.seen = []
+        backend = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):
+                pass
+
+            def do_GET(self):  # noqa: N802 (http.server API)
+                backend.seen.append(dict(self.headers))
+                body = f"{backend.name} {self.path}".encode()
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.block_on_close = False
+        self.addr = f"127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+class Edge:
+    """One edge under a world-readable temporary directory: nginx + the agent's settings."""
+
+    def __init__(self, root, control_plane_url, token=TOKEN):
+        self.root = Path(root)
+        self.http_port = free_port()
+        self.https_port = free_port()
+        self.config_dir = self.root / "nginx-kokoa"
+        self.state_dir = self.root / "state"
+        self.nginx = Nginx(self.root / "nginx", self.config_dir)
+        self.env = {
+            "PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"),
+            "CONTROL_PLANE_URL": control_plane_url,
+            "NODE_TOKEN": token,
+            "CONFIG_DIR": str(self.config_dir),
+            "STATE_DIR": str(self.state_dir),
+            "WEBROOT": str(self.root / "webroot"),
+            "LETSENCRYPT_DIR": str(self.root / "letsencrypt"),
+            "FALLBACK_CERT": str(self.root / "fallback/fallback.crt"),
+            "FALLBACK_KEY": str(self.root / "fallback/fallback.key"),
+            "NGINX_BIN": str(self.nginx.wrapper),
+            "HTTP_PORT": str(self.http_port),
+            "HTTPS_PORT": str(self.https_port),
+            "LISTEN_ADDRESSES": "127.0.0.1",
+            "WG_INTERFACE": "none",     # WireGuard has its own tests (test_e2e.py)
+        }
+
+    def agent(self, *args, env=None, timeout=120, check_rc=None):
+        """Run `bash agent.sh ARGS` with the edge's settings; return the CompletedProcess."""
+        full_env = dict(self.env, **(env or {}))
+        proc = subprocess.run(["bash", str(AGENT), *args], env=full_env, capture_output=True,
+                              text=True, timeout=timeout)
+        if check_rc is not None:
+            assert proc.returncode == check_rc, (proc.returncode, proc.stdout, proc.stderr)
+        return proc
+
+    def once(self, rc=0, **kwargs):
+        """Run `agent.sh once`, expect `rc`, and wait for a reload to take effect."""
+        old = self.nginx.workers()
+        reloads = self.reload_count()
+        proc = self.agent("once", check_rc=rc, **kwargs)
+        if self.reload_count() > reloads:
+            self.nginx.wait_reloaded(old)
+        return proc
+
+    def reload_count(self):
+        return sum(1 for call in self.nginx.calls() if call == "-s reload")
+
+    def snapshot(self):
+        """Map each file under CONFIG_DIR to (content, mtime_ns)."""
+        return {str(p.relative_to(self.config_dir)): (p.read_bytes(), p.stat().st_mtime_ns)
+                for p in sorted(self.config_dir.rglob("*")) if p.is_file()}
+
+    def server_files(self):
+        return sorted(p.name for p in (self.config_dir / "servers").glob("*"))
+
+    def stray_files(self):
+        """Temporary files or directories the agent should not have left behind."""
+        found = []
+        for base in (self.config_dir, self.state_dir):
+            for path in base.rglob("*"):
+                if ".tmp." in path.name or path.name.startswith((".kokoa-", ".")):
+                    found.append(str(path))
+        return found
+
+    def get(self, host, path="/", tls=False, cacert=None, extra=()):
+        """curl HOST over http or https (SNI = host) via 127.0.0.1; return (code, body)."""
+        port = self.https_port if tls else self.http_port
+        scheme = "https" if tls else "http"
+        cmd = ["curl", "-sS", "--max-time", "10", "-o", "-", "-w", "\n%{http_code}",
+               "--resolve", f"{host}:{port}:127.0.0.1", f"{scheme}://{host}:{port}{path}"]
+        if tls:
+            cmd[1:1] = ["--cacert", str(cacert)] if cacert else ["-k"]
+        cmd[1:1] = list(extra)
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=20)
+        if proc.returncode != 0:
+            return None, proc.stderr.strip()
+        body, _, code = proc.stdout.rpartition("\n")
+        return int(code), body
+
+
+class NetnsBackends:
+    """HTTP backends on a private address reachable over a veth pair into a fresh netns."""
+
+    def __init__(self, count):
+        tag = os.urandom(3).hex()
+        self.ns = f"kokoa-at-{tag}"
+        self.veth = f"kat{tag}"
+        self.subnet = f"10.{200 + os.urandom(1)[0] % 50}.{os.urandom(1)[0]}"
+        self.address = f"{self.subnet}.2"
+        self.procs = []
+        self.ports = [free_port() for _ in range(count)]
+
+    def start(self):
+        ns, veth, subnet = self.ns, self.veth, self.subnet
+        for args in (["netns", "add", ns],
+                     ["link", "add", veth + "a", "type", "veth", "peer", "name", veth + "b",
+                      "netns", ns],
+                     ["addr", "add", f"{subnet}.1/24", "dev", veth + "a"],
+                     ["link", "set", veth + "a", "up"],
+                     ["-n", ns, "addr", "add", f"{subnet}.2/24", "dev", veth + "b"],
+                     ["-n", ns, "link", "set", veth + "b", "up"],
+                     ["-n", ns, "link", "set", "lo", "up"]):
+            subprocess.run(["ip", *args], check=True, capture_output=True, timeout=30)
+        for index, port in enumerate(self.ports):
+            directory = Path(tempfile.mkdtemp(prefix="kokoa-backend-"))
+            (directory / "whoami").write_text(f"backend{index}")
+            self.procs.append((subprocess.Popen(
+                ["ip", "netns", "exec", ns, "python3", "-m", "http.server", str(port), "--bind",
+                 self.address, "--directory", str(directory)],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL), directory))
+        for port in self.ports:
+            wait_until(lambda p=port: connects(self.address, p), timeout=15,
+                       what="netns backend")
+        return self
+
+    def stop(self):
+        for proc, directory in self.procs:
+            stop_process(proc)
+            shutil.rmtree(directory, ignore_errors=True)
+        subprocess.run(["ip", "netns", "del", self.ns], capture_output=True, timeout=30)
+        subprocess.run(["ip", "link", "del", self.veth + "a"], capture_output=True, timeout=30)
+
+
+# The whole system in namespaces (test_e2e, bench/dataplane) ################################
+
+TOOLS = ("ip", "wireguard-go", "wg", "wg-quick", "nginx", "certbot", "pebble",
+         "pebble-challtestsrv", "jq", "curl", "flock", "openssl", "nft")
+NAT_RULES = """table inet natsim {{
+    chain input {{
+        type filter hook input priority 0; policy accept;
+        iifname "{underlay}" ct state new drop
+    }}
+}}
+"""
+
+
+class World:
+    """Everything the end-to-end journey needs, built in order; close() takes it all down."""
+
+    def __init__(self, workdir):
+        self.dir = workdir
+        self.lab = NetLab()
+        self.kokoa = KokoaServer(workdir / "cp")
+        self.nginx = None
+        self.pebble = None
+        self.edge_if = f"{self.lab.tag}e"
+
+    def build(self):
+        (self.dir / "cp").mkdir()
+        self.kokoa.start()
+        for index, name in enumerate(("edge", "origin-a", "origin-b", "client"), start=1):
+            self.lab.add_host(name, index)
+        self._edge_wireguard()
+        self.origin_a = self._origin("origin-a", "10.8.0.2", endpoint=True)
+        self.origin_b = self._origin("origin-b", "10.8.0.3", endpoint=False)
+        self.lab.run("origin-b", "nft", "-f", "-",
+                     input=NAT_RULES.format(underlay=self.lab.underlay_ifname("origin-b")))
+        self._service("origin-a", "10.8.0.2", 8080, "hello from origin A")
+        self._service("origin-a", "10.8.0.2", 8082, "origin A on port 8082")
+        self._service("origin-b", "10.8.0.3", 8081, "hello from origin B behind NAT")
+        self._edge_nginx_and_pebble()
+        return self
+
+    def _edge_wireguard(self):
+        private, public = wg_keypair()
+        self.lab.wireguard("edge", self.edge_if, private, "10.8.0.1/32")
+        self.edge_id, self.token = self.kokoa.register_edge(
+            "edge1", wg_ip="10.8.0.1", wg_public_key=public,
+            wg_endpoint=f"{self.lab.address('edge')}:51820")
+
+    def _origin(self, name, wg_ip, endpoint):
+        """Create the origin in the API, install its wireguard.conf with install-origin.sh."""
+        body = {"name": name, "wg_ip": wg_ip}
+        if endpoint:
+            body["wg_endpoint"] = f"{self.lab.address(name)}:51820"
+        status, _, origin = self.kokoa.request("POST", "/api/v1/origins", body)
+        assert status == 201, origin
+        root = self.dir / name
+        result = subprocess.run(
+            ["bash", str(REPO / "install-origin.sh"), "--control-plane", self.kokoa.url,
+             "--origin-id", origin["id"], "--root", str(root), "--no-packages"],
+            env={**os.environ, "KOKOA_ADMIN_PASSWORD": self.kokoa.admin_password},
+            capture_output=True, text=True, timeout=60)
+        assert result.returncode == 0, result.stderr
+        conf = root / "etc/wireguard/kokoa0.conf"
+        stripped = subprocess.run(["wg-quick", "strip", str(conf)], capture_output=True,
+                                  text=True, timeout=30, check=True).stdout
+        ifname = f"{self.lab.tag}{name[-1]}"
+        private = next(line.split(" = ", 1)[1] for line in stripped.splitlines()
+                       if line.startswith("PrivateKey"))
+        self.lab.wireguard(name, ifname, private, f"{wg_ip}/32")
+        self.lab.run(name, "wg", "setconf", ifname, "/dev/stdin", input=stripped)
+        self.lab.run(name, "ip", "route", "add", "10.8.0.1/32", "dev", ifname)
+        return origin
+
+    def _service(self, host, address, port, text):
+        """A small HTTP service on the origin's WireGuard address."""
+        docroot = Path(tempfile.mkdtemp(dir=self.dir))
+        (docroot / "index.html").write_text(text + "\n")
+        self.lab.start(host, "python3", "-m", "http.server", str(port), "--bind", address,
+                       "--directory", str(docroot))
+        wait_until(lambda: self.lab.run(host, "curl", "-s", "-o", "/dev/null",
+                                        f"http://{address}:{port}/", check=False)
+                   .returncode == 0, timeout=15, what=f"service {address}:{port}")
+
+    def _edge_nginx_and_pebble(self):
+        netns = self.lab.netns("edge")
+        self.nginx = Nginx(self.dir / "nginx", self.dir / "nginx-kokoa", netns=netns).start()
+        self.pebble = Pebble(self.dir, 80, netns=netns).start()
+        cp_port = self.lab.forward_loopback("edge", self.kokoa.port)
+        self.agent_env = {
+            "PATH": os.environ["PATH"],
+            "CONTROL_PLANE_URL": f"http://127.0.0.1:{cp_port}",
+            "NODE_TOKEN": self.token,
+            "CONFIG_DIR": str(self.dir / "nginx-kokoa"),
+            "STATE_DIR": str(self.dir / "state"),
+            "WEBROOT": str(self.dir / "webroot"),
+            "LETSENCRYPT_DIR": str(self.dir / "letsencrypt"),
+            "FALLBACK_CERT": str(self.dir / "fallback/fallback.crt"),
+            "FALLBACK_KEY": str(self.dir / "fallback/fallback.key"),
+            "NGINX_BIN": str(self.nginx.wrapper),
+            "LISTEN_ADDRESSES": "0.0.0.0",
+            "WG_INTERFACE": self.edge_if,
+            "EMAIL": "ops@example.test",
+            "ACME_SERVER": self.pebble.directory,
+            "ACME_CA_BUNDLE": str(self.pebble.ca),
+        }
+
+    def agent_once(self, rc=0):
+        """Run `agent.sh once` inside the edge; wait until a reload (if any) took effect."""
+        old = self.nginx.workers()
+        calls = len(self.nginx.calls())
+        result = self.lab.run("edge", "bash", str(AGENT), "once", env=self.agent_env,
+                              check=False, timeout=300)
+        assert result.returncode == rc, result.stdout + result.stderr
+        if any(c.startswith("-s reload") for c in self.nginx.calls()[calls:]):
+            self.nginx.wait_reloaded(old)
+        return result
+
+    def client(self, hostname, scheme="https"):
+        """(status code, body) of a request from the client namespace to the edge."""
+        port = 443 if scheme == "https" else 80
+        result = self.lab.run(
+            "client", "curl", "-sS", "--max-time", "5", "--cacert", str(self.pebble.root),
+            "--resolve", f"{hostname}:{port}:{self.lab.address('edge')}",
+            "-w", "\n%{http_code}", f"{scheme}://{hostname}/", check=False)
+        if result.returncode != 0:
+            return None, result.stderr.strip()
+        body, _, code = result.stdout.rpartition("\n")
+        return int(code), body.strip()
+
+    def client_until(self, hostname, expected_body, kick=None, timeout=40):
+        """Retry a request until it answers 200 with expected_body (tunnels need a handshake)."""
+        def answered():
+            if kick:
+                kick()
+            return self.client(hostname) == (200, expected_body)
+        wait_until(answered, timeout=timeout, interval=0.5,
+                   what=f"{hostname} to answer {expected_body!r}")
+
+    def kick_origin_b(self):
+        """Traffic from the NAT'd origin towards the edge makes it (re)handshake now."""
+        self.lab.run("origin-b", "curl", "-s", "-o", "/dev/null", "--max-time", "1",
+                     "http://10.8.0.1:9/", check=False)
+
+    def route(self, hostname, origin, port):
+        status, _, route = self.kokoa.request("POST", "/api/v1/routes", {
+            "hostname": hostname, "origin_id": origin["id"], "target_port": port})
+        assert status == 201, route
+        return route
+
+    def close(self):
+        if self.pebble:
+            self.pebble.stop()
+        if self.nginx:
+            self.nginx.stop()
+        self.kokoa.stop()
+        self.lab.close()

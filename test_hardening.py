@@ -40,21 +40,19 @@ from hypothesis.stateful import (
 
 import kokoa
 from conftest import (
+    InProcessServer,
     KokoaServer,
     agent_is_host,
     free_port,
+    make_config,
+    nginx_test,
     require_root,
     require_tools,
     wait_until,
-)
-from conftest import send_request as send
-from test_kokoa import (
-    InProcessServer,
-    make_config,
-    nginx_test,
     wg_keypair,
     write_nginx_prefix,
 )
+from conftest import send_request as send
 
 TABLES = ("origins", "routes", "edge_nodes", "settings", "enrollment_keys")
 FUZZ = settings(max_examples=120, deadline=None, derandomize=True, database=None,

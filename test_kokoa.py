@@ -13,7 +13,6 @@ import sys
 import threading
 import urllib.request
 from pathlib import Path
-from wsgiref.validate import validator
 
 import pytest
 import waitress
@@ -21,13 +20,17 @@ import waitress
 import kokoa
 from conftest import (
     REPO,
-    ApiClient,
+    InProcessServer,
     KokoaServer,
     free_port,
     fresh_secrets,
-    remember_secret,
+    make_config,
+    migrated_app,
+    nginx_test,
     require_tools,
     send_request,
+    wg_keypair,
+    write_nginx_prefix,
 )
 
 TESTDATA = Path(__file__).resolve().parent / "testdata"
@@ -35,79 +38,11 @@ TESTDATA = Path(__file__).resolve().parent / "testdata"
 
 # Fixtures ####################################################################################
 
-def make_config(db_path, **overrides):
-    key, bootstrap, password = fresh_secrets()
-    values = {"db_path": str(db_path), "keyring": kokoa.Keyring(bytes.fromhex(key)),
-              "bootstrap_token": bootstrap, "admin_password": password}
-    values.update(overrides)
-    return kokoa.Config(**values)
-
-
-def migrated_app(config):
-    """Migrate the config's database as `serve` does, then wire the WSGI app."""
-    kokoa.open_migrated(config.db_path)
-    return kokoa.make_app(config)
-
-
-class InProcessServer(ApiClient):
-    """kokoa.make_app under waitress in a thread, wrapped in wsgiref's validator."""
-
-    def __init__(self, config):
-        self.config = config
-        self.app = migrated_app(config)
-        self.server = waitress.create_server(validator(self.app), host="127.0.0.1", port=0,
-                                             threads=4, asyncore_use_poll=True,
-                                             asyncore_loop_timeout=0.05)
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.thread.start()
-        super().__init__(f"http://127.0.0.1:{self.server.effective_port}", config.admin_user,
-                         config.admin_password, config.bootstrap_token)
-
-    def close(self):
-        self.server.close()
-        self.server.task_dispatcher.shutdown(timeout=5)
-        self.thread.join(timeout=5)
-
-    def rows(self, sql, params=()):
-        db = kokoa.connect(self.config.db_path)
-        try:
-            return [tuple(row) for row in db.execute(sql, params)]
-        finally:
-            db.close()
-
-    def snapshot(self):
-        """Every row of every table, to prove that a rejected request changed nothing."""
-        return {table: self.rows(f"SELECT * FROM {table} ORDER BY 1")
-                for table in ("origins", "routes", "edge_nodes", "settings")}
-
-    def create_origin(self, name="home", wg_ip="10.8.0.2", **fields):
-        status, _, body = self.request("POST", "/api/v1/origins",
-                                       {"name": name, "wg_ip": wg_ip, **fields})
-        assert status == 201, body
-        return body
-
-    def create_route(self, hostname, origin_id, port=8080):
-        status, _, body = self.request("POST", "/api/v1/routes", {
-            "hostname": hostname, "origin_id": origin_id, "target_port": port})
-        assert status == 201, body
-        return body
-
-    def my_config(self, token, etag=None):
-        headers = {"If-None-Match": etag} if etag else {}
-        return self.request("GET", "/api/v1/edge-nodes/me/config", headers=headers, auth=token)
-
-
 @pytest.fixture
 def api(tmp_path):
     server = InProcessServer(make_config(tmp_path / "kokoa.db"))
     yield server
     server.close()
-
-
-def wg_keypair():
-    private = kokoa.wg_generate_private()
-    remember_secret(kokoa.b64(private))
-    return kokoa.b64(private), kokoa.b64(kokoa.wg_public_from_private(private))
 
 
 def raw_request(url, method, path, body=b"", headers=None, source="127.0.0.1"):
@@ -158,33 +93,6 @@ def test_map_hash_sizes_grow_with_long_and_many_names():
     assert bucket >= 256
     max_size, _ = kokoa.map_hash_sizes([f"h{i}.example.com" for i in range(5000)])
     assert max_size >= 8192
-
-
-def write_nginx_prefix(prefix, map_text, port):
-    """A private nginx instance whose only server proxies to $kokoa_backend."""
-    for sub in ("conf", "logs", "run", "tmp"):
-        (prefix / sub).mkdir(parents=True, exist_ok=True)
-    (prefix / "conf" / "map.conf").write_text(map_text)
-    temp_paths = "".join(f"    {name}_temp_path {prefix}/tmp/{name};\n"
-                         for name in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
-    (prefix / "conf" / "nginx.conf").write_text(f"""
-error_log {prefix}/logs/error.log;
-events {{ worker_connections 64; }}
-http {{
-    access_log off;
-{temp_paths}    include {prefix}/conf/map.conf;
-    server {{
-        listen 127.0.0.1:{port};
-        location / {{ proxy_pass http://$kokoa_backend; }}
-    }}
-}}
-""")
-
-
-def nginx_test(prefix):
-    return subprocess.run(
-        ["nginx", "-t", "-p", f"{prefix}/", "-c", "conf/nginx.conf",
-         "-g", f"pid {prefix}/run/nginx.pid;"], capture_output=True, text=True, timeout=60)
 
 
 def test_generated_map_passes_real_nginx_t_without_warnings(api, tmp_path):

@@ -30,6 +30,17 @@ def test_python_passes_ruff():
     assert result.returncode == 0, result.stdout + result.stderr
 
 
+def test_no_module_imports_a_test_module():
+    """STYLE.md J3: tests import helpers (conftest.py, netlab.py, kokoa), never other tests."""
+    files = sorted(set(tracked("*.py", "bench/*.py")))
+    assert "bench/agent.py" in files and "test_static.py" in files
+    importing = re.compile(r"^\s*(from|import) test_")
+    found = [f"{name}:{number}: {line.strip()}" for name in files
+             for number, line in enumerate((REPO / name).read_text().splitlines(), start=1)
+             if importing.match(line)]
+    assert found == []
+
+
 def test_shell_scripts_pass_shellcheck_and_bash_n():
     require_tools("shellcheck")
     scripts = shell_scripts()

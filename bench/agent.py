@@ -25,7 +25,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from test_agent import ControlPlaneDouble, Edge, make_payload  # noqa: E402
+from netlab import ControlPlaneDouble, Edge, make_payload  # noqa: E402
 
 
 def routes_for(count):

@@ -1,6 +1,6 @@
 """Data-plane benchmark: requests/s through a Kokoa edge vs. a hand-written proxy vs. direct.
 
-Builds the end-to-end world of test_e2e.World (network namespaces, wireguard-go, the real
+Builds the end-to-end world of netlab.World (network namespaces, wireguard-go, the real
 control plane, the real agent writing the edge's nginx config, pebble issuing the certificate),
 adds a small nginx serving a static file on origin A's WireGuard address, routes
 app.example.test to it, and measures the same path "/" three ways with wrk:
@@ -22,7 +22,7 @@ The client resolves app.example.test through /etc/netns/<client ns>/hosts (remov
 
 Usage: python3 bench/dataplane.py [--runs 3] [--duration 5] [--threads 2] [--connections 32]
                                   [--body-bytes 1024] [--timeout 600] [--show-config]
-Needs root and the e2e tools (see test_e2e.TOOLS) plus wrk. Not part of the test run.
+Needs root and the e2e tools (see netlab.TOOLS) plus wrk. Not part of the test run.
 Everything lives in namespaces it creates on 198.18.0.0/24 and 10.8.0.0/24; processes are
 stopped by pid and namespaces deleted at the end, also on failure, Ctrl-C, SIGTERM or timeout.
 """
@@ -42,8 +42,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from netlab import Nginx  # noqa: E402
-from test_e2e import TOOLS, World  # noqa: E402
+from netlab import TOOLS, Nginx, World  # noqa: E402
 
 HOST = "app.example.test"
 ORIGIN_PORT = 8090          # World's python services use 8080-8082 on the origins
@@ -83,7 +82,7 @@ class AbortError(Exception):
 
 
 class BenchWorld(World):
-    """test_e2e.World plus an nginx origin, a hand-written edge nginx and client name lookup."""
+    """netlab.World plus an nginx origin, a hand-written edge nginx and client name lookup."""
 
     def __init__(self, workdir):
         super().__init__(workdir)
