@@ -794,6 +794,23 @@
     return parts.length ? el("span", {class: "badges"}, parts) : el("span", {class: "muted", text: "none yet"});
   }
 
+  function agentState(edge) {
+    if (edge.agent_outdated === null || edge.agent_outdated === undefined) {
+      return el("span", {class: "muted", text: "—"});
+    }
+    const version = el("code", {text: edge.agent_version || "0.1 or older"});
+    const outdated = edge.agent_outdated
+      ? badge("warn", "older than the control plane") : null;
+    const unserved = edge.unserved_routes || [];
+    const left = unserved.length
+      ? el("span", {
+        class: "badge bad", text: `${unserved.length} route${unserved.length > 1 ? "s" : ""} not served`,
+        title: unserved.map((r) => `${r.hostname}: ${r.reason}`).join("\n"),
+      }) : null;
+    return [version, el("span", {class: "sub", text: `payload schema ${edge.schema}`}),
+      (outdated || left) ? el("span", {class: "badges"}, outdated, left) : null];
+  }
+
   function edgeRow(edge) {
     const wg = cell("WireGuard",
       edge.wg_ip ? el("code", {text: edge.wg_ip}) : el("span", {class: "muted", text: "—"}),
@@ -806,6 +823,7 @@
         el("span", {class: "sub"}, "registered ", el("span", {class: "nowrap", text: dateOnly(edge.created_at)}))),
       wg,
       cell("Last seen", relTime(edge.last_seen)),
+      cell("Agent", agentState(edge)),
       cell("Configuration", syncState(edge)),
       cell("Certificates", certSummary(edge)),
       cell("Last error", error),
