@@ -288,8 +288,11 @@ check_settings() {
     [[ $addr =~ $RE_LISTEN ]] || usage_error "LISTEN_ADDRESSES: bad address $addr"
   done
   [[ -n ${LISTEN_ADDRESSES// /} ]] || usage_error "LISTEN_ADDRESSES is empty"
-  [[ ,$KNOWN_SCHEMAS, == *,"${AGENT_SCHEMAS//,/,*,}",* && $AGENT_SCHEMAS =~ ^[0-9]+(,[0-9]+)*$ ]] \
-    || usage_error "AGENT_SCHEMAS must list schemas of $KNOWN_SCHEMAS, e.g. 1,2: $AGENT_SCHEMAS"
+  [[ $AGENT_SCHEMAS =~ ^[0-9]+(,[0-9]+)*$ ]] || AGENT_SCHEMAS=none
+  for var in ${AGENT_SCHEMAS//,/ }; do
+    [[ ,$KNOWN_SCHEMAS, == *,"$var",* ]] \
+      || usage_error "AGENT_SCHEMAS must list schemas this agent knows ($KNOWN_SCHEMAS): $var"
+  done
   if [[ -n $WG_NETWORK ]] && [[ $(jq -n -r --arg net "$WG_NETWORK" \
     "$COMMON_JQ \$net | parse_network | . != null and .p > 0") != true ]]; then
     usage_error "WG_NETWORK must be a CIDR such as 10.8.0.0/24: $WG_NETWORK"
@@ -343,7 +346,7 @@ curl_cp() {
 # Returns 1 with ERROR set on a network or HTTP error, or a body over MAX_PAYLOAD_BYTES (the
 # file-size limit stops curl even when the server sends no Content-Length).
 fetch_config() {
-  local body=$1 headers=$2 errfile applied code=000 msg rc=0
+  local body=$1 headers=$2 errfile applied http_code=000 msg rc=0
   local -a extra=()
   applied=$(applied_hash)
   if [[ -n $applied ]]; then
@@ -352,25 +355,25 @@ fetch_config() {
   # shellcheck disable=SC2310  # returns mktemp's status
   make_tmp errfile "$STATE_DIR/curl.err" || return
   # shellcheck disable=SC2310  # one pipeline; its status is curl's
-  code=$(ulimit -f $((MAX_PAYLOAD_BYTES / 1024 + 1)) \
+  http_code=$(ulimit -f $((MAX_PAYLOAD_BYTES / 1024 + 1)) \
     && curl_cp --retry 2 --retry-delay 1 --retry-max-time 20 -o "$body" -D "$headers" \
       "${extra[@]}" "$CONTROL_PLANE_URL/api/v1/edge-nodes/me/config" 2>"$errfile") || rc=$?
-  printf -v "$3" '%s' "$code"
+  printf -v "$3" '%s' "$http_code"
   if ((rc == 63 || rc > 128)); then     # --max-filesize, or killed by the file-size limit
     ERROR="the control plane's answer is over $MAX_PAYLOAD_BYTES bytes; refused"
     return 1
   fi
-  case $code in
+  case $http_code in
     200 | 304) return 0 ;;
     000)
       msg=$(tail -n 1 -- "$errfile")
       ERROR="cannot reach the control plane at $CONTROL_PLANE_URL: $(one_line "$msg")"
       ;;
     401 | 403)
-      ERROR="the control plane rejected this edge's token (HTTP $code$(error_message "$body"));"
+      ERROR="the control plane rejected this edge's token (HTTP $http_code$(error_message "$body"));"
       ERROR+=" re-register it with install-edge.sh"
       ;;
-    *) ERROR="the control plane answered HTTP $code$(error_message "$body")" ;;
+    *) ERROR="the control plane answered HTTP $http_code$(error_message "$body")" ;;
   esac
   return 1
 }

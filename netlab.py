@@ -519,10 +519,41 @@ class ControlPlaneDouble:
         self.server.server_close()
 
 
-class Backend:
-    """An HTTP backend on 127.0.0.1 answering `<name> <path>` and recording request headers."""
+class BackendNet:
+    """A fresh netns joined to this one by a veth pair, with a private address inside it:
+    backends listen there, so nginx reaches them as it reaches an origin, at an address that is
+    not loopback (which the agent refuses as an upstream)."""
 
-    def __init__(self, name):
+    def __init__(self):
+        tag = os.urandom(3).hex()
+        self.ns = f"kokoa-at-{tag}"
+        self.veth = f"kat{tag}"
+        self.subnet = f"10.{200 + os.urandom(1)[0] % 50}.{os.urandom(1)[0]}"
+        self.address = f"{self.subnet}.2"
+
+    def start(self):
+        ns, veth, subnet = self.ns, self.veth, self.subnet
+        for args in (["netns", "add", ns],
+                     ["link", "add", veth + "a", "type", "veth", "peer", "name", veth + "b",
+                      "netns", ns],
+                     ["addr", "add", f"{subnet}.1/24", "dev", veth + "a"],
+                     ["link", "set", veth + "a", "up"],
+                     ["-n", ns, "addr", "add", f"{subnet}.2/24", "dev", veth + "b"],
+                     ["-n", ns, "link", "set", veth + "b", "up"],
+                     ["-n", ns, "link", "set", "lo", "up"]):
+            subprocess.run(["ip", *args], check=True, capture_output=True, timeout=30)
+        return self
+
+    def stop(self):
+        subprocess.run(["ip", "netns", "del", self.ns], capture_output=True, timeout=30)
+        subprocess.run(["ip", "link", "del", self.veth + "a"], capture_output=True, timeout=30)
+
+
+class Backend:
+    """An HTTP backend answering `<name> <path>` and recording request headers, listening in
+    `net` (a started BackendNet) at its private address."""
+
+    def __init__(self, name, net):
         self.name = name
         self.seen = []
         backend = self
@@ -541,9 +572,10 @@ class Backend:
                 self.end_headers()
                 self.wfile.write(body)
 
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        with in_netns(net.ns):
+            self.server = http.server.ThreadingHTTPServer((net.address, 0), Handler)
         self.server.block_on_close = False
-        self.addr = f"127.0.0.1:{self.server.server_address[1]}"
+        self.addr = f"{net.address}:{self.server.server_address[1]}"
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
     def close(self):
@@ -636,25 +668,13 @@ class NetnsBackends:
     """HTTP backends on a private address reachable over a veth pair into a fresh netns."""
 
     def __init__(self, count):
-        tag = os.urandom(3).hex()
-        self.ns = f"kokoa-at-{tag}"
-        self.veth = f"kat{tag}"
-        self.subnet = f"10.{200 + os.urandom(1)[0] % 50}.{os.urandom(1)[0]}"
-        self.address = f"{self.subnet}.2"
+        self.net = BackendNet()
+        self.ns, self.address = self.net.ns, self.net.address
         self.procs = []
         self.ports = [free_port() for _ in range(count)]
 
     def start(self):
-        ns, veth, subnet = self.ns, self.veth, self.subnet
-        for args in (["netns", "add", ns],
-                     ["link", "add", veth + "a", "type", "veth", "peer", "name", veth + "b",
-                      "netns", ns],
-                     ["addr", "add", f"{subnet}.1/24", "dev", veth + "a"],
-                     ["link", "set", veth + "a", "up"],
-                     ["-n", ns, "addr", "add", f"{subnet}.2/24", "dev", veth + "b"],
-                     ["-n", ns, "link", "set", veth + "b", "up"],
-                     ["-n", ns, "link", "set", "lo", "up"]):
-            subprocess.run(["ip", *args], check=True, capture_output=True, timeout=30)
+        ns = self.net.start().ns
         for index, port in enumerate(self.ports):
             directory = Path(tempfile.mkdtemp(prefix="kokoa-backend-"))
             (directory / "whoami").write_text(f"backend{index}")
@@ -671,8 +691,7 @@ class NetnsBackends:
         for proc, directory in self.procs:
             stop_process(proc)
             shutil.rmtree(directory, ignore_errors=True)
-        subprocess.run(["ip", "netns", "del", self.ns], capture_output=True, timeout=30)
-        subprocess.run(["ip", "link", "del", self.veth + "a"], capture_output=True, timeout=30)
+        self.net.stop()
 
 
 # The whole system in namespaces (test_e2e, bench/dataplane) ################################

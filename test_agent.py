@@ -25,6 +25,7 @@ from netlab import (
     AGENT,
     TOKEN,
     Backend,
+    BackendNet,
     ControlPlaneDouble,
     Edge,
     NetnsBackends,
@@ -57,9 +58,18 @@ def double():
     cp.close()
 
 
+@pytest.fixture(scope="module")
+def backend_net():
+    require_tools("ip")
+    require(os.geteuid() == 0, "needs root for a network namespace")
+    net = BackendNet().start()
+    yield net
+    net.stop()
+
+
 @pytest.fixture
-def backends():
-    items = [Backend("alpha"), Backend("beta")]
+def backends(backend_net):
+    items = [Backend("alpha", backend_net), Backend("beta", backend_net)]
     yield items
     for item in items:
         item.close()
