@@ -455,8 +455,10 @@ class ControlPlaneDouble:
         self.status = None          # force this HTTP status on /me/config
         self.etag = None            # override the ETag header
         self.delay = 0.0            # seconds to wait before answering /me/config
+        self.stream_bytes = 0       # answer /me/config with this many bytes, no Content-Length
         self.reports = []
         self.config_requests = []
+        self.status_requests = []   # the headers of each /me/status
         double = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -489,6 +491,8 @@ class ControlPlaneDouble:
                     return self._error(double.status, "forced")
                 if not self._authorized():
                     return self._error(401, "unauthorized")
+                if double.stream_bytes:
+                    return self._stream(double.stream_bytes)
                 payload = double.payload
                 if isinstance(payload, bytes):
                     return self._send(200, payload, [("Content-Type", "application/json")])
@@ -499,7 +503,24 @@ class ControlPlaneDouble:
                 self._send(200, body, [("Content-Type", "application/json"),
                                        ("ETag", f'"{etag}"')])
 
+            def _stream(self, count):
+                """A JSON-looking body of `count` bytes that ends only when the connection
+                closes (HTTP/1.0 style: no Content-Length, no chunks)."""
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Connection", "close")
+                self.end_headers()
+                chunk = b" " * 65536
+                try:
+                    self.wfile.write(b'{"hostnames": [')
+                    for _ in range(count // len(chunk) + 1):
+                        self.wfile.write(chunk)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass            # the agent hung up: what it should do
+                self.close_connection = True
+
             def do_POST(self):  # noqa: N802 (http.server API)
+                double.status_requests.append(dict(self.headers))
                 if self.path != "/api/v1/edge-nodes/me/status":
                     return self._error(404, "not_found")
                 if not self._authorized():

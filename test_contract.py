@@ -7,19 +7,25 @@ by kokoa.py's own functions.
 """
 
 import json
+import os
 import re
-import subprocess
+import shutil
+import tempfile
+import urllib.error
 import urllib.request
 from pathlib import Path
 
 import pytest
 
 import kokoa
-from conftest import REPO, InProcessServer, make_config, require_tools
+from conftest import REPO, InProcessServer, KokoaServer, make_config, require, require_tools
+from netlab import AGENT, Backend, BackendNet, ControlPlaneDouble, Edge, make_payload, rehash
 
 TESTDATA = REPO / "testdata"
 GOLDEN_SCHEMA1 = TESTDATA / "edge_config_schema1.json"
 AGENT_HEADER = {"X-Kokoa-Agent": f"{kokoa.__version__}; schema=1,2"}
+PEER = {"public_key": kokoa.b64(kokoa.wg_public_from_private(bytes(range(3, 35)))),
+        "allowed_ips": ["10.8.0.9/32"]}
 
 
 @pytest.fixture
@@ -221,3 +227,247 @@ def test_a_write_changes_every_schemas_payload_at_once(api):
     api.request("PATCH", "/api/v1/settings", {"acme_staging": False})
     for tag, headers in zip(tags, ({}, AGENT_HEADER), strict=True):
         assert raw_config(api, token, {**headers, "If-None-Match": tag})[0] == 200
+
+
+# The agent ##################################################################################
+
+@pytest.fixture
+def workdir():
+    """A temporary directory that nginx workers (nobody) can traverse."""
+    path = Path(tempfile.mkdtemp(prefix="kokoa-contract-", dir="/tmp"))
+    path.chmod(0o755)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def double():
+    cp = ControlPlaneDouble()
+    yield cp
+    cp.close()
+
+
+@pytest.fixture(scope="module")
+def backend_net():
+    require_tools("ip")
+    require(os.geteuid() == 0, "needs root for a network namespace")
+    net = BackendNet().start()
+    yield net
+    net.stop()
+
+
+@pytest.fixture
+def backend(backend_net):
+    item = Backend("alpha", backend_net)
+    yield item
+    item.close()
+
+
+@pytest.fixture
+def edge(workdir, double):
+    require_tools("nginx", "curl", "jq", "flock", "openssl")
+    e = Edge(workdir, double.url)
+    e.nginx.start()
+    yield e
+    e.nginx.stop()
+
+
+def serving(edge, backend):
+    """Apply a schema-2 payload routing a.example.com to `backend`; return its payload."""
+    edge.double.payload = make_payload({"a.example.com": backend.addr}, schema=2, peers=[PEER])
+    edge.once()
+    assert edge.get("a.example.com", "/x") == (200, "alpha /x")
+    return edge.double.payload
+
+
+@pytest.fixture
+def live_edge(edge, double, backend):
+    """An edge serving a.example.com from `backend` (a good schema-2 payload applied)."""
+    edge.double = double
+    serving(edge, backend)
+    return edge
+
+
+def assert_refused_and_still_serving(edge, double, fragment, **agent_env):
+    """Run the agent on the double's payload: it must refuse it whole, keep every file and
+    the site, and report the reason."""
+    before = edge.snapshot()
+    reports = len(double.reports)
+    proc = edge.once(rc=1, env=agent_env)
+    assert fragment in proc.stderr, proc.stderr
+    assert edge.snapshot() == before
+    assert edge.get("a.example.com", "/y") == (200, "alpha /y")
+    assert edge.stray_files() == []
+    report = double.reports[-1]
+    assert len(double.reports) > reports and report["ok"] is False
+    assert fragment in report["error"]
+
+
+def test_the_agent_names_its_version_and_schemas_on_every_request(live_edge, double):
+    agent_version = re.search(r"^VERSION=(\S+)$", AGENT.read_text(), re.M).group(1)
+    assert agent_version == kokoa.__version__
+    expected = f"{agent_version}; schema=1,2"
+    assert {h.get("X-Kokoa-Agent") for h in double.config_requests} == {expected}
+    assert {h.get("X-Kokoa-Agent") for h in double.status_requests} == {expected}
+    report = double.reports[-1]
+    assert report["agent_version"] == agent_version and report["schema"] == 2
+    assert report["ok"] is True
+
+
+def test_an_agent_limited_to_schema_1_applies_the_0_1_0_payload(edge, double):
+    double.payload = GOLDEN_SCHEMA1.read_bytes()
+    edge.once(env={"AGENT_SCHEMAS": "1"})
+    golden = json.loads(GOLDEN_SCHEMA1.read_bytes())
+    assert edge.server_files() == [f"{h}.conf" for h in golden["hostnames"]]
+    assert (edge.config_dir / "map.conf").read_text() == golden["nginx_map"]
+    assert double.config_requests[-1]["X-Kokoa-Agent"] == f"{kokoa.__version__}; schema=1"
+    report = double.reports[-1]
+    assert report["applied_hash"] == golden["config_hash"] and report["schema"] == 1
+
+
+@pytest.mark.parametrize("case, change, fragment", [
+    ("top-level key", lambda p: p.update(spare=1), "unknown key 'spare' in the payload"),
+    ("route key", lambda p: p["routes"]["a.example.com"].update(access="0123456789abcdef"),
+     "unknown key 'access' in the route for a.example.com"),
+    ("acme key", lambda p: p["acme"].update(dns=True), "unknown key 'dns' in acme"),
+    ("wireguard key", lambda p: p["wireguard"].update(mtu=1280),
+     "unknown key 'mtu' in wireguard"),
+    ("peer key", lambda p: p["wireguard"]["peers"][0].update(psk="x"),
+     "unknown key 'psk' in a WireGuard peer"),
+    ("missing key", lambda p: p.pop("acme"), "the payload lacks acme"),
+    ("future schema", lambda p: p.update(schema=3), "payload schema 3 is not one this agent"),
+    ("schema as text", lambda p: p.update(schema="2"), "is not one this agent knows"),
+    ("schema 1 spelt out", lambda p: p.update(schema=1), "unknown key 'schema'"),
+    ("schema-1 route in schema 2", lambda p: p["routes"].update({"a.example.com": "1.2.3.4:80"}),
+     "route for a.example.com is not an object"),
+])
+def test_a_payload_with_a_schema_or_key_the_agent_does_not_know_is_refused_whole(
+        live_edge, double, case, change, fragment):
+    payload = json.loads(json.dumps(double.payload))
+    change(payload)
+    double.payload = rehash(payload)
+    assert_refused_and_still_serving(live_edge, double, fragment)
+
+
+def test_an_agent_limited_to_schema_1_refuses_a_schema_2_payload(live_edge, double, backend):
+    double.payload = make_payload({"a.example.com": backend.addr, "b.example.com": backend.addr},
+                                  schema=2)
+    assert_refused_and_still_serving(live_edge, double, "payload schema 2 is not one this agent",
+                                     AGENT_SCHEMAS="1")
+
+
+@pytest.mark.parametrize("upstream", [
+    "127.0.0.1:22", "127.9.9.9:80", "0.0.0.0:80", "169.254.169.254:80", "224.0.0.1:80",
+    "255.255.255.255:80", "100.100.100.200:80", "168.63.129.16:80", "[::1]:22", "[::]:80",
+    "[fe80::1]:80", "[ff02::1]:80", "[fd00:ec2::254]:80", "[::ffff:7f00:1]:80",
+])
+def test_an_upstream_the_edge_must_never_route_to_is_refused(live_edge, double, upstream):
+    routes = {"a.example.com": {"upstream": double.payload["routes"]["a.example.com"]["upstream"]},
+              "evil.example.com": {"upstream": upstream}}
+    double.payload = kokoa.edge_payload(routes, [], False, 2)[0]
+    assert_refused_and_still_serving(live_edge, double, "the route for evil.example.com")
+
+
+@pytest.mark.parametrize("allowed_ip", ["127.0.0.1/32", "169.254.169.254/32", "::1/128"])
+def test_a_wireguard_peer_the_edge_must_never_route_to_is_refused(live_edge, double, allowed_ip):
+    payload = json.loads(json.dumps(double.payload))
+    payload["wireguard"]["peers"][0]["allowed_ips"] = [allowed_ip]
+    double.payload = rehash(payload)
+    assert_refused_and_still_serving(live_edge, double, "WireGuard peer address")
+
+
+def test_with_wg_network_known_nothing_outside_it_is_routed(live_edge, double, backend):
+    network = backend.addr.rsplit(".", 1)[0] + ".0/24"     # the backends' own /24
+    for routes, peers in (({"b.example.com": "10.9.0.1:80"}, []),
+                          ({}, [dict(PEER, allowed_ips=["10.9.0.2/32"])])):
+        double.payload = make_payload({"a.example.com": backend.addr, **routes}, schema=2,
+                                      peers=peers)
+        assert_refused_and_still_serving(live_edge, double, "lies outside the tunnel network",
+                                         WG_NETWORK=network)
+    double.payload = make_payload({"a.example.com": backend.addr, "b.example.com": backend.addr},
+                                  schema=2)
+    live_edge.once(env={"WG_NETWORK": network})
+    assert live_edge.get("b.example.com", "/z") == (200, "alpha /z")
+    proc = live_edge.agent("once", env={"WG_NETWORK": "10.8.0.0/33"})
+    assert proc.returncode == 2 and "WG_NETWORK must be a CIDR" in proc.stderr
+
+
+def test_a_payload_over_the_size_cap_is_refused_even_without_content_length(live_edge, double):
+    cap = int(re.search(r"^MAX_PAYLOAD_BYTES=(\d+)", AGENT.read_text(), re.M).group(1))
+    double.stream_bytes = cap + 1024 * 1024
+    before = live_edge.snapshot()
+    proc = live_edge.once(rc=1)
+    assert f"over {cap} bytes" in proc.stderr
+    assert live_edge.snapshot() == before and live_edge.stray_files() == []
+    assert live_edge.get("a.example.com", "/y") == (200, "alpha /y")
+    leftovers = [p for p in live_edge.state_dir.rglob("*") if p.is_file()
+                 and p.stat().st_size > 10 * 1024 * 1024]
+    assert leftovers == []
+
+
+def test_a_payload_with_more_hostnames_than_the_cap_is_refused(live_edge, double):
+    cap = int(re.search(r"^MAX_HOSTNAMES=(\d+)", AGENT.read_text(), re.M).group(1))
+    payload = json.loads(json.dumps(double.payload))
+    payload["hostnames"] = [f"h{i}.example.com" for i in range(cap + 1)]
+    double.payload = rehash(payload)
+    assert_refused_and_still_serving(live_edge, double, f"more than this agent takes ({cap})")
+
+
+def test_every_file_the_agent_writes_is_one_it_owns_and_the_list_is_written_once(edge, double,
+                                                                                 backend):
+    text = AGENT.read_text()
+    owned = re.search(r"^RE_OWNED='(.+)'$", text, re.M).group(1)
+    assert text.count("(map|default|servers/") == 1      # one definition, used everywhere
+    assert re.search(r"^OWNED_SUBDIRS=\((.+)\)$", text, re.M).group(1) == "servers"
+    double.payload = make_payload({"a.example.com": backend.addr, "b.example.com": backend.addr})
+    edge.once(env={"EDGE_FQDN": "edge1.example.net"})
+    written = [str(p.relative_to(edge.config_dir)) for p in edge.config_dir.rglob("*")
+               if p.is_file()]
+    assert sorted(written) == ["default.conf", "map.conf", "servers/a.example.com.conf",
+                               "servers/b.example.com.conf", "servers/edge1.example.net.conf"]
+    assert all(re.fullmatch(owned.strip("^$"), rel) for rel in written)
+
+
+def test_every_system_change_goes_through_the_logged_cmd_helper():
+    invocations = re.compile(r'"\$NGINX_BIN" -s reload|\bwg syncconf\b|\bwg-quick up\b'
+                             r'|\bip route (replace|del)\b|"\$CERTBOT_BIN"')
+    found = [line for line in AGENT.read_text().splitlines()
+             if invocations.search(line) and not line.lstrip().startswith("#")
+             and not re.match(r"\s*(log|warn|wg_error|ERROR=)", line.lstrip())]
+    assert len(found) >= 5
+    assert all(re.search(r"\bcmd\b", line) for line in found), found
+
+
+# The real control plane and the real agent ###################################################
+
+def test_the_real_agent_and_control_plane_negotiate_and_the_edge_list_tells(workdir,
+                                                                             backend_net):
+    require_tools("nginx", "curl", "jq", "flock", "openssl")
+    backend = Backend("alpha", backend_net)
+    (workdir / "kokoa").mkdir()
+    server = KokoaServer(workdir / "kokoa").start()
+    edge = None
+    try:
+        origin = server.request("POST", "/api/v1/origins", {
+            "name": "home", "wg_ip": backend_net.address})[2]
+        port = int(backend.addr.rsplit(":", 1)[1])
+        assert server.request("POST", "/api/v1/routes", {
+            "hostname": "a.example.com", "origin_id": origin["id"], "target_port": port})[0] == 201
+        edge_id, token = server.register_edge("edge1")
+        edge = Edge(workdir / "edge", server.url, token=token)
+        edge.root.chmod(0o755)
+        edge.nginx.start()
+        for schemas, schema in (("1,2", 2), ("1", 1), ("2", 2)):
+            edge.once(env={"AGENT_SCHEMAS": schemas})
+            assert edge.get("a.example.com", "/n") == (200, "alpha /n")
+            listing = server.request("GET", "/api/v1/edge-nodes")[2]
+            node = next(n for n in listing["edge_nodes"] if n["id"] == edge_id)
+            assert node["schema"] == schema and node["agent_version"] == kokoa.__version__
+            assert node["in_sync"] is True and node["agent_outdated"] is False
+            assert node["config_hash"] == listing["config_hashes"][str(schema)]
+            assert node["unserved_routes"] == []
+    finally:
+        if edge is not None:
+            edge.nginx.stop()
+        server.stop()
+        backend.close()
