@@ -68,3 +68,18 @@ def test_every_route_is_documented_in_the_readme():
     for entry in kokoa.ROUTES:
         documented = re.sub(r"<(?:int:)?(\w+)>", r"{\1}", entry.pattern)
         assert f"`{entry.method} {documented}`" in readme, f"{entry.method} {documented}"
+
+
+def shell_array(script, name):
+    """The words of a bash array assignment `NAME=(...)` (possibly over several lines)."""
+    text = (REPO / script).read_text()
+    match = re.search(rf"^{name}=\(([^)]*)\)", text, re.M)
+    assert match, f"{script} has no {name}=(...)"
+    return match.group(1).split()
+
+
+def test_install_edge_knows_every_setting_of_the_agent_and_no_other():
+    """edge.env is written by install-edge.sh and read by agent.sh: one list, proved equal."""
+    assert shell_array("install-edge.sh", "ENV_KEYS") == shell_array("agent.sh", "SETTINGS")
+    assert set(shell_array("install-edge.sh", "PASS_THROUGH")) <= set(
+        shell_array("agent.sh", "SETTINGS"))
