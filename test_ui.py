@@ -13,6 +13,7 @@ from urllib.parse import urlsplit
 
 import pytest
 
+import kokoa
 from conftest import REPO, KokoaServer, require, require_tools
 
 try:
@@ -478,6 +479,23 @@ def test_edge_list_shows_registered_edges_their_state_and_revokes(ui):
     expect(last_seen).to_have_text(re.compile(r"just now|\d+ s ago"))
     expect(row).to_contain_text("1 valid")
     expect(page.locator("#count-edges")).to_have_text("1/1")
+    # It polled without X-Kokoa-Agent: an agent from before 0.2, flagged as outdated.
+    agent = row.locator('td[data-label="Agent"]')
+    expect(agent).to_contain_text("0.1 or older")
+    expect(agent).to_contain_text("payload schema 1")
+    expect(agent.locator(".badge.warn")).to_have_text("outdated")
+    # Its agent is upgraded: it names itself and gets schema 2; the flag goes.
+    agent_header = {"X-Kokoa-Agent": f"{kokoa.__version__}; schema=1,2"}
+    _, _, config = server.request("GET", "/api/v1/edge-nodes/me/config", auth=token,
+                                  headers=agent_header)
+    assert config["schema"] == 2
+    status, _, _ = server.request("POST", "/api/v1/edge-nodes/me/status", {
+        "applied_hash": config["config_hash"], "ok": True, "agent_version": kokoa.__version__,
+        "schema": 2}, auth=token, headers=agent_header)
+    assert status == 204
+    expect(agent).to_contain_text(kokoa.__version__, timeout=EDGE_POLL_TIMEOUT_MS)
+    expect(agent).to_contain_text("payload schema 2")
+    expect(agent.locator(".badge")).to_have_count(0)
 
     # A second edge fails to apply: out of sync, with its error shown.
     _, token2 = server.register_edge("edge2", wg_ip="10.8.0.4")

@@ -10,7 +10,7 @@
   const TITLES = {origins: "Origins", routes: "Routes", edges: "Edge nodes", settings: "Settings"};
 
   const state = {
-    origins: null, routes: null, edges: null, configHash: null, settings: null, enrollKeys: null,
+    origins: null, routes: null, edges: null, configHash: null, version: null, settings: null, enrollKeys: null,
     skewMs: 0, offline: false,
   };
 
@@ -800,7 +800,9 @@
     }
     const version = el("code", {text: edge.agent_version || "0.1 or older"});
     const outdated = edge.agent_outdated
-      ? badge("warn", "older than the control plane") : null;
+      ? el("span", {class: "badge warn", text: "outdated",
+        title: `older than this control plane (${state.version || "?"}): update agent.sh on the edge`})
+      : null;
     const unserved = edge.unserved_routes || [];
     const left = unserved.length
       ? el("span", {
@@ -855,6 +857,7 @@
     const data = await api("GET", "/edge-nodes");
     state.edges = data.edge_nodes || [];
     state.configHash = data.config_hash || null;
+    state.version = data.version || null;
     renderEdges();
     renderRoutes();
   }
