@@ -424,7 +424,9 @@ def only_keys($allowed; $what):
 def hexval: explode | reduce .[] as $c (0; . * 16 + (if $c >= 97 then $c - 87 else $c - 48 end));
 def ip_groups:
   if type != "string" then null
-  elif test("^" + ipv4 + "\\z") then {v: 4, g: (split(".") | map(tonumber))}
+  elif test("^" + ipv4 + "\\z") then
+    (split(".") | map(tonumber)) as $g | {v: 4, g: $g, n: ($g | .[0] * 16777216 + .[1] * 65536
+      + .[2] * 256 + .[3])}
   elif test("^[0-9a-f:]{2,39}\\z") and (test(":::") | not) then
     (split("::") as $halves
      | ($halves | map(if . == "" then [] else split(":") end)) as $parts
@@ -439,26 +441,34 @@ def parse_cidr: (split("/") | select(length == 2)) as [$a, $p]
   | ($a | ip_groups) as $g
   | if $g == null or ($p | test("^(?:0|[1-9][0-9]{0,2})\\z") | not) then null
     elif ($p | tonumber) > (if $g.v == 4 then 32 else 128 end) then null
-    else $g + {p: ($p | tonumber)} end;
-def in_net($n): . as $a | ($a.v == $n.v) and ((if $a.v == 4 then 8 else 16 end) as $b
-  | all(range($a.g | length); ($n.p - . * $b) as $left
+    else $g + {p: ($p | tonumber)}
+      | if .v == 4 then pow(2; 32 - .p) as $size | ((.n / $size | floor) * $size) as $lo
+          | . + {lo: $lo, hi: ($lo + $size - 1)} else . end end;
+def in_net($n): . as $a | ($a.v == $n.v) and if $a.v == 4 then $a.n >= $n.lo and $a.n <= $n.hi
+  else 16 as $b | all(range($a.g | length); ($n.p - . * $b) as $left
       | if $left <= 0 then true
         elif $left >= $b then $a.g[.] == $n.g[.]
         else ($a.g[.] / pow(2; $b - $left) | floor) == ($n.g[.] / pow(2; $b - $left) | floor)
-        end));
+        end) end;
 def never_routed: ["0.0.0.0/8", "127.0.0.0/8", "169.254.0.0/16", "224.0.0.0/4", "240.0.0.0/4",
   "100.100.100.200/32", "168.63.129.16/32", "::/128", "::1/128", "fe80::/10", "ff00::/8",
   "::ffff:0:0/96", "fd00:ec2::254/128"] | map(parse_cidr);
-def address_problem($net):
+def parse_network: if . == "" then null else parse_cidr end;
+# What address checks need, parsed once: the tunnel network (WG_NETWORK text, may be "") and
+# the networks never routed.
+def address_guard($wgnet):
+  {net: ($wgnet | parse_network), never: (never_routed | group_by(.v)
+     | map({key: (.[0].v | tostring), value: .}) | from_entries)};
+def address_problem($guard):
   ip_groups as $a
   | if $a == null then "is not an IP address"
-    elif any(never_routed[]; . as $f | $a | in_net($f)) then
+    elif any($guard.never[$a.v | tostring][]; . as $f | $a | in_net($f)) then
       "is loopback, link-local, multicast, unspecified or a cloud metadata address"
-    elif $net != null and ($a | in_net($net) | not) then "lies outside the tunnel network"
+    elif $guard.net != null and ($a | in_net($guard.net) | not) then
+      "lies outside the tunnel network"
     else null end;
-def parse_network: if . == "" then null else parse_cidr end;
-def check_address($net; $what):
-  address_problem($net) as $problem
+def check_address($guard; $what):
+  address_problem($guard) as $problem
   | if $problem == null then . else fail("\($what) \(.[:45] | @json) \($problem)") end;
 def addrre: "^(?:(?<v4>" + ipv4 + ")|\\[(?<v6>[0-9a-f:.]{2,45})\\]):(?<port>[1-9][0-9]{0,4})\\z";
 # ip:port as {v4, v6, port}, or null. (No try: jq 1.6's try also catches later errors.)
@@ -470,12 +480,12 @@ def is_key: type == "string" and test("^[A-Za-z0-9+/]{42}[AEIMQUYcgkosw048]=\\z"
 def is_cidr: type == "string" and (test("^" + ipv4 + "/32\\z") or test("^[0-9a-f:]{2,39}/128\\z"));
 def is_endpoint: type == "string"
   and test("^(?:(?:" + lbl + "\\.)*" + lbl + "|\\[[0-9a-f:]{2,39}\\]):[1-9][0-9]{0,4}\\z");
-def check_peer($net):
+def check_peer($guard):
   if type == "object" and (.public_key | is_key) and (.allowed_ips | type == "array"
       and length > 0 and all(is_cidr)) and (.endpoint == null or (.endpoint | is_endpoint))
   then only_keys(["allowed_ips", "public_key"] + (if has("endpoint") then ["endpoint"]
       else [] end); "a WireGuard peer")
-    | (.allowed_ips[] | split("/")[0] | check_address($net; "WireGuard peer address")) as $_
+    | [.allowed_ips[] | split("/")[0] | check_address($guard; "WireGuard peer address")] as $_
     | .
   else fail("invalid WireGuard peer \(.public_key? | tostring | .[:60] | @json)") end;
 JQ
@@ -540,10 +550,9 @@ def route_upstream($schema; $host):
     (if type == "string" then . else fail("route for \($host) is not a string") end)
   elif type != "object" then fail("route for \($host) is not an object")
   else only_keys(["upstream"]; "the route for \($host)") | .upstream end;
-def check_upstream($net; $host):
-  if parse_addr != null then
-    (parse_addr | (.v4 // .v6) | check_address($net; "the route for \($host): upstream"))
-  else fail("invalid route for \($host): \(tostring | .[:80] | @json)") end;
+def check_upstream($host):
+  if parse_addr == null then fail("invalid route for \($host): \(tostring | .[:80] | @json)")
+  else . end;
 def check:
   if type != "object" then fail("payload is not a JSON object") else . end
   | (if has("schema") then .schema else 1 end) as $schema
@@ -553,7 +562,7 @@ def check:
         + " (\($schemas)): upgrade the agent")
     else . end
   | only_keys(payload_keys($schema); "the payload")
-  | ($wgnet | parse_network) as $net
+  | address_guard($wgnet) as $guard
   | if (.config_hash | type) != "string" or (.config_hash | test("^[0-9a-f]{64}\\z") | not) then
       fail("config_hash is missing or not hex SHA-256") else . end
   | if (.hostnames | type) != "array" then fail("hostnames is not an array") else . end
@@ -569,7 +578,11 @@ def check:
   | if (.routes | keys) != (.hostnames | sort) then
       fail("routes and hostnames do not list the same names") else . end
   | (.routes | to_entries | map(.key as $host | .value | route_upstream($schema; $host)
-      | check_upstream($net; $host) as $_ | {key: $host, value: .}) | from_entries) as $upstreams
+      | check_upstream($host) | {key: $host, value: .}) | from_entries) as $upstreams
+  # Each distinct upstream address once (many routes share an origin), named by a route.
+  | [$upstreams | to_entries | group_by(.value)[] | first as $route
+     | $route.value | parse_addr | (.v4 // .v6)
+     | check_address($guard; "the route for \($route.key): upstream")] as $_
   | if (.acme | type) != "object" then fail("acme is not an object") else . end
   | (.acme | only_keys(["staging"]; "acme")) as $_
   | if (.acme.staging | type) != "boolean" then fail("acme.staging is not a boolean") else . end
@@ -577,7 +590,7 @@ def check:
   | (.wireguard | only_keys(["peers"]; "wireguard")) as $_
   | if (.wireguard.peers | type) != "array" then fail("wireguard.peers is not an array")
     else . end
-  | (.wireguard.peers | map(check_peer($net))) as $_
+  | (.wireguard.peers | map(check_peer($guard))) as $_
   | if (.nginx_map | type) != "string" then fail("nginx_map is not a string") else . end
   | .config_hash as $hash | (.nginx_map | check_map($upstreams))
   | "ok " + $hash;
@@ -1034,7 +1047,7 @@ ensure_fallback_cert() {
 # jq program: one line per peer, "public_key<TAB>allowed_ips (comma-separated)<TAB>endpoint",
 # or one line "error: ..." if any peer fails its strict pattern (then nothing is changed).
 read -r -d '' PEERS_JQ <<'JQ' || true
-try (($wgnet | parse_network) as $net | .wireguard.peers | map(check_peer($net))
+try (address_guard($wgnet) as $guard | .wireguard.peers | map(check_peer($guard))
   | .[] | [.public_key, (.allowed_ips | join(",")), (.endpoint // "")] | @tsv)
 catch ("error: " + tostring)
 JQ

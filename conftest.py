@@ -17,6 +17,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.error
@@ -350,6 +351,14 @@ def nginx_test(prefix):
 
 
 @pytest.fixture
+def api(tmp_path):
+    """A control plane in this process (InProcessServer) on a fresh database."""
+    server = InProcessServer(make_config(tmp_path / "kokoa.db"))
+    yield server
+    server.close()
+
+
+@pytest.fixture
 def kokoa_server(tmp_path):
     """A running control plane (function scope) in a fresh directory."""
     server = KokoaServer(tmp_path).start()
@@ -362,14 +371,21 @@ def kokoa_server(tmp_path):
 _AGENT_HOST_VERDICTS = {}
 
 
+def agent_jq(name, script_text=None):
+    """The jq program agent.sh holds in its `read -r -d '' NAME <<'JQ'` heredoc, read out of
+    agent.sh itself (or out of `script_text`, another version of it); '' if there is none."""
+    text = (REPO / "agent.sh").read_text() if script_text is None else script_text
+    _, found, rest = text.partition(f"read -r -d '' {name} <<'JQ' || true\n")
+    body, closed, _ = rest.partition("\nJQ\n")
+    return body + "\n" if found and closed else ""
+
+
 def agent_common_jq():
-    """The jq definitions agent.sh shares between its jq programs (its COMMON_JQ heredoc, with
-    `def is_host:`), read out of agent.sh itself."""
-    opening = "read -r -d '' COMMON_JQ <<'JQ' || true\n"
-    _, found, rest = (REPO / "agent.sh").read_text().partition(opening)
-    text, closed, _ = rest.partition("\nJQ\n")
-    assert found and closed and "def is_host:" in text, "agent.sh has no COMMON_JQ with is_host"
-    return text + "\n"
+    """The jq definitions agent.sh shares between its jq programs (COMMON_JQ, with
+    `def is_host:`)."""
+    text = agent_jq("COMMON_JQ")
+    assert "def is_host:" in text, "agent.sh has no COMMON_JQ with is_host"
+    return text
 
 
 def agent_is_host(names):
@@ -382,3 +398,46 @@ def agent_is_host(names):
                              timeout=60, check=True).stdout
         _AGENT_HOST_VERDICTS.update(zip(todo, json.loads(out), strict=True))
     return [_AGENT_HOST_VERDICTS[name] for name in names]
+
+
+# The edge under test (netlab.py's processes; netlab imports this module, so it is imported
+# inside the fixtures) ########################################################################
+
+@pytest.fixture
+def workdir():
+    """A temporary directory that nginx workers (nobody) can traverse."""
+    path = Path(tempfile.mkdtemp(prefix="kokoa-edge-test-", dir="/tmp"))
+    path.chmod(0o755)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def double():
+    """A control-plane double (netlab.ControlPlaneDouble) on loopback."""
+    from netlab import ControlPlaneDouble
+    cp = ControlPlaneDouble()
+    yield cp
+    cp.close()
+
+
+@pytest.fixture(scope="module")
+def backend_net():
+    """A namespace whose private address the tests' HTTP backends listen on."""
+    from netlab import BackendNet
+    require_tools("ip")
+    require(os.geteuid() == 0, "needs root for a network namespace")
+    net = BackendNet().start()
+    yield net
+    net.stop()
+
+
+@pytest.fixture
+def edge(workdir, double):
+    """An edge (private nginx + agent settings) pointed at the double, nginx running."""
+    from netlab import Edge
+    require_tools("nginx", "curl", "jq", "flock", "openssl")
+    e = Edge(workdir, double.url)
+    e.nginx.start()
+    yield e
+    e.nginx.stop()

@@ -10,10 +10,8 @@ import fcntl
 import hashlib
 import json
 import os
-import shutil
 import signal
 import subprocess
-import tempfile
 import time
 from pathlib import Path
 
@@ -25,8 +23,6 @@ from netlab import (
     AGENT,
     TOKEN,
     Backend,
-    BackendNet,
-    ControlPlaneDouble,
     Edge,
     NetnsBackends,
     Nginx,
@@ -43,45 +39,11 @@ INSTALL = REPO / "install-edge.sh"
 
 
 @pytest.fixture
-def workdir():
-    """A temporary directory that nginx workers (nobody) can traverse."""
-    path = Path(tempfile.mkdtemp(prefix="kokoa-agent-test-", dir="/tmp"))
-    path.chmod(0o755)
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
-
-
-@pytest.fixture
-def double():
-    cp = ControlPlaneDouble()
-    yield cp
-    cp.close()
-
-
-@pytest.fixture(scope="module")
-def backend_net():
-    require_tools("ip")
-    require(os.geteuid() == 0, "needs root for a network namespace")
-    net = BackendNet().start()
-    yield net
-    net.stop()
-
-
-@pytest.fixture
 def backends(backend_net):
     items = [Backend("alpha", backend_net), Backend("beta", backend_net)]
     yield items
     for item in items:
         item.close()
-
-
-@pytest.fixture
-def edge(workdir, double):
-    require_tools("nginx", "curl", "jq", "flock", "openssl")
-    e = Edge(workdir, double.url)
-    e.nginx.start()
-    yield e
-    e.nginx.stop()
 
 
 def apply_routes(edge, double, routes, **kwargs):

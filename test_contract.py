@@ -7,32 +7,22 @@ by kokoa.py's own functions.
 """
 
 import json
-import os
 import re
-import shutil
-import tempfile
+import subprocess
 import urllib.error
 import urllib.request
-from pathlib import Path
 
 import pytest
 
 import kokoa
-from conftest import REPO, InProcessServer, KokoaServer, make_config, require, require_tools
-from netlab import AGENT, Backend, BackendNet, ControlPlaneDouble, Edge, make_payload, rehash
+from conftest import REPO, KokoaServer, agent_common_jq, make_config, require_tools
+from netlab import AGENT, Backend, Edge, make_payload, rehash
 
 TESTDATA = REPO / "testdata"
 GOLDEN_SCHEMA1 = TESTDATA / "edge_config_schema1.json"
 AGENT_HEADER = {"X-Kokoa-Agent": f"{kokoa.__version__}; schema=1,2"}
 PEER = {"public_key": kokoa.b64(kokoa.wg_public_from_private(bytes(range(3, 35)))),
         "allowed_ips": ["10.8.0.9/32"]}
-
-
-@pytest.fixture
-def api(tmp_path):
-    server = InProcessServer(make_config(tmp_path / "kokoa.db"))
-    yield server
-    server.close()
 
 
 def build_golden_state(server):
@@ -232,44 +222,10 @@ def test_a_write_changes_every_schemas_payload_at_once(api):
 # The agent ##################################################################################
 
 @pytest.fixture
-def workdir():
-    """A temporary directory that nginx workers (nobody) can traverse."""
-    path = Path(tempfile.mkdtemp(prefix="kokoa-contract-", dir="/tmp"))
-    path.chmod(0o755)
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
-
-
-@pytest.fixture
-def double():
-    cp = ControlPlaneDouble()
-    yield cp
-    cp.close()
-
-
-@pytest.fixture(scope="module")
-def backend_net():
-    require_tools("ip")
-    require(os.geteuid() == 0, "needs root for a network namespace")
-    net = BackendNet().start()
-    yield net
-    net.stop()
-
-
-@pytest.fixture
 def backend(backend_net):
     item = Backend("alpha", backend_net)
     yield item
     item.close()
-
-
-@pytest.fixture
-def edge(workdir, double):
-    require_tools("nginx", "curl", "jq", "flock", "openssl")
-    e = Edge(workdir, double.url)
-    e.nginx.start()
-    yield e
-    e.nginx.stop()
 
 
 def serving(edge, backend):
@@ -471,3 +427,37 @@ def test_the_real_agent_and_control_plane_negotiate_and_the_edge_list_tells(work
             edge.nginx.stop()
         server.stop()
         backend.close()
+
+
+NEVER = "never"       # loopback, link-local, multicast, unspecified or a metadata address
+OUTSIDE = "outside"   # outside WG_NETWORK
+
+
+@pytest.mark.parametrize("address, network, verdict", [
+    ("10.8.0.2", "", "ok"), ("10.8.0.2", "10.8.0.0/24", "ok"), ("10.8.1.2", "10.8.0.0/24", OUTSIDE),
+    ("10.255.255.255", "10.0.0.0/8", "ok"), ("11.0.0.0", "10.0.0.0/8", OUTSIDE),
+    ("10.8.0.2", "0.0.0.0/0", "ok"), ("10.8.0.2", "fd00::/8", OUTSIDE),
+    ("127.0.0.1", "", NEVER), ("127.255.255.254", "", NEVER), ("0.0.0.0", "", NEVER),
+    ("0.1.2.3", "", NEVER), ("169.254.169.254", "", NEVER), ("169.254.0.1", "10.0.0.0/8", NEVER),
+    ("224.0.0.1", "", NEVER), ("239.255.255.255", "", NEVER), ("240.0.0.1", "", NEVER),
+    ("255.255.255.255", "", NEVER), ("100.100.100.200", "", NEVER), ("168.63.129.16", "", NEVER),
+    ("100.100.100.201", "", "ok"), ("223.255.255.255", "", "ok"), ("100.64.0.1", "", "ok"),
+    ("fd00:8::3", "fd00:8::/64", "ok"), ("fd00:8::ffff:1", "fd00:8::/64", "ok"),
+    ("fd00:9::3", "fd00:8::/64", OUTSIDE), ("fd00:8::3", "10.8.0.0/24", OUTSIDE),
+    ("::1", "", NEVER), ("::", "", NEVER), ("fe80::1", "", NEVER), ("febf::1", "", NEVER),
+    ("fec0::1", "", "ok"), ("ff02::1", "", NEVER), ("fd00:ec2::254", "", NEVER),
+    ("::ffff:7f00:1", "", NEVER), ("2001:db8::1", "", "ok"),
+    ("1:2:3:4:5:6:7:8", "", "ok"), ("1::2::3", "", "bad"), ("12345::1", "", "bad"),
+    ("1:2:3:4:5:6:7:8:9", "", "bad"), ("10.8.0.256", "", "bad"), ("10.8.0", "", "bad"),
+    ("010.8.0.2", "", "bad"), ("FD00::1", "", "bad"), ("::ffff:10.8.0.2", "", "bad"),
+])
+def test_the_agents_address_rules(address, network, verdict):
+    require_tools("jq")
+    program = agent_common_jq() + ' $a | address_problem(address_guard($w)) // "ok"'
+    result = subprocess.run(["jq", "-n", "-r", "--arg", "a", address, "--arg", "w", network,
+                             program], capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0, result.stderr
+    answer = result.stdout.strip()
+    expected = {"ok": "ok", NEVER: "is loopback, link-local", OUTSIDE: "outside the tunnel",
+                "bad": "is not an IP address"}[verdict]
+    assert expected in answer, answer

@@ -38,13 +38,6 @@ TESTDATA = Path(__file__).resolve().parent / "testdata"
 
 # Fixtures ####################################################################################
 
-@pytest.fixture
-def api(tmp_path):
-    server = InProcessServer(make_config(tmp_path / "kokoa.db"))
-    yield server
-    server.close()
-
-
 def raw_request(url, method, path, body=b"", headers=None, source="127.0.0.1"):
     """send_request() with the body parsed as JSON."""
     status, headers, data = send_request(url, method, path, body, headers, source)
