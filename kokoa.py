@@ -1258,7 +1258,7 @@ def wireguard_peers(origins):
 # Keys of a route object (the schema-2 form) that each schema can carry. A route with any
 # other key set (a protection the schema's agents cannot enforce) is left out of that schema's
 # payload and listed as unserved: never served without it.
-SCHEMA_ROUTE_KEYS = {1: ("upstream",), 2: ("upstream",)}
+SCHEMA_ROUTE_KEYS = {1: frozenset({"upstream"}), 2: frozenset({"upstream"})}
 
 
 def route_objects(db):
@@ -1275,6 +1275,8 @@ def route_objects(db):
 
 def unserved_reason(route, schema):
     """Why `schema` cannot carry `route` (None if it can)."""
+    if route.keys() <= SCHEMA_ROUTE_KEYS[schema]:
+        return None
     extra = sorted(key for key, value in route.items()
                    if key not in SCHEMA_ROUTE_KEYS[schema] and value is not None)
     if not extra:
@@ -1291,40 +1293,48 @@ def edge_payload(routes, peers, staging, schema):
     """
     if schema not in SCHEMAS:
         raise ValueError(f"unknown edge payload schema {schema!r}")
-    unserved, served = {}, {}
-    for hostname, route in routes.items():
-        reason = unserved_reason(route, schema)
-        if reason is None:
-            served[hostname] = route
-        else:
-            unserved[hostname] = reason
-    upstreams = {hostname: route["upstream"] for hostname, route in served.items()}
-    payload = {
-        "hostnames": sorted(served),
-        "routes": upstreams if schema == 1 else {
-            hostname: {key: route[key] for key in SCHEMA_ROUTE_KEYS[schema]}
-            for hostname, route in served.items()},
-        "acme": {"staging": bool(staging)},
-        "nginx_map": render_nginx_map(upstreams),
-        "wireguard": {"peers": peers},
-    }
-    if schema > 1:
-        payload["schema"] = schema
-    payload["config_hash"] = sha256_hex(canonical_json(
-        {key: value for key, value in payload.items() if key != "config_hash"}))
-    return payload, unserved
+    return edge_payloads(routes, peers, staging, (schema,))[schema]
+
+
+def edge_payloads(routes, peers, staging, schemas=SCHEMAS):
+    """edge_payload for each schema, rendering the nginx map once per distinct set of served
+    routes: {schema: (payload, unserved)}."""
+    maps, built = {}, {}
+    for schema in schemas:
+        unserved, served = {}, {}
+        for hostname, route in routes.items():
+            reason = unserved_reason(route, schema)
+            if reason is None:
+                served[hostname] = route
+            else:
+                unserved[hostname] = reason
+        upstreams = {hostname: route["upstream"] for hostname, route in served.items()}
+        key = frozenset(upstreams.items())
+        if key not in maps:
+            maps[key] = render_nginx_map(upstreams)
+        payload = {
+            "hostnames": sorted(served),
+            "routes": upstreams if schema == 1 else {
+                hostname: {field: route[field] for field in SCHEMA_ROUTE_KEYS[schema]}
+                for hostname, route in served.items()},
+            "acme": {"staging": bool(staging)},
+            "nginx_map": maps[key],
+            "wireguard": {"peers": peers},
+        }
+        if schema > 1:
+            payload["schema"] = schema
+        payload["config_hash"] = sha256_hex(canonical_json(payload))
+        built[schema] = payload, unserved
+    return built
 
 
 def build_edge_configs(db):
     """Every schema's payload from the database: {schema: (config_hash, body, unserved)}."""
-    routes = route_objects(db)
     origins = db.execute("SELECT wg_ip, wg_public_key, wg_endpoint FROM origins").fetchall()
-    staging = read_settings(db)["acme_staging"]
-    built = {}
-    for schema in SCHEMAS:
-        payload, unserved = edge_payload(routes, wireguard_peers(origins), staging, schema)
-        built[schema] = (payload["config_hash"], canonical_json(payload), unserved)
-    return built
+    payloads = edge_payloads(route_objects(db), wireguard_peers(origins),
+                             read_settings(db)["acme_staging"])
+    return {schema: (payload["config_hash"], canonical_json(payload), unserved)
+            for schema, (payload, unserved) in payloads.items()}
 
 
 # nginx config generator ######################################################################

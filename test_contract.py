@@ -149,7 +149,7 @@ def test_the_edge_list_shows_agent_schema_and_what_it_cannot_serve(api, monkeypa
     assert edges["never"]["agent_outdated"] is None
     assert all(edge["unserved_routes"] == [] for edge in edges.values())
     # A schema that cannot carry a route: the old edge's list names it, with the reason.
-    monkeypatch.setitem(kokoa.SCHEMA_ROUTE_KEYS, 1, ())
+    monkeypatch.setitem(kokoa.SCHEMA_ROUTE_KEYS, 1, frozenset())
     api.app.edge_config.invalidate()
     edges = edge_list(api)
     assert [r["hostname"] for r in edges["old"]["unserved_routes"]] == [

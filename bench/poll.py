@@ -129,7 +129,7 @@ def bench_build(count):
         populate(db_path, count)
         db = kokoa.connect(str(db_path))
         started = time.perf_counter()
-        _, body = kokoa.build_edge_config(db)
+        _, body, _ = kokoa.build_edge_configs(db)[1]
         elapsed = time.perf_counter() - started
         db.close()
         server = KokoaServer(Path(tmp), {"KOKOA_LOG_LEVEL": "WARNING"})
