@@ -299,8 +299,10 @@ class InProcessServer(ApiClient):
                 for table in ("origins", "routes", "edge_nodes", "settings")}
 
     def create_origin(self, name="home", wg_ip="10.8.0.2", **fields):
+        """POST an origin (wg_ip=None leaves the address to the control plane)."""
+        address = {} if wg_ip is None else {"wg_ip": wg_ip}
         status, _, body = self.request("POST", "/api/v1/origins",
-                                       {"name": name, "wg_ip": wg_ip, **fields})
+                                       {"name": name, **address, **fields})
         assert status == 201, body
         return body
 

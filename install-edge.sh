@@ -55,7 +55,8 @@ Usage: $PROGRAM --control-plane URL --bootstrap-token T --email E [--edge-fqdn F
   --edge-fqdn F          this edge's own name (it gets a certificate)
   --name N               edge name at the control plane (default: the host name)
   --staging              always use the ACME staging server on this edge
-  --wg-ip IP             this edge's WireGuard address; --wg-endpoint HOST:PORT its public endpoint
+  --wg-ip IP             this edge's WireGuard address (default: the control plane assigns one);
+                         --wg-endpoint HOST:PORT its public endpoint
   --root DIR             install under DIR instead of / (for tests and images)
   --no-packages          do not run apt-get
   --no-run               do not run the agent at the end
@@ -288,6 +289,15 @@ make_wireguard_keys() {
     fi
     WG_IP=${WG_IP:-$address}
   fi
+}
+
+# Write the interface config, with the address given, kept or assigned at registration.
+write_wireguard_conf() {
+  local private
+  if [[ $WG_INTERFACE == none ]]; then
+    return 0
+  fi
+  IFS= read -r private <"$WG_DIR/$WG_INTERFACE.key" || return
   put_file "$WG_CONF" 0600 "the WireGuard interface config" < <(
     printf '# Kokoa edge WireGuard interface (install-edge.sh); the agent manages its peers.\n'
     printf '[Interface]\nPrivateKey = %s\nListenPort = 51820\n' "$private"
@@ -317,7 +327,7 @@ read_env_file() {
 }
 
 register() {
-  local body code response token out
+  local body code response token out assigned network
   if [[ -n ${ENV_VALUES[NODE_TOKEN]:-} && ${ENV_VALUES[CONTROL_PLANE_URL]:-} == "$CONTROL_PLANE" ]]
   then
     return 0
@@ -346,6 +356,16 @@ register() {
   token=$(jq -r '.token // empty' -- "$response") || return
   [[ $token =~ ^[A-Za-z0-9._~+/=-]{16,512}$ ]] || die "the control plane returned no usable token"
   ENV_VALUES[NODE_TOKEN]=$token
+  assigned=$(jq -r '.wg_ip // empty' -- "$response") || return
+  network=$(jq -r '.wg_network // empty' -- "$response") || return
+  if [[ -n $assigned ]]; then
+    [[ $assigned =~ ^[0-9a-f.:]{2,45}$ ]] || die "the control plane assigned a strange address"
+    WG_IP=$assigned
+  fi
+  if [[ -n $network ]]; then
+    [[ $network =~ ^[0-9a-f.:]{2,45}/[0-9]{1,3}$ ]] || die "the control plane sent a strange network"
+    ENV_VALUES[WG_NETWORK]=$network      # the agent refuses peers and upstreams outside it
+  fi
   changed "registered this edge as $NAME (id $(jq -r '.id' -- "$response"))"
 }
 
@@ -522,6 +542,7 @@ main() {
   make_wireguard_keys
   read_env_file
   register
+  write_wireguard_conf
   write_env_file
   hook_nginx_conf
   install_schedule

@@ -21,7 +21,8 @@ Environment (real variables win over kokoa.env):
     KOKOA_BOOTSTRAP_TOKEN         token with which edges register
     KOKOA_ADMIN_USER              admin user name for HTTP Basic (default admin)
     KOKOA_ADMIN_PASSWORD          admin password; unset or empty: admin API on loopback only
-    KOKOA_WG_NETWORK              optional CIDR that every wg_ip must lie in
+    KOKOA_WG_NETWORK              the tunnel network (CIDR) every wg_ip lies in; addresses are
+                                  assigned from it (unset: private addresses only)
     KOKOA_TRUSTED_PROXY           address of a reverse proxy in front of serve: its last
                                   X-Forwarded-For entry becomes the client address
 """
@@ -80,6 +81,10 @@ DEFAULT_SETTINGS = {"acme_staging": False}
 BIDI_CONTROLS = frozenset("\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e"
                           "\u2066\u2067\u2068\u2069")   # could make a name read backwards
 CERT_STATUSES = ("valid", "pending", "failed")
+DEFAULT_WG_NETWORK = "10.8.0.0/24"
+# Without KOKOA_WG_NETWORK (an install from before 0.2), wg_ip must be one of these.
+PRIVATE_NETWORKS = tuple(ipaddress.ip_network(net) for net in (
+    "10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "100.64.0.0/10", "fc00::/7"))
 SCHEMAS = (1, 2)                  # edge payload schemas this control plane can send
 NGINX_MAP_GENERATOR = "kokoa 0.1.0"   # the map grammar, not the release: an upgrade of the
                                       # control plane must not change every edge's payload
@@ -716,13 +721,51 @@ def validate_wg_ip(value, network, field="wg_ip"):
                 or candidate.is_unspecified or candidate.is_reserved):
             raise invalid(field, f"{field} must not be a loopback, link-local, multicast, "
                                  "reserved or unspecified address")
-    if network is not None:
-        if address not in network:
-            raise invalid(field, f"{field} must lie in {network}")
-        if network.num_addresses > 2 and address in (network.network_address,
-                                                     network.broadcast_address):
-            raise invalid(field, f"{field} must be a host address of {network}")
+    if network is None:
+        if not any(address in private for private in PRIVATE_NETWORKS):
+            raise invalid(field, f"{field} must be a private address ("
+                          + ", ".join(map(str, PRIVATE_NETWORKS))
+                          + ") while KOKOA_WG_NETWORK is not set")
+        return str(address)
+    if address not in network:
+        raise invalid(field, f"{field} must lie in the tunnel network {network}")
+    if network.num_addresses > 2 and address in (network.network_address,
+                                                 network.broadcast_address):
+        raise invalid(field, f"{field} must be a host address of {network}")
     return str(address)
+
+
+def parse_wg_network(text):
+    """The tunnel network from a CIDR such as 10.8.0.0/24 (ValueError if it is no usable one).
+
+    It must be private (see PRIVATE_NETWORKS) and leave room for an origin and an edge.
+    """
+    network = ipaddress.ip_network(text.strip(), strict=False)
+    if not any(network.subnet_of(private) for private in PRIVATE_NETWORKS
+               if private.version == network.version):
+        raise ValueError(f"{network} is not inside a private range")
+    if network.num_addresses < 4:
+        raise ValueError(f"{network} is too small")
+    return network
+
+
+def free_wg_ip(db, network, field="wg_ip"):
+    """The lowest host address of `network` that no origin or edge holds; 409 if it is full."""
+    taken = {row[0] for row in db.execute(
+        "SELECT wg_ip FROM origins UNION SELECT wg_ip FROM edge_nodes WHERE wg_ip IS NOT NULL")}
+    for address in network.hosts():
+        if str(address) not in taken:
+            return str(address)
+    raise conflict(field, f"every address of the tunnel network {network} is taken")
+
+
+def wg_ip_or_assigned(db, config, value, field="wg_ip"):
+    """A given wg_ip, validated, or (when none is given) the next free one of the network."""
+    if value is not None:
+        return validate_wg_ip(value, config.wg_network, field)
+    if config.wg_network is None:
+        raise invalid(field, f"{field} is required while KOKOA_WG_NETWORK is not set")
+    return free_wg_ip(db, config.wg_network, field)
 
 
 def validate_wg_key(value, field):
@@ -825,14 +868,16 @@ def seal_private_key(keyring, origin_id, private_raw):
 
 def insert_origin(db, config, body):
     """Validate and insert an origin; returns its row."""
-    check_fields(body, ORIGIN_FIELDS, required=("name", "wg_ip"))
+    check_fields(body, ORIGIN_FIELDS, required=("name",))
     name = validate_name(body["name"])
-    wg_ip = validate_wg_ip(body["wg_ip"], config.wg_network)
+    if body.get("wg_ip") is not None:
+        validate_wg_ip(body["wg_ip"], config.wg_network)
     endpoint = validate_endpoint(body.get("wg_endpoint"))
     public, private_raw = resolve_wg_keys(body.get("wg_public_key"), body.get("wg_private_key"))
     origin_id = new_id()
     with transaction(db):
         check_unique(db, "origins", "name_key", name_key(name), "name")
+        wg_ip = wg_ip_or_assigned(db, config, body.get("wg_ip"))
         check_wg_ip_free(db, wg_ip)
         check_unique(db, "origins", "wg_public_key", public, "wg_public_key")
         db.execute(
@@ -1031,9 +1076,8 @@ def insert_edge(db, config, body, enrollment_key=None):
     public = None
     if body.get("wg_public_key") is not None:
         public, _ = validate_wg_key(body["wg_public_key"], "wg_public_key")
-    wg_ip = None
     if body.get("wg_ip") is not None:
-        wg_ip = validate_wg_ip(body["wg_ip"], config.wg_network)
+        validate_wg_ip(body["wg_ip"], config.wg_network)
     endpoint = validate_endpoint(body.get("wg_endpoint"))
     token = new_token()
     edge_id = new_id()
@@ -1042,7 +1086,9 @@ def insert_edge(db, config, body, enrollment_key=None):
             raise HTTPError(401, "unauthorized", "wrong, expired or used-up enrollment key",
                             field="bootstrap_token")
         check_unique(db, "edge_nodes", "name_key", name_key(name), "name")
-        if wg_ip is not None:
+        wg_ip = None
+        if body.get("wg_ip") is not None or (public is not None and config.wg_network):
+            wg_ip = wg_ip_or_assigned(db, config, body.get("wg_ip"))
             check_wg_ip_free(db, wg_ip)
         if public is not None:
             check_unique(db, "edge_nodes", "wg_public_key", public, "wg_public_key")
@@ -2095,7 +2141,9 @@ def register_edge_node(req):
         raise
     req.edge_id = row["id"]
     log.info("registered edge node %s (%s)", row["id"], row["name"])
-    return 201, {"id": row["id"], "name": row["name"], "token": token}
+    network = req.app.config.wg_network
+    return 201, {"id": row["id"], "name": row["name"], "token": token, "wg_ip": row["wg_ip"],
+                 "wg_network": str(network) if network else None}
 
 
 @route("GET", "/api/v1/edge-nodes/me/config", auth="edge")
@@ -2199,9 +2247,10 @@ def load_config(args, env):
     network = None
     if env.get("KOKOA_WG_NETWORK"):
         try:
-            network = ipaddress.ip_network(env["KOKOA_WG_NETWORK"].strip(), strict=False)
-        except ValueError:
-            raise CLIError("KOKOA_WG_NETWORK must be a CIDR such as 10.8.0.0/24") from None
+            network = parse_wg_network(env["KOKOA_WG_NETWORK"])
+        except ValueError as err:
+            raise CLIError(f"KOKOA_WG_NETWORK must be a private CIDR such as "
+                           f"{DEFAULT_WG_NETWORK}: {err}") from None
     return Config(
         db_path=db_path_from(args, env),
         keyring=load_keyring(env),
@@ -2223,6 +2272,11 @@ def configure_logging(env):
 def cmd_init(args):
     """Write kokoa.env with fresh secrets, mode 0600; never overwrite."""
     path = Path(args.env_file)
+    try:
+        network = parse_wg_network(args.wg_network)
+    except ValueError as err:
+        raise CLIError(f"--wg-network must be a private CIDR such as {DEFAULT_WG_NETWORK}: "
+                       f"{err}") from None
     lines = [
         "# kokoa control plane secrets: keep this file private (mode 0600) and backed up.",
         "# Losing WIREGUARD_KEY_ENC_SECRET makes stored WireGuard private keys unreadable.",
@@ -2230,6 +2284,8 @@ def cmd_init(args):
         f"KOKOA_BOOTSTRAP_TOKEN={secrets.token_urlsafe(32)}",
         "KOKOA_ADMIN_USER=admin",
         f"KOKOA_ADMIN_PASSWORD={secrets.token_urlsafe(18)}",
+        "# The WireGuard tunnel network: origins and edges get their addresses from it.",
+        f"KOKOA_WG_NETWORK={network}",
     ]
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
@@ -2292,6 +2348,9 @@ def cmd_serve(args):
                     "clients only")
     if not config.bootstrap_token:
         log.warning("KOKOA_BOOTSTRAP_TOKEN is not set: edges cannot register")
+    if config.wg_network is None:
+        log.warning("KOKOA_WG_NETWORK is not set: every wg_ip must be given and private; set it "
+                    "(e.g. %s) to have addresses assigned", DEFAULT_WG_NETWORK)
     log.info("kokoa %s serving on http://%s:%d/ (database %s, schema v%d)",
              __version__, host, port, config.db_path, version)
     waitress.serve(make_app(config), host=host, port=port, threads=args.threads,
@@ -2418,7 +2477,9 @@ def build_parser():
         sub.set_defaults(func=func)
         return sub
 
-    add("init", cmd_init, "write kokoa.env with fresh secrets (never overwrites)")
+    init = add("init", cmd_init, "write kokoa.env with fresh secrets (never overwrites)")
+    init.add_argument("--wg-network", default=DEFAULT_WG_NETWORK,
+                      help=f"the tunnel network, a private CIDR (default {DEFAULT_WG_NETWORK})")
     serve = add("serve", cmd_serve, "serve the API and UI with waitress")
     serve.add_argument("--listen", help=f"HOST:PORT (default {DEFAULT_LISTEN})")
     serve.add_argument("--db", help=f"database path (default ./{DEFAULT_DB})")

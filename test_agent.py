@@ -616,6 +616,33 @@ def test_install_edge_makes_the_wireguard_key_pair_and_registers_it(kokoa, workd
     assert private not in json.dumps(listing)
 
 
+def test_install_edge_without_wg_ip_gets_an_address_and_the_tunnel_network(workdir):
+    require_tools("jq", "curl", "openssl", "wg", "flock")
+    (workdir / "kokoa").mkdir()
+    server = KokoaServer(workdir / "kokoa", {"KOKOA_WG_NETWORK": "10.77.0.0/24"}).start()
+    try:
+        assert server.request("POST", "/api/v1/origins", {"name": "home"})[2]["wg_ip"] == \
+            "10.77.0.1"
+        root = workdir / "root"
+        (root / "etc/nginx").mkdir(parents=True)
+        (root / "etc/nginx/nginx.conf").write_text("events {}\nhttp {\n}\n")
+        env = {"PATH": os.environ["PATH"], "KOKOA_BOOTSTRAP_TOKEN": server.bootstrap_token}
+        command = ["bash", str(INSTALL), "--root", str(root), "--no-packages", "--no-run",
+                   "--control-plane", server.url, "--email", "ops@example.com", "--name", "e1"]
+        for _ in range(2):          # a re-run keeps the address and the network
+            result = subprocess.run(command, env=env, capture_output=True, text=True,
+                                    timeout=120)
+            assert result.returncode == 0, result.stdout + result.stderr
+            conf = (root / "etc/wireguard/kokoa0.conf").read_text()
+            assert "Address = 10.77.0.2\n" in conf
+            settings = (root / "etc/kokoa/edge.env").read_text()
+            assert "WG_NETWORK=10.77.0.0/24\n" in settings
+        listing = server.request("GET", "/api/v1/edge-nodes")[2]["edge_nodes"]
+        assert [(n["name"], n["wg_ip"]) for n in listing] == [("e1", "10.77.0.2")]
+    finally:
+        server.stop()
+
+
 def tree(root):
     """Every path under root with its mode, and content hash and mtime for files."""
     result = {}

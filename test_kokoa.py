@@ -360,6 +360,46 @@ def test_wg_ip_must_lie_in_the_configured_network(tmp_path):
         server.close()
 
 
+@pytest.mark.parametrize("wg_ip", ["1.1.1.1", "192.0.2.1", "8.8.8.8", "2001:db8::1", "fec0::1"])
+def test_without_a_tunnel_network_only_private_wg_ips_are_accepted(api, wg_ip):
+    """An edge (or origin) must not claim a public address: every origin's wireguard.conf
+    would route it into the tunnel."""
+    for path, body in (("/api/v1/origins", {"name": "o", "wg_ip": wg_ip}),
+                       ("/api/v1/edge-nodes/register", {
+                           "bootstrap_token": api.bootstrap_token, "name": "e", "wg_ip": wg_ip,
+                           "wg_public_key": wg_keypair()[1]})):
+        status, _, error = api.request("POST", path, body, auth="admin" if "origins" in path
+                                       else None)
+        assert status == 400 and error["error"]["field"] == "wg_ip", (path, error)
+        assert "KOKOA_WG_NETWORK" in error["error"]["message"]
+    for wg_ip in ("10.1.2.3", "172.31.0.9", "192.168.1.1", "100.64.0.5", "fd00:8::5"):
+        assert api.create_origin(name=f"o-{wg_ip}", wg_ip=wg_ip)["wg_ip"] == wg_ip
+    status, _, error = api.request("POST", "/api/v1/origins", {"name": "no-address"})
+    assert status == 400 and error["error"]["field"] == "wg_ip"
+
+
+def test_with_a_tunnel_network_the_lowest_free_address_is_assigned(tmp_path):
+    import ipaddress
+    config = make_config(tmp_path / "k.db", wg_network=ipaddress.ip_network("10.8.0.0/29"))
+    server = InProcessServer(config)
+    try:
+        assert server.create_origin(wg_ip=None)["wg_ip"] == "10.8.0.1"
+        status, _, edge = server.request("POST", "/api/v1/edge-nodes/register", {
+            "bootstrap_token": server.bootstrap_token, "name": "edge1",
+            "wg_public_key": wg_keypair()[1]}, auth=None)
+        assert status == 201 and edge["wg_ip"] == "10.8.0.2"
+        assert edge["wg_network"] == "10.8.0.0/29"
+        _, plain = server.register_edge("no-wireguard")         # no key: no address
+        assert server.create_origin(name="fixed", wg_ip="10.8.0.4")["wg_ip"] == "10.8.0.4"
+        assigned = [server.create_origin(name=f"o{i}", wg_ip=None)["wg_ip"] for i in range(3)]
+        assert assigned == ["10.8.0.3", "10.8.0.5", "10.8.0.6"]
+        status, _, error = server.request("POST", "/api/v1/origins", {"name": "one-too-many"})
+        assert status == 409 and error["error"]["field"] == "wg_ip"
+        assert len(server.request("GET", "/api/v1/origins")[2]["origins"]) == 5
+    finally:
+        server.close()
+
+
 def test_patch_changes_fields_and_validates_them(api):
     origin = api.create_origin()
     other = api.create_origin("other", "10.8.0.3")
@@ -902,6 +942,23 @@ def test_init_writes_a_private_env_file_once(tmp_path):
     again = run_cli("init", cwd=tmp_path)
     assert again.returncode != 0 and "already exists" in again.stderr
     assert path.read_bytes() == before
+    assert values["KOKOA_WG_NETWORK"] == kokoa.DEFAULT_WG_NETWORK
+
+
+def test_init_takes_a_private_tunnel_network_and_serve_refuses_a_public_one(tmp_path):
+    result = run_cli("init", "--wg-network", "172.20.0.0/16", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert kokoa.read_env_file(tmp_path / "kokoa.env")["KOKOA_WG_NETWORK"] == "172.20.0.0/16"
+    for network in ("8.8.8.0/24", "2001:db8::/64", "10.8.0.0/31", "not-a-network"):
+        other = tmp_path / network.replace("/", "_").replace(":", "_")
+        other.mkdir()
+        result = run_cli("init", "--wg-network", network, cwd=other)
+        assert result.returncode != 0 and "--wg-network" in result.stderr, network
+        assert list(other.iterdir()) == []
+        result = run_cli("serve", "--listen", f"127.0.0.1:{free_port()}", cwd=other, env={
+            "WIREGUARD_KEY_ENC_SECRET": os.urandom(32).hex(), "KOKOA_WG_NETWORK": network})
+        lines = result.stderr.strip().splitlines()
+        assert result.returncode != 0 and len(lines) == 1 and "KOKOA_WG_NETWORK" in lines[0]
 
 
 @pytest.mark.parametrize("secret", [None, "", "abc", "00" * 31, "zz" * 32,

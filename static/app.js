@@ -520,12 +520,13 @@
     form.addEventListener("submit", (event) => {
       event.preventDefault();
       clearErrors(form);
-      const body = {name: value(form, "name"), wg_ip: value(form, "wg_ip")};
+      const body = {name: value(form, "name")};
+      const wgIp = value(form, "wg_ip");
+      if (wgIp) body.wg_ip = wgIp;      // empty: the control plane assigns the next free one
       const endpoint = value(form, "wg_endpoint");
       if (endpoint) body.wg_endpoint = endpoint;
       const checks = {};
       if (!body.name) checks.name = "Enter a name for this origin.";
-      if (!body.wg_ip) checks.wg_ip = "Enter the origin's WireGuard IP, e.g. 10.8.0.2.";
       if (form.elements.namedItem("key_mode").value === "own") {
         const pub = value(form, "wg_public_key");
         const priv = value(form, "wg_private_key");
