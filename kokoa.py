@@ -870,8 +870,6 @@ def insert_origin(db, config, body):
     """Validate and insert an origin; returns its row."""
     check_fields(body, ORIGIN_FIELDS, required=("name",))
     name = validate_name(body["name"])
-    if body.get("wg_ip") is not None:
-        validate_wg_ip(body["wg_ip"], config.wg_network)
     endpoint = validate_endpoint(body.get("wg_endpoint"))
     public, private_raw = resolve_wg_keys(body.get("wg_public_key"), body.get("wg_private_key"))
     origin_id = new_id()
@@ -1076,8 +1074,6 @@ def insert_edge(db, config, body, enrollment_key=None):
     public = None
     if body.get("wg_public_key") is not None:
         public, _ = validate_wg_key(body["wg_public_key"], "wg_public_key")
-    if body.get("wg_ip") is not None:
-        validate_wg_ip(body["wg_ip"], config.wg_network)
     endpoint = validate_endpoint(body.get("wg_endpoint"))
     token = new_token()
     edge_id = new_id()
