@@ -550,9 +550,11 @@ def route_upstream($schema; $host):
     (if type == "string" then . else fail("route for \($host) is not a string") end)
   elif type != "object" then fail("route for \($host) is not an object")
   else only_keys(["upstream"]; "the route for \($host)") | .upstream end;
-def check_upstream($host):
-  if parse_addr == null then fail("invalid route for \($host): \(tostring | .[:80] | @json)")
-  else . end;
+# Check one upstream address ("ip:port") that the route for $host (one of its routes) uses.
+def check_upstream($guard; $host):
+  parse_addr as $addr
+  | if $addr == null then fail("invalid route for \($host): \(tostring | .[:80] | @json)")
+    else $addr.v4 // $addr.v6 | check_address($guard; "the route for \($host): upstream") end;
 def check:
   if type != "object" then fail("payload is not a JSON object") else . end
   | (if has("schema") then .schema else 1 end) as $schema
@@ -578,11 +580,10 @@ def check:
   | if (.routes | keys) != (.hostnames | sort) then
       fail("routes and hostnames do not list the same names") else . end
   | (.routes | to_entries | map(.key as $host | .value | route_upstream($schema; $host)
-      | check_upstream($host) | {key: $host, value: .}) | from_entries) as $upstreams
-  # Each distinct upstream address once (many routes share an origin), named by a route.
+      | {key: $host, value: .}) | from_entries) as $upstreams
+  # Each distinct upstream once (many routes share an origin), named by one of its routes.
   | [$upstreams | to_entries | group_by(.value)[] | first as $route
-     | $route.value | parse_addr | (.v4 // .v6)
-     | check_address($guard; "the route for \($route.key): upstream")] as $_
+     | $route.value | check_upstream($guard; $route.key)] as $_
   | if (.acme | type) != "object" then fail("acme is not an object") else . end
   | (.acme | only_keys(["staging"]; "acme")) as $_
   | if (.acme.staging | type) != "boolean" then fail("acme.staging is not a boolean") else . end
