@@ -1042,10 +1042,15 @@ def agent_outdated(row, last_seen):
     return version_key(row["agent_version"]) < version_key(__version__)
 
 
+def edge_schema(row):
+    """The payload schema an edge's agent last asked for (1 for one that never said)."""
+    return row["agent_schema"] if row["agent_schema"] in SCHEMAS else 1
+
+
 def edge_json(row, configs, last_seen=None):
     """The public JSON of an edge row (never its token hash), judged against the payload of
     the schema its agent speaks: `configs` is {schema: (config_hash, body, unserved)}."""
-    schema = row["agent_schema"] if row["agent_schema"] in configs else 1
+    schema = edge_schema(row)
     config_hash, _, unserved = configs[schema]
     last_seen = last_seen or row["last_seen"]
     return {
@@ -1976,8 +1981,7 @@ def fleet_metrics(req, config_hashes):
     for row in req.db.execute(
             "SELECT id, applied_hash, last_seen, agent_schema FROM edge_nodes"):
         edges["total"] += 1
-        edges["in_sync"] += row["applied_hash"] == config_hashes.get(row["agent_schema"],
-                                                                    config_hashes[1])
+        edges["in_sync"] += row["applied_hash"] == config_hashes[edge_schema(row)]
         seen = req.app.last_seen.get(row["id"]) or row["last_seen"]
         if seen is None or now - parse_iso_time(seen) > EDGE_STALE_SECONDS:
             edges["stale"] += 1
