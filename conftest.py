@@ -180,6 +180,14 @@ class ApiClient:
         return data["id"], data["token"]
 
 
+def run_cli(*args, cwd, env=None, timeout=60):
+    """`python kokoa.py ARGS` in `cwd`, with no KOKOA_/WIREGUARD_ variables but `env`."""
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("KOKOA_", "WIREGUARD_"))}
+    return subprocess.run([sys.executable, str(REPO / "kokoa.py"), *args], cwd=cwd,
+                          env={**base, **(env or {})}, capture_output=True, text=True,
+                          timeout=timeout)
+
+
 def fresh_secrets():
     """(encryption key hex, bootstrap token, admin password) for a test control plane."""
     values = (os.urandom(32).hex(),

@@ -58,6 +58,7 @@ import socket
 import struct
 import sys
 import time
+import unicodedata
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -170,6 +171,12 @@ def to_ascii(name):
     """Convert an IDN to its ASCII (punycode) form; raise UsageError if that fails."""
     if name.isascii():
         return name
+    # As kokoa.py refuses them: invisible format characters, and the letters Python's IDNA2003
+    # codec maps to others where browsers keep them (the name would be another domain).
+    if any(unicodedata.category(char) == "Cf" for char in name) or \
+            any(char in name.lower() for char in "\u00df\u03c2"):
+        raise UsageError(f"invalid name {name!r}: it has an invisible character, ß or final "
+                         "sigma ς, which browsers and Python's IDNA encode differently")
     try:
         return name.encode("idna").decode("ascii")
     except UnicodeError:

@@ -46,6 +46,7 @@ import re
 import secrets
 import sqlite3
 import sys
+import tempfile
 import threading
 import time
 import unicodedata
@@ -78,8 +79,10 @@ UUID_RE = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0
 HEX64_RE = re.compile(r"[0-9a-f]{64}")
 LABEL_RE = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
 DEFAULT_SETTINGS = {"acme_staging": False}
-BIDI_CONTROLS = frozenset("\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e"
-                          "\u2066\u2067\u2068\u2069")   # could make a name read backwards
+# Python's idna codec is IDNA2003: it maps these to other letters where browsers (UTS #46,
+# non-transitional) keep them, so the name would be another domain. (The other two
+# deviations, ZWJ and ZWNJ, are format characters: check_text refuses them.)
+IDNA_DEVIATIONS = {"\u00df": "ß (sharp s)", "\u03c2": "ς (final sigma)"}
 CERT_STATUSES = ("valid", "pending", "failed")
 DEFAULT_WG_NETWORK = "10.8.0.0/24"
 # Without KOKOA_WG_NETWORK (an install from before 0.2), wg_ip must be one of these.
@@ -477,6 +480,8 @@ def connect(path):
     If the storage refuses writes (read-only filesystem, full disk), WAL cannot even be read:
     fall back to a read-only connection so that reads keep working and writes fail.
     """
+    if path != ":memory:" and not os.path.exists(path):
+        create_private_file(path, exist_ok=True)   # SQLite gives -wal and -shm its mode
     db = sqlite3.connect(path, isolation_level=None, timeout=5.0)
     db.row_factory = sqlite3.Row
     try:
@@ -604,11 +609,40 @@ def wg_ip_owner(db, wg_ip, exclude_id=None):
     return row["kind"] if row else None
 
 
-def backup_database(source_path, target_path):
+DATABASE_SUFFIXES = ("", "-wal", "-shm", "-journal")
+
+
+def create_private_file(path, exist_ok=False):
+    """Create `path` empty with mode 0600 whatever the umask, never through a symlink or over
+    an existing file (FileExistsError, unless exist_ok and it is a regular file)."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    except FileExistsError:
+        if exist_ok and not os.path.islink(path):
+            return
+        raise
+    try:
+        os.fchmod(fd, 0o600)
+    finally:
+        os.close(fd)
+
+
+def make_database_private(db_path):
+    """chmod 0600 the database and its -wal/-shm/-journal files (older installs made 0644)."""
+    for suffix in DATABASE_SUFFIXES:
+        with contextlib.suppress(FileNotFoundError):
+            os.chmod(db_path + suffix, 0o600, follow_symlinks=False)
+
+
+def backup_database(source_path, target_path, fresh=True):
     """Copy a live database consistently with sqlite3's online backup API.
 
-    Neither side's settings are changed (no WAL switch on a backup file being restored).
+    With `fresh`, the target is created 0600 and must not exist yet (nor be a symlink); else
+    it must already exist. Neither side's settings are changed (no WAL switch on a backup file
+    being restored).
     """
+    if fresh:
+        create_private_file(target_path)
     source = sqlite3.connect(source_path, timeout=5.0)
     target = sqlite3.connect(target_path, timeout=5.0)
     try:
@@ -641,8 +675,11 @@ def check_text(value, field, max_length, allow_newlines=False):
     for char in value:
         if allow_newlines and char in "\n\t":
             continue
-        if unicodedata.category(char) in ("Cc", "Cs") or char in BIDI_CONTROLS:
-            raise invalid(field, f"{field} must not contain control characters")
+        # Cf: invisible format characters (bidi controls that make a name read backwards,
+        # zero-width spaces that make "edge1" and "edge1\u200b" two names that look alike)
+        if unicodedata.category(char) in ("Cc", "Cs", "Cf"):
+            raise invalid(field, f"{field} must not contain control or invisible "
+                                 f"formatting characters (found U+{ord(char):04X})")
     return value
 
 
@@ -691,6 +728,11 @@ def normalize_hostname(value, field="hostname"):
         text = text[:-1]
     if not text or is_ip_address(text.strip("[]")):
         raise invalid(field, f"{field} must be a DNS name, not empty or an IP address")
+    for char, label in IDNA_DEVIATIONS.items():
+        if char in text:
+            raise invalid(field, f"{field} contains {label}, which browsers and Python's IDNA "
+                                 "encode differently (it would be another domain): spell the "
+                                 "name without it, or give its punycode (xn--) form")
     try:
         ascii_name = text.encode("idna").decode("ascii")
     except UnicodeError:
@@ -2305,6 +2347,7 @@ def open_migrated(db_path, backup_first=False):
     Raises CLIError if the database is newer than this code or a migration fails.
     """
     db = connect(db_path)
+    make_database_private(db_path)
     try:
         version = schema_version(db)
         if backup_first and 0 < version < len(MIGRATIONS):
@@ -2376,10 +2419,11 @@ def cmd_backup(args):
         raise CLIError(f"database {db_path} does not exist")
     if target.exists() and not args.force:
         raise CLIError(f"{target} already exists; pass --force to replace it")
-    partial = target.with_name(f".{target.name}.partial-{os.getpid()}")
+    fd, partial = tempfile.mkstemp(prefix=f".{target.name}.partial-", dir=target.parent)
+    os.close(fd)                   # mkstemp: exclusive, no symlink followed, mode 0600
+    partial = Path(partial)
     try:
-        backup_database(db_path, str(partial))
-        os.chmod(partial, 0o600)
+        backup_database(db_path, str(partial), fresh=False)
         os.replace(partial, target)
     finally:
         partial.unlink(missing_ok=True)
@@ -2420,7 +2464,8 @@ def cmd_restore(args):
         keep = f"{db_path}.pre-restore-{file_stamp()}"
         backup_database(db_path, keep)
         print(f"kept the previous database as {keep}")
-    backup_database(args.path, db_path)
+    backup_database(args.path, db_path, fresh=not Path(db_path).exists())
+    make_database_private(db_path)
     print(f"restored {args.path} (schema v{version}) into {db_path}; restart serve, which "
           "migrates it if needed")
     return 0

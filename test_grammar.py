@@ -142,12 +142,19 @@ HOSTNAMES = {
     "bücher.example.org": "xn--bcher-kva.example.org",
     "Bücher.Example.Org": "xn--bcher-kva.example.org",
     "💩.la": "xn--ls8h.la",
-    "ß.com": "ss.com",
+    "ß.com": INVALID,                           # IDNA2003 says ss.com, browsers xn--zca.com
+    "straße.de": INVALID,
+    "STRAẞE.de": INVALID,                       # capital sharp s lower-cases to ß
+    "ας.gr": INVALID,                           # final sigma: IDNA2003 makes it σ
+    "xn--strae-oqa.de": VALID,                  # straße.de as browsers encode it
     "ａ.example.com": "a.example.com",         # fullwidth a
     "a。example。com": "a.example.com",         # ideographic full stops
     "a.example.com。": INVALID,
     "\u202ea.example.com": INVALID,             # a bidi control
-    "a\u200bb.example.com": "ab.example.com",   # nameprep maps a zero-width space to nothing
+    "a\u200bb.example.com": INVALID,            # zero-width space: nameprep would drop it
+    "a\u200db.example.com": INVALID,            # ZWJ (IDNA2003 drops it, browsers keep it)
+    "a\u200cb.example.com": INVALID,            # ZWNJ
+    "a\u00adb.example.com": INVALID,            # soft hyphen
     "ab.example.com": VALID,
     "é": INVALID,
     # wildcards (DESIGN plans `*.example.com` routes; today no validator takes them)

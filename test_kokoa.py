@@ -28,6 +28,7 @@ from conftest import (
     migrated_app,
     nginx_test,
     require_tools,
+    run_cli,
     send_request,
     wg_keypair,
     write_nginx_prefix,
@@ -233,6 +234,9 @@ ORIGIN_BAD = [
     ({"name": "bad\nname", "wg_ip": "10.8.0.9"}, "name"),
     ({"name": "bad\ud800", "wg_ip": "10.8.0.9"}, "name"),
     ({"name": "gpj.\u202eexe", "wg_ip": "10.8.0.9"}, "name"),
+    ({"name": "edge1\u200b", "wg_ip": "10.8.0.9"}, "name"),     # looks like "edge1"
+    ({"name": "ed\u00adge1", "wg_ip": "10.8.0.9"}, "name"),     # soft hyphen
+    ({"name": "\ufeffedge1", "wg_ip": "10.8.0.9"}, "name"),     # byte order mark
     ({"name": 7, "wg_ip": "10.8.0.9"}, "name"),
     ({"name": "o"}, "wg_ip"),
     ({"name": "o", "wg_ip": "127.0.0.1"}, "wg_ip"),
@@ -795,13 +799,6 @@ def test_public_key_alone_gives_a_placeholder_and_peers_per_edge(api):
             "Endpoint = edge1.example.com:51820\nPersistentKeepalive = 25\n") in conf
     api.request("DELETE", f"/api/v1/edge-nodes/{edge_id}")
     assert "[Peer]" not in api.request("GET", path)[2].decode()
-
-
-def run_cli(*args, cwd, env=None, timeout=60):
-    base = {k: v for k, v in os.environ.items() if not k.startswith(("KOKOA_", "WIREGUARD_"))}
-    return subprocess.run([sys.executable, str(REPO / "kokoa.py"), *args], cwd=cwd,
-                          env={**base, **(env or {})}, capture_output=True, text=True,
-                          timeout=timeout)
 
 
 def test_rotate_key_re_encrypts_every_secret(tmp_path):
