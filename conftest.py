@@ -283,7 +283,8 @@ class InProcessServer(ApiClient):
         self.app = migrated_app(config)
         self.server = waitress.create_server(validator(self.app), host="127.0.0.1", port=0,
                                              threads=4, asyncore_use_poll=True,
-                                             asyncore_loop_timeout=0.05)
+                                             asyncore_loop_timeout=0.05,
+                                             **kokoa.WAITRESS_SETTINGS)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()
         super().__init__(f"http://127.0.0.1:{self.server.effective_port}", config.admin_user,

@@ -41,6 +41,7 @@ import hmac
 import ipaddress
 import json
 import logging
+import math
 import os
 import re
 import secrets
@@ -50,6 +51,7 @@ import tempfile
 import threading
 import time
 import unicodedata
+import urllib.parse
 import uuid
 from pathlib import Path
 
@@ -68,8 +70,12 @@ DEFAULT_DB = "kokoa.db"
 DEFAULT_ENV_FILE = "kokoa.env"
 MAX_BODY_BYTES = 1024 * 1024
 STATIC_DIR = Path(__file__).resolve().parent / "static"
-AUTH_FAILURE_LIMIT = 10           # failed attempts per client address ...
-AUTH_FAILURE_WINDOW = 60.0        # ... per this many seconds
+AUTH_FAILURE_LIMIT = 10           # failed attempts per client address (IPv6: per /64) ...
+AUTH_FAILURE_WINDOW = 60.0        # ... per this many seconds, counted per credential kind
+ADMIN_SLOWDOWN_FAILURES = 30      # this many admin failures in the window from anywhere ...
+ADMIN_SLOWDOWN_INTERVAL = 1.0     # ... and admin logins are tried at most once a second
+LOOPBACK_HOSTS = frozenset({"localhost", "127.0.0.1", "[::1]"})
+FORWARDING_HEADERS = ("HTTP_X_FORWARDED_FOR", "HTTP_FORWARDED", "HTTP_X_REAL_IP")
 LAST_SEEN_FLUSH_SECONDS = 30.0    # how stale the stored last_seen of an edge may get
 TOKEN_CACHE_SECONDS = 60.0
 EDGE_STALE_SECONDS = 300.0        # an edge that has not polled for this long is stale
@@ -107,6 +113,9 @@ class Config:
     admin_user: str = "admin"
     admin_password: str = ""
     wg_network: object = None   # ipaddress.ip_network or None
+    trusted_proxy: object = None    # ipaddress.ip_address of the reverse proxy, or None
+    public_url: str = ""        # KOKOA_PUBLIC_URL as given (normalised), or ""
+    public_host: str = ""       # its host, as a Host header names it (lower case, [v6])
 
 
 def read_env_file(path):
@@ -143,6 +152,22 @@ def decode_key(text):
         if len(raw) == 32:
             return raw
     raise ValueError("must be 32 bytes: 64 hex characters or base64")
+
+
+def parse_public_url(text):
+    """KOKOA_PUBLIC_URL -> (the URL normalised, its host as a Host header names it)."""
+    parts = urllib.parse.urlsplit(text.strip())
+    if parts.scheme not in ("http", "https") or not parts.hostname or parts.username \
+            or parts.password or parts.query or parts.fragment or parts.path not in ("", "/"):
+        raise ValueError("must be http(s)://HOST[:PORT] without a path, e.g. "
+                         "https://kokoa.example.com")
+    parts.port                       # noqa: B018 -- raises ValueError for a bad port
+    host = parts.hostname.rstrip(".")
+    if ":" in host:
+        host = f"[{ipaddress.ip_address(host.split('%')[0])}]"
+    elif not all(LABEL_RE.fullmatch(label) for label in host.split(".")):
+        raise ValueError(f"{host!r} is not a host name")
+    return f"{parts.scheme}://{parts.netloc.lower()}", host
 
 
 def parse_listen(text):
@@ -282,6 +307,52 @@ class RateLimiter:
 SECRET_BLOB_VERSION = 1
 NONCE_BYTES = 12
 KEY_ID_BYTES = 4
+
+
+def rate_key(address):
+    """What failures are counted against: the address, an IPv6 client's whole /64 (one
+    subscriber gets at least that many addresses), an IPv4-mapped address as IPv4."""
+    try:
+        ip = ipaddress.ip_address(address.split("%")[0])
+    except ValueError:
+        return address
+    if ip.version == 6 and ip.ipv4_mapped:
+        return str(ip.ipv4_mapped)
+    if ip.version == 6:
+        return str(ipaddress.ip_network(f"{ip}/64", strict=False))
+    return str(ip)
+
+
+class FailureSlowdown:
+    """Across every address: past `threshold` failures in `window` seconds, one attempt per
+    `interval` (429 otherwise), so that many addresses (an IPv6 block, a botnet, a proxy that
+    passes a client's X-Forwarded-For through) buy no more guesses than one."""
+
+    def __init__(self, threshold=ADMIN_SLOWDOWN_FAILURES, window=AUTH_FAILURE_WINDOW,
+                 interval=ADMIN_SLOWDOWN_INTERVAL):
+        self.window = window
+        self.interval = interval
+        self._failures = collections.deque(maxlen=threshold)
+        self._last_attempt = -math.inf
+        self._lock = threading.Lock()
+
+    def check(self):
+        """Raise a 429 HTTPError if the slow-down is on and an attempt came too recently."""
+        with self._lock:
+            now = time.monotonic()
+            while self._failures and self._failures[0] <= now - self.window:
+                self._failures.popleft()
+            if len(self._failures) == self._failures.maxlen:
+                if now - self._last_attempt < self.interval:
+                    raise HTTPError(429, "too_many_requests",
+                                    "too many failed logins from everywhere; slowed down to one "
+                                    "attempt a second", headers=[("Retry-After", "1")])
+                self._last_attempt = now
+
+    def fail(self):
+        """Record one failure."""
+        with self._lock:
+            self._failures.append(time.monotonic())
 
 
 def hash_token(token):
@@ -1516,7 +1587,8 @@ STATUS_TEXT = {
     200: "OK", 201: "Created", 204: "No Content", 304: "Not Modified", 400: "Bad Request",
     401: "Unauthorized", 403: "Forbidden", 404: "Not Found", 405: "Method Not Allowed",
     409: "Conflict", 413: "Payload Too Large", 415: "Unsupported Media Type",
-    429: "Too Many Requests", 500: "Internal Server Error", 503: "Service Unavailable",
+    421: "Misdirected Request", 429: "Too Many Requests", 500: "Internal Server Error",
+    503: "Service Unavailable",
 }
 SECURITY_HEADERS = [
     ("X-Content-Type-Options", "nosniff"),
@@ -1526,6 +1598,9 @@ SECURITY_HEADERS = [
      "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
      "connect-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'"),
 ]
+# What serve gives waitress; tests serve the app with the same.
+WAITRESS_SETTINGS = {"ident": "kokoa", "max_request_body_size": 4 * MAX_BODY_BYTES,
+                     "clear_untrusted_proxy_headers": False}    # find_client() reads them
 ROUTES = []
 
 
@@ -1647,6 +1722,61 @@ def is_loopback(address):
         return False
 
 
+def host_name(header):
+    """The host a Host header names: lower case, no port, no trailing dot, IPv6 in []."""
+    host = header.strip().lower()
+    if host.startswith("["):
+        return host[:host.find("]") + 1] if "]" in host else host
+    name, sep, port = host.rpartition(":")
+    if sep and port.isdigit():
+        host = name
+    return host[:-1] if host.endswith(".") else host
+
+
+def check_host(req, public_host):
+    """421 unless the request names this control plane (DNS rebinding: a page that rebinds its
+    own name to 127.0.0.1 still sends that name)."""
+    host = host_name(req.environ.get("HTTP_HOST", ""))
+    if host not in LOOPBACK_HOSTS and not (public_host and host == public_host):
+        where = f"{public_host} or localhost" if public_host else "localhost"
+        raise HTTPError(421, "misdirected_request",
+                        f"this control plane answers only requests addressed to {where}; "
+                        "set KOKOA_PUBLIC_URL to the URL that edges and browsers use")
+
+
+def origin_allowed(origin, public_host):
+    """A browser's Origin must be this control plane's own; no Origin (scripts) passes."""
+    if not origin:
+        return True
+    host = host_name(urllib.parse.urlsplit(origin).netloc) if "://" in origin else ""
+    return host in LOOPBACK_HOSTS or (bool(public_host) and host == public_host)
+
+
+def find_client(req, trusted_proxy):
+    """Set req.client and req.proxied. From the trusted proxy, the client is the last
+    X-Forwarded-For hop (the one the proxy appended; earlier ones are the client's to write);
+    from anyone else, the socket peer. A request with any forwarding header came through a
+    proxy, trusted or not, and is never a loopback client."""
+    environ = req.environ
+    req.proxied = any(environ.get(name) for name in FORWARDING_HEADERS)
+    if trusted_proxy is None or not req.peer:
+        return
+    try:
+        from_proxy = ipaddress.ip_address(req.peer.split("%")[0]) == trusted_proxy
+    except ValueError:
+        return
+    if not from_proxy:
+        return
+    req.proxied = True
+    chain = environ.get("HTTP_X_FORWARDED_FOR", "")
+    if chain:
+        hop = chain.rsplit(",", 1)[-1].strip()
+        if not is_ip_address(hop):
+            raise invalid("X-Forwarded-For", "the last X-Forwarded-For hop must be the client's "
+                          "IP address, as the proxy appends it")
+        req.client = hop
+
+
 class Request:
     """One request: environ, lazily opened database connection, auth result, JSON body."""
 
@@ -1655,13 +1785,20 @@ class Request:
         self.environ = environ
         self.method = environ.get("REQUEST_METHOD", "GET").upper()
         self.path = environ.get("PATH_INFO", "") or "/"
-        self.client = environ.get("REMOTE_ADDR", "")
+        self.peer = environ.get("REMOTE_ADDR", "")    # the socket's: the proxy, if any
+        self.client = self.peer     # behind the trusted proxy, its last X-Forwarded-For hop
+        self.proxied = False        # came through a proxy: never a loopback client
         given_id = environ.get("HTTP_X_REQUEST_ID", "")
         self.request_id = given_id if REQUEST_ID_RE.fullmatch(given_id) else os.urandom(16).hex()
         self.edge_id = None
         self.route_pattern = "unmatched"      # labels for metrics: bounded, never raw input
         self.metrics_method = "other"
         self._db = None
+
+    @property
+    def local(self):
+        """A client on this machine: a loopback socket peer and no proxy in between."""
+        return not self.proxied and is_loopback(self.peer)
 
     @property
     def db(self):
@@ -1863,7 +2000,9 @@ class App:
 
     def __init__(self, config):
         self.config = config
-        self.limiter = RateLimiter()
+        self.limiters = {kind: RateLimiter() for kind in ("admin", "bootstrap", "edge")}
+        self.admin_slowdown = FailureSlowdown()
+        self.warned_untrusted_proxy = False
         self.tokens = TokenCache()
         self.edge_config = EdgeConfigCache()
         self.last_seen = LastSeen()
@@ -1894,9 +2033,14 @@ class App:
     def dispatch(self, req):
         """Route, authenticate and run the handler; map every failure to a JSON error."""
         try:
+            check_host(req, self.config.public_host)
+            find_client(req, self.config.trusted_proxy)
+            self.warn_untrusted_proxy(req)
             entry, params = match_route(req.method, req.path)
             req.route_pattern, req.metrics_method = entry.pattern, req.method
-            if req.method not in ("GET", "HEAD") and req.header("Sec-Fetch-Site") == "cross-site":
+            if req.method not in ("GET", "HEAD") and (
+                    req.header("Sec-Fetch-Site") == "cross-site"
+                    or not origin_allowed(req.header("Origin"), self.config.public_host)):
                 raise HTTPError(403, "forbidden", "cross-site requests are refused")
             self.authenticate(req, entry.auth)
             req.check_body_headers()
@@ -1918,9 +2062,25 @@ class App:
             log.exception("unhandled error in %s %s", req.method, req.path)
             return json_response(500, HTTPError(500, "internal", "internal error").body())
 
+    def warn_untrusted_proxy(self, req):
+        """Once: say that a proxy forwards to us but KOKOA_TRUSTED_PROXY does not name it."""
+        if req.proxied and self.config.trusted_proxy is None and is_loopback(req.peer) \
+                and not self.warned_untrusted_proxy:
+            self.warned_untrusted_proxy = True
+            log.warning("requests arrive through a proxy at %s but KOKOA_TRUSTED_PROXY is not "
+                        "set: every client counts as that address for rate limits; set "
+                        "KOKOA_TRUSTED_PROXY=%s", req.peer, req.peer)
+
+    def rate_limited(self, kind, req):
+        """429 if this client has used up its failures of one credential kind; else the
+        function that records a failure of it."""
+        limiter, key = self.limiters[kind], rate_key(req.client)
+        limiter.check(key)
+        return lambda: limiter.fail(key)
+
     def authenticate(self, req, kind):
         """Enforce a route's auth kind: admin (Basic), edge (Bearer), local_or_admin, none."""
-        if kind == "local_or_admin" and is_loopback(req.client):
+        if kind == "local_or_admin" and req.local:
             return
         if kind in ("admin", "local_or_admin"):
             self.authenticate_admin(req)
@@ -1931,7 +2091,7 @@ class App:
         """HTTP Basic with the admin credentials; loopback only when no password is set."""
         challenge = [("WWW-Authenticate", 'Basic realm="kokoa", charset="UTF-8"')]
         if not self.config.admin_password:
-            if is_loopback(req.client):
+            if req.local:
                 return
             raise HTTPError(401, "unauthorized", "no admin password is set: the admin API "
                             "answers loopback clients only", headers=challenge)
@@ -1939,7 +2099,8 @@ class App:
         if scheme.lower() != "basic":
             raise HTTPError(401, "unauthorized", "admin credentials required",
                             headers=challenge)
-        self.limiter.check(req.client)
+        fail = self.rate_limited("admin", req)
+        self.admin_slowdown.check()
         try:
             user, _, password = base64.b64decode(encoded.strip(), validate=True) \
                 .decode("utf-8").partition(":")
@@ -1947,7 +2108,8 @@ class App:
             user, password = "", ""
         user_ok = tokens_equal(user, self.config.admin_user)
         if not (tokens_equal(password, self.config.admin_password) and user_ok):
-            self.limiter.fail(req.client)
+            fail()
+            self.admin_slowdown.fail()
             raise HTTPError(401, "unauthorized", "wrong admin credentials", headers=challenge)
 
     def authenticate_edge(self, req):
@@ -1960,8 +2122,7 @@ class App:
         # long to guess, and a revoked edge behind the same NAT must not lock out the others.
         edge_id = self.tokens.lookup(req, token.strip())
         if edge_id is None:
-            self.limiter.check(req.client)
-            self.limiter.fail(req.client)
+            self.rate_limited("edge", req)()
             raise HTTPError(401, "unauthorized", "unknown or revoked node token",
                             headers=challenge)
         req.edge_id = edge_id
@@ -1971,7 +2132,8 @@ class App:
         log.info("request", extra={"access": {
             "request_id": req.request_id, "method": req.method, "path": req.path[:512],
             "status": status, "duration_ms": round((time.perf_counter() - started) * 1000, 2),
-            "client": req.client, "edge_id": req.edge_id}})
+            "client": req.client, "edge_id": req.edge_id,
+            **({"peer": req.peer} if req.peer != req.client else {})}})
 
 
 def make_app(config):
@@ -2160,18 +2322,18 @@ def delete_enrollment_key(req, id):
 
 @route("POST", "/api/v1/edge-nodes/register", auth="none")
 def register_edge_node(req):
-    req.app.limiter.check(req.client)
+    fail = req.app.rate_limited("bootstrap", req)
     body = req.json()
     given = body.get("bootstrap_token") if isinstance(body, dict) else None
     if not isinstance(given, str) or not given:
-        req.app.limiter.fail(req.client)
+        fail()
         raise HTTPError(401, "unauthorized", "a bootstrap token or enrollment key is required",
                         field="bootstrap_token")
     expected = req.app.config.bootstrap_token
     enrollment_key = None
     if not expected or not tokens_equal(given, expected):
         if not enrollment_key_usable(req.db, given):
-            req.app.limiter.fail(req.client)
+            fail()
             raise HTTPError(401, "unauthorized", "wrong bootstrap token or enrollment key",
                             field="bootstrap_token")
         enrollment_key = given          # spent inside the insert transaction
@@ -2179,7 +2341,7 @@ def register_edge_node(req):
         row, token = insert_edge(req.db, req.app.config, body, enrollment_key)
     except HTTPError as err:
         if err.status == 401:
-            req.app.limiter.fail(req.client)
+            fail()
         raise
     req.edge_id = row["id"]
     log.info("registered edge node %s (%s)", row["id"], row["name"])
@@ -2293,6 +2455,17 @@ def load_config(args, env):
         except ValueError as err:
             raise CLIError(f"KOKOA_WG_NETWORK must be a private CIDR such as "
                            f"{DEFAULT_WG_NETWORK}: {err}") from None
+    try:
+        proxy = env.get("KOKOA_TRUSTED_PROXY", "").strip()
+        trusted_proxy = ipaddress.ip_address(proxy) if proxy else None
+    except ValueError:
+        raise CLIError("KOKOA_TRUSTED_PROXY must be the proxy's IP address") from None
+    public_url, public_host = "", ""
+    if env.get("KOKOA_PUBLIC_URL"):
+        try:
+            public_url, public_host = parse_public_url(env["KOKOA_PUBLIC_URL"])
+        except ValueError as err:
+            raise CLIError(f"KOKOA_PUBLIC_URL {err}") from None
     return Config(
         db_path=db_path_from(args, env),
         keyring=load_keyring(env),
@@ -2300,6 +2473,9 @@ def load_config(args, env):
         admin_user=env.get("KOKOA_ADMIN_USER") or "admin",
         admin_password=env.get("KOKOA_ADMIN_PASSWORD", ""),
         wg_network=network,
+        trusted_proxy=trusted_proxy,
+        public_url=public_url,
+        public_host=public_host,
     )
 
 
@@ -2366,17 +2542,6 @@ def open_migrated(db_path, backup_first=False):
         db.close()
 
 
-def proxy_settings(trusted_proxy):
-    """waitress settings: behind the given proxy, the client address (for rate limits, the
-    loopback check and logs) is the last X-Forwarded-For entry; otherwise such headers go."""
-    if not trusted_proxy:
-        return {"clear_untrusted_proxy_headers": True}
-    if not is_ip_address(trusted_proxy.strip()):
-        raise CLIError("KOKOA_TRUSTED_PROXY must be the proxy's IP address")
-    return {"trusted_proxy": trusted_proxy.strip(), "trusted_proxy_count": 1,
-            "trusted_proxy_headers": {"x-forwarded-for"}, "clear_untrusted_proxy_headers": True}
-
-
 def cmd_serve(args):
     """Serve the app with waitress until interrupted."""
     import waitress
@@ -2385,7 +2550,14 @@ def cmd_serve(args):
     config = load_config(args, env)
     host, port = parse_listen(args.listen or env.get("KOKOA_LISTEN") or DEFAULT_LISTEN)
     configure_logging(env)
+    if config.trusted_proxy is not None and not config.admin_password:
+        raise CLIError("KOKOA_TRUSTED_PROXY is set but KOKOA_ADMIN_PASSWORD is not: behind a "
+                       "proxy the password-less (loopback only) admin is refused; set a password")
     version = open_migrated(config.db_path, backup_first=True)
+    if not config.public_url:
+        log.warning("KOKOA_PUBLIC_URL is not set: only requests addressed to localhost, "
+                    "127.0.0.1 or [::1] are answered (others get 421); set it to the URL "
+                    "edges and browsers use")
     if not config.admin_password:
         log.warning("KOKOA_ADMIN_PASSWORD is not set: the admin API and UI answer loopback "
                     "clients only")
@@ -2397,8 +2569,7 @@ def cmd_serve(args):
     log.info("kokoa %s serving on http://%s:%d/ (database %s, schema v%d)",
              __version__, host, port, config.db_path, version)
     waitress.serve(make_app(config), host=host, port=port, threads=args.threads,
-                   ident="kokoa", max_request_body_size=4 * MAX_BODY_BYTES,
-                   **proxy_settings(env.get("KOKOA_TRUSTED_PROXY", "")))
+                   **WAITRESS_SETTINGS)
     return 0
 
 

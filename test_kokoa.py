@@ -10,12 +10,10 @@ import sqlite3
 import stat
 import subprocess
 import sys
-import threading
 import urllib.request
 from pathlib import Path
 
 import pytest
-import waitress
 
 import kokoa
 from conftest import (
@@ -603,8 +601,7 @@ def test_without_password_admin_answers_loopback_only(tmp_path):
 
     def call(remote_addr):
         environ = {"REQUEST_METHOD": "GET", "PATH_INFO": "/api/v1/origins",
-                   "REMOTE_ADDR": remote_addr, "HTTP_X_FORWARDED_FOR": "127.0.0.1",
-                   "wsgi.input": None}
+                   "REMOTE_ADDR": remote_addr, "HTTP_HOST": "localhost", "wsgi.input": None}
         captured = {}
         app(environ, lambda status, headers: captured.setdefault("status", status))
         return captured["status"]
@@ -1087,7 +1084,8 @@ def test_metrics_need_admin_from_elsewhere(tmp_path):
     app = migrated_app(make_config(tmp_path / "k.db"))
     captured = {}
     app({"REQUEST_METHOD": "GET", "PATH_INFO": "/metrics", "REMOTE_ADDR": "198.51.100.7",
-         "wsgi.input": None}, lambda status, headers: captured.setdefault("status", status))
+         "HTTP_HOST": "localhost", "wsgi.input": None},
+        lambda status, headers: captured.setdefault("status", status))
     assert captured["status"].startswith("401")
 
 
@@ -1215,31 +1213,6 @@ def test_an_empty_database_file_is_migrated_and_a_restart_changes_nothing(tmp_pa
     assert kokoa.migrate(db) == len(kokoa.MIGRATIONS)
     assert db.execute("SELECT sql FROM sqlite_master ORDER BY name").fetchall() == schema
     db.close()
-
-
-def test_behind_a_trusted_proxy_the_forwarded_client_is_the_client(tmp_path):
-    app = migrated_app(make_config(tmp_path / "k.db", admin_password=""))
-    server = waitress.create_server(app, host="127.0.0.1", port=0, asyncore_use_poll=True,
-                                    asyncore_loop_timeout=0.05,
-                                    **kokoa.proxy_settings("127.0.0.1"))
-    threading.Thread(target=server.run, daemon=True).start()
-    url = f"http://127.0.0.1:{server.effective_port}"
-    wrong = json.dumps({"bootstrap_token": "wrong", "name": "x"}).encode()
-
-    def call(method, path, forwarded, body=b""):
-        headers = {"Content-Type": "application/json", "X-Forwarded-For": forwarded}
-        return raw_request(url, method, path, body, headers)[0]
-    try:
-        # A client spoofing "127.0.0.1" is still the address the proxy appended.
-        assert call("GET", "/api/v1/origins", "127.0.0.1, 203.0.113.9") == 401
-        assert call("GET", "/api/v1/origins", "127.0.0.1") == 200
-        statuses = [call("POST", "/api/v1/edge-nodes/register", "203.0.113.5", wrong)
-                    for _ in range(kokoa.AUTH_FAILURE_LIMIT + 1)]
-        assert statuses[-1] == 429
-        assert call("POST", "/api/v1/edge-nodes/register", "203.0.113.6", wrong) == 401
-    finally:
-        server.close()
-        server.task_dispatcher.shutdown(timeout=5)
 
 
 def test_without_a_trusted_proxy_x_forwarded_for_is_ignored(api):

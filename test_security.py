@@ -5,14 +5,18 @@ that did not: files left readable, temp names an attacker can plant, trust in pr
 headers, slow clients, crafted backups, rate limits an attacker can step around.
 """
 
+import base64
+import ipaddress
+import json
 import os
 import sqlite3
 import stat
+import time
 
 import pytest
 
 import kokoa
-from conftest import InProcessServer, make_config, run_cli
+from conftest import InProcessServer, make_config, run_cli, send_request
 
 
 def mode(path):
@@ -103,3 +107,194 @@ def test_a_copy_beside_the_database_refuses_a_planted_name(tmp_path):
     with pytest.raises(FileExistsError):
         kokoa.backup_database(source, str(planted))
     assert victim.read_text() == "keep me"
+
+
+# Requests: the Host a browser was tricked into, the proxy in front, the client behind it ######
+
+def call(server, method, path, headers=None, body=None, source="127.0.0.1"):
+    """One raw request: (status, parsed JSON error or None)."""
+    hdrs = dict(headers or {})
+    data = b""
+    if body is not None:
+        data = json.dumps(body).encode()
+        hdrs["Content-Type"] = "application/json"
+    status, _, raw = send_request(server.url, method, path, data, hdrs, source)
+    answer = json.loads(raw) if raw.startswith(b"{") else None
+    return status, answer["error"] if answer and "error" in answer else answer
+
+
+def basic(user, password):
+    return "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
+
+
+@pytest.fixture
+def open_server(tmp_path):
+    """A control plane with no admin password: its admin answers loopback clients only."""
+    server = InProcessServer(make_config(tmp_path / "k.db", admin_password=""))
+    yield server
+    server.close()
+
+
+def proxied_server(tmp_path, **overrides):
+    """A control plane behind a trusted proxy at 127.0.0.1 (as the README's proxy lines)."""
+    return InProcessServer(make_config(tmp_path / "k.db",
+                                       trusted_proxy=ipaddress.ip_address("127.0.0.1"),
+                                       **overrides))
+
+
+def test_a_page_that_rebinds_its_name_to_loopback_gets_421_and_writes_nothing(open_server):
+    port = open_server.url.rsplit(":", 1)[1]
+    for host in (f"attacker.example:{port}", "attacker.example", f"127.0.0.1.nip.io:{port}", ""):
+        status, error = call(open_server, "GET", "/api/v1/origins", {"Host": host})
+        assert status == 421 and error["code"] == "misdirected_request", host
+        status, error = call(open_server, "POST", "/api/v1/enrollment-keys", {"Host": host},
+                             {"uses": 1})
+        assert status == 421, host
+    assert open_server.rows("SELECT * FROM enrollment_keys") == []
+    for host in (f"localhost:{port}", f"127.0.0.1:{port}", f"[::1]:{port}", "LOCALHOST."):
+        assert call(open_server, "GET", "/api/v1/origins", {"Host": host})[0] == 200, host
+
+
+def test_the_public_url_s_host_is_answered_and_a_foreign_origin_may_not_write(tmp_path):
+    url, host = kokoa.parse_public_url("https://Kokoa.Example.com/")
+    assert (url, host) == ("https://kokoa.example.com", "kokoa.example.com")
+    server = InProcessServer(make_config(tmp_path / "k.db", public_url=url, public_host=host))
+    auth = basic(server.admin_user, server.admin_password)
+    try:
+        for name in ("kokoa.example.com", "kokoa.example.com:443", "KOKOA.example.com."):
+            assert call(server, "GET", "/api/v1/origins",
+                        {"Host": name, "Authorization": auth})[0] == 200, name
+        assert call(server, "GET", "/api/v1/origins",
+                    {"Host": "other.example.com", "Authorization": auth})[0] == 421
+        for origin, want in (("https://kokoa.example.com", 201), ("http://localhost:8080", 201),
+                             ("https://attacker.example", 403), ("null", 403)):
+            status, _ = call(server, "POST", "/api/v1/enrollment-keys",
+                             {"Host": host, "Authorization": auth, "Origin": origin}, {"uses": 1})
+            assert status == want, origin
+        assert len(server.rows("SELECT * FROM enrollment_keys")) == 2
+    finally:
+        server.close()
+
+
+@pytest.mark.parametrize("url", ["kokoa.example.com", "ftp://kokoa.example.com",
+                                 "https://kokoa.example.com/admin", "https://u:p@kokoa.example.com",
+                                 "https://kokoa.example.com:99999", "https://bad_name.example"])
+def test_serve_refuses_a_public_url_it_could_not_match(tmp_path, url):
+    env = {"WIREGUARD_KEY_ENC_SECRET": os.urandom(32).hex(), "KOKOA_PUBLIC_URL": url}
+    result = run_cli("serve", "--listen", "127.0.0.1:1", cwd=tmp_path, env=env, timeout=30)
+    assert result.returncode == 2 and "KOKOA_PUBLIC_URL" in result.stderr
+
+
+def test_through_an_untrusted_proxy_no_client_is_loopback(open_server):
+    forwarded = {"X-Forwarded-For": "203.0.113.7"}
+    assert call(open_server, "GET", "/api/v1/origins", forwarded)[0] == 401
+    assert call(open_server, "GET", "/metrics", forwarded)[0] == 401
+    assert call(open_server, "GET", "/metrics", {"Forwarded": "for=203.0.113.7"})[0] == 401
+    assert call(open_server, "GET", "/metrics", {"X-Real-IP": "203.0.113.7"})[0] == 401
+    assert call(open_server, "GET", "/metrics")[0] == 200
+
+
+def test_a_client_claiming_loopback_through_a_trusted_proxy_is_not_loopback(tmp_path):
+    # the password-less mode is refused behind a proxy; even if it were not, no proxied
+    # request (here through a proxy that passes the client's header on) counts as loopback
+    server = proxied_server(tmp_path, admin_password="")
+    try:
+        for chain in ("127.0.0.1", "::1", "203.0.113.9, 127.0.0.1"):
+            assert call(server, "GET", "/api/v1/origins", {"X-Forwarded-For": chain})[0] == 401
+            assert call(server, "GET", "/metrics", {"X-Forwarded-For": chain})[0] == 401
+        assert call(server, "GET", "/metrics")[0] == 401       # the proxy's own request too
+    finally:
+        server.close()
+    env = {"WIREGUARD_KEY_ENC_SECRET": os.urandom(32).hex(), "KOKOA_TRUSTED_PROXY": "127.0.0.1"}
+    result = run_cli("serve", "--listen", "127.0.0.1:1", cwd=tmp_path, env=env, timeout=30)
+    assert result.returncode == 2 and "KOKOA_ADMIN_PASSWORD" in result.stderr
+
+
+@pytest.mark.parametrize("chain", ["203.0.113.5, not-an-ip", "203.0.113.5,", "unknown",
+                                   "203.0.113.5:4711", "[2001:db8::1]", "_hidden"])
+def test_a_last_hop_that_is_not_an_ip_address_is_refused(tmp_path, chain):
+    server = proxied_server(tmp_path)
+    try:
+        status, error = call(server, "GET", "/healthz", {"X-Forwarded-For": chain})
+        assert status == 400 and error["field"] == "X-Forwarded-For"
+    finally:
+        server.close()
+
+
+def test_behind_the_trusted_proxy_failures_count_per_client_and_the_peer_is_logged(
+        tmp_path, caplog):
+    server = proxied_server(tmp_path)
+    wrong = {"bootstrap_token": "wrong", "name": "x"}
+    try:
+        statuses = [call(server, "POST", "/api/v1/edge-nodes/register",
+                         {"X-Forwarded-For": "127.0.0.1, 203.0.113.5"}, wrong)[0]
+                    for _ in range(kokoa.AUTH_FAILURE_LIMIT + 1)]
+        assert statuses == [401] * kokoa.AUTH_FAILURE_LIMIT + [429]
+        assert call(server, "POST", "/api/v1/edge-nodes/register",
+                    {"X-Forwarded-For": "203.0.113.6"}, wrong)[0] == 401
+    finally:
+        server.close()
+    lines = [record.access for record in caplog.records if hasattr(record, "access")]
+    assert {(line["client"], line["peer"]) for line in lines} == {
+        ("203.0.113.5", "127.0.0.1"), ("203.0.113.6", "127.0.0.1")}
+
+
+# Rate limits: per credential kind, per IPv6 /64, and slower for everyone under attack #########
+
+def test_bad_node_tokens_do_not_lock_the_admin_out(tmp_path):
+    server = InProcessServer(make_config(tmp_path / "k.db"))
+    try:
+        for _ in range(kokoa.AUTH_FAILURE_LIMIT + 1):
+            status, _ = call(server, "GET", "/api/v1/edge-nodes/me/config",
+                             {"Authorization": "Bearer wrong"})
+        assert status == 429
+        admin = {"Authorization": basic(server.admin_user, server.admin_password)}
+        assert call(server, "GET", "/api/v1/origins", admin)[0] == 200
+        assert call(server, "POST", "/api/v1/edge-nodes/register", body={
+            "bootstrap_token": server.bootstrap_token, "name": "e1"})[0] == 201
+    finally:
+        server.close()
+
+
+def test_the_addresses_of_one_ipv6_64_share_one_limit(tmp_path):
+    server = proxied_server(tmp_path)
+    wrong = {"Authorization": basic("admin", "guess")}
+    try:
+        statuses = [call(server, "GET", "/api/v1/origins",
+                         {**wrong, "X-Forwarded-For": f"2001:db8:1:2::{i:x}"})[0]
+                    for i in range(1, 46)]
+        assert statuses.count(401) == kokoa.AUTH_FAILURE_LIMIT and statuses[-1] == 429
+        # another subscriber's /64, and IPv4 clients, are not held back
+        assert call(server, "GET", "/api/v1/origins",
+                    {**wrong, "X-Forwarded-For": "2001:db8:1:3::1"})[0] == 401
+    finally:
+        server.close()
+    assert kokoa.rate_key("2001:db8:1:2:aaaa::1") == "2001:db8:1:2::/64"
+    assert kokoa.rate_key("::ffff:203.0.113.9") == "203.0.113.9"
+    assert kokoa.rate_key("203.0.113.9") == "203.0.113.9"
+
+
+def test_admin_guesses_from_many_addresses_are_slowed_down_for_everyone(tmp_path):
+    server = proxied_server(tmp_path)
+    wrong = {"Authorization": basic("admin", "guess")}
+    right = {"Authorization": basic(server.admin_user, server.admin_password)}
+    try:
+        started = time.monotonic()
+        statuses = [call(server, "GET", "/api/v1/origins",
+                         {**wrong, "X-Forwarded-For": f"198.51.100.{i}"})[0]
+                    for i in range(1, 101)]
+        elapsed = time.monotonic() - started
+        # every guess that was tried is a 401: past the threshold, at most one a second
+        tried = statuses.count(401)
+        assert tried <= kokoa.ADMIN_SLOWDOWN_FAILURES + elapsed / kokoa.ADMIN_SLOWDOWN_INTERVAL + 1
+        assert statuses.count(429) == 100 - tried > 0
+        # the admin still gets in, by waiting as Retry-After says (at most a few tries)
+        for _ in range(5):
+            status, headers, _ = send_request(server.url, "GET", "/api/v1/origins",
+                                              headers={**right, "X-Forwarded-For": "192.0.2.1"})
+            if status != 429:
+                break
+            time.sleep(int(headers["Retry-After"]))
+        assert status == 200
+    finally:
+        server.close()
