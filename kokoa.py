@@ -620,6 +620,33 @@ def migrate(db, migrations=None):
     return schema_version(db)
 
 
+def schema_objects(db):
+    """Every table, index, trigger and view: {(type, name): sql}. ANALYZE's statistics tables
+    are left out: they steer the query planner, nothing else."""
+    return {(row[0], row[1]): row[2] for row in db.execute(
+        "SELECT type, name, sql FROM sqlite_master WHERE name NOT LIKE 'sqlite\\_stat%' "
+        "ESCAPE '\\'")}
+
+
+def unexpected_schema(db, version):
+    """What differs from the schema that MIGRATIONS[:version] make (e.g. a trigger a crafted
+    backup brought along): a list of "extra trigger x" / "missing table y" / "changed ...";
+    empty when the database is as Kokoa made it."""
+    reference = sqlite3.connect(":memory:")
+    try:
+        for statements in MIGRATIONS[:version]:
+            for statement in statements:
+                reference.execute(statement)
+        expected = schema_objects(reference)
+    finally:
+        reference.close()
+    found = schema_objects(db)
+    return ([f"extra {kind} {name}" for kind, name in sorted(found.keys() - expected.keys())]
+            + [f"missing {kind} {name}" for kind, name in sorted(expected.keys() - found.keys())]
+            + [f"changed {kind} {name}" for kind, name in sorted(found.keys() & expected.keys())
+               if found[kind, name] != expected[kind, name]])
+
+
 def query_origins(db, origin_id=None):
     """Origin rows with their route counts (all, or the one with `origin_id`)."""
     sql = """
@@ -1394,6 +1421,98 @@ def store_settings(db, body):
     return read_settings(db)
 
 
+# Stored rows, checked again (a backup to restore may have been crafted)
+
+def as_stored(value, normalised, field):
+    """400 naming `field` unless a stored value is exactly what the API would have stored."""
+    if value != normalised:
+        raise invalid(field, f"{field} is not in the form the API stores")
+
+
+def optional(check, value, *args):
+    """check(value, *args) unless value is None."""
+    return None if value is None else check(value, *args)
+
+
+def check_hex64(value, field):
+    """64 lower-case hex digits (a token hash, a config hash)."""
+    if not isinstance(value, str) or not HEX64_RE.fullmatch(value):
+        raise invalid(field, f"{field} must be 64 hex digits")
+    return value
+
+
+def check_id(value, field="id"):
+    """A UUIDv4 as new_id() makes them."""
+    if not isinstance(value, str) or not UUID_RE.fullmatch(value):
+        raise invalid(field, f"{field} must be a UUIDv4")
+    return value
+
+
+def check_named_row(row, network):
+    """The columns origins and edge nodes share."""
+    check_id(row["id"])
+    as_stored(row["name"], validate_name(row["name"]), "name")
+    as_stored(row["name_key"], name_key(row["name"]), "name_key")
+    as_stored(row["wg_ip"], optional(validate_wg_ip, row["wg_ip"], network), "wg_ip")
+    key = optional(validate_wg_key, row["wg_public_key"], "wg_public_key")
+    as_stored(row["wg_public_key"], key and key[0], "wg_public_key")
+    as_stored(row["wg_endpoint"], validate_endpoint(row["wg_endpoint"]), "wg_endpoint")
+
+
+def check_edge_row(row, network):
+    check_named_row(row, network)
+    check_hex64(row["token_hash"], "token_hash")
+    optional(check_hex64, row["applied_hash"], "applied_hash")
+    optional(check_text, row["last_error"], "last_error", 4000, True)
+    validate_certificates(json.loads(row["certificates"]))
+    columns = row.keys()
+    if "agent_version" in columns:
+        validate_agent_version(row["agent_version"])
+        if row["agent_schema"] is not None and row["agent_schema"] not in SCHEMAS:
+            raise invalid("agent_schema", f"agent_schema must be one of {SCHEMAS}")
+
+
+def check_route_row(row, network):
+    check_id(row["id"])
+    check_id(row["origin_id"], "origin_id")
+    as_stored(row["hostname"], normalize_hostname(row["hostname"]), "hostname")
+    validate_port(row["target_port"])
+
+
+def check_enrollment_key_row(row, network):
+    check_id(row["id"])
+    check_hex64(row["key_hash"], "key_hash")
+    check_text(row["description"], "description", 200)
+
+
+def check_setting_row(row, network):
+    if row["key"] not in DEFAULT_SETTINGS:
+        raise invalid("key", f"unknown setting {row['key']!r}")
+    if not isinstance(json.loads(row["value"]), type(DEFAULT_SETTINGS[row["key"]])):
+        raise invalid("value", f"setting {row['key']} has a value of the wrong type")
+
+
+ROW_CHECKS = {"origins": check_named_row, "edge_nodes": check_edge_row,
+              "routes": check_route_row, "enrollment_keys": check_enrollment_key_row,
+              "settings": check_setting_row}
+
+
+def stored_row_problems(db, network):
+    """Every row checked with the API's own validators, and every reference: a list of
+    "table row: message" (empty when the database could have come from the API)."""
+    problems = [f"{table} row {rowid}: refers to a missing {parent} row"
+                for table, rowid, parent, _ in db.execute("PRAGMA foreign_key_check")]
+    for table, check in ROW_CHECKS.items():
+        for row in db.execute(f"SELECT * FROM {quote_identifier(table)}"):
+            try:
+                check(row, network)
+            except HTTPError as err:
+                problems.append(f"{table} row {str(row[0])[:64]!r}: {err.message}")
+            except (ValueError, TypeError):        # certificates that are not JSON, ...
+                problems.append(f"{table} row {str(row[0])[:64]!r}: a value is not valid JSON")
+    return problems
+
+
 # The edge config
 
 def upstream_address(wg_ip, port):
@@ -1552,8 +1671,27 @@ def render_nginx_map(routes):
     return "\n".join(lines) + "\n"
 
 
+WG_KEY_RE = re.compile(r"[A-Za-z0-9+/]{42}[AEIMQUYcgkosw048]=")
+WG_ENDPOINT_RE = re.compile(r"([a-z0-9.-]{1,253}|\[[0-9a-f:.]{2,45}\]):[0-9]{1,5}")
+
+
+def check_wireguard_values(row):
+    """Check a stored origin's or edge's wg_ip, key and endpoint again before they reach a
+    wg-quick file, whose PreUp/PostUp lines run commands: ValueError unless each is exactly
+    what the API's validators store."""
+    wg_ip, key, endpoint = row["wg_ip"], row["wg_public_key"], row["wg_endpoint"]
+    try:
+        ip_ok = str(ipaddress.ip_address(wg_ip)) == wg_ip
+    except (ValueError, TypeError):
+        ip_ok = False
+    if not ip_ok or not (isinstance(key, str) and WG_KEY_RE.fullmatch(key)) or not (
+            endpoint is None or isinstance(endpoint, str) and WG_ENDPOINT_RE.fullmatch(endpoint)):
+        raise ValueError(f"refusing to render unvalidated WireGuard values of {row['id']!r}")
+
+
 def render_origin_wireguard(origin, private_key, edges):
     """The origin's wg-quick file: its interface and a [Peer] per edge with a key and wg_ip."""
+    check_wireguard_values(origin)
     prefix = 128 if ":" in origin["wg_ip"] else 32
     lines = [
         f"# WireGuard config for kokoa origin {json.dumps(origin['name'])}",
@@ -1570,6 +1708,7 @@ def render_origin_wireguard(origin, private_key, edges):
     for edge in edges:
         if not edge["wg_public_key"] or not edge["wg_ip"]:
             continue
+        check_wireguard_values(edge)
         edge_prefix = 128 if ":" in edge["wg_ip"] else 32
         lines += ["", f"# edge {json.dumps(edge['name'])}", "[Peer]",
                   f"PublicKey = {edge['wg_public_key']}",
@@ -2446,15 +2585,20 @@ def load_keyring(env):
     return Keyring(current, old)
 
 
+def wg_network_from(env):
+    """KOKOA_WG_NETWORK parsed, or None when unset; CLIError if it is no usable network."""
+    if not env.get("KOKOA_WG_NETWORK"):
+        return None
+    try:
+        return parse_wg_network(env["KOKOA_WG_NETWORK"])
+    except ValueError as err:
+        raise CLIError(f"KOKOA_WG_NETWORK must be a private CIDR such as "
+                       f"{DEFAULT_WG_NETWORK}: {err}") from None
+
+
 def load_config(args, env):
     """Build a Config from parsed arguments and the merged environment."""
-    network = None
-    if env.get("KOKOA_WG_NETWORK"):
-        try:
-            network = parse_wg_network(env["KOKOA_WG_NETWORK"])
-        except ValueError as err:
-            raise CLIError(f"KOKOA_WG_NETWORK must be a private CIDR such as "
-                           f"{DEFAULT_WG_NETWORK}: {err}") from None
+    network = wg_network_from(env)
     try:
         proxy = env.get("KOKOA_TRUSTED_PROXY", "").strip()
         trusted_proxy = ipaddress.ip_address(proxy) if proxy else None
@@ -2533,7 +2677,13 @@ def open_migrated(db_path, backup_first=False):
             log.info("backed up schema v%d database to %s before migrating", version,
                      backup_path)
             db = connect(db_path)
-        return migrate(db)
+        version = migrate(db)
+        problems = unexpected_schema(db, version)
+        if problems:
+            raise CLIError(f"{db_path} has schema objects Kokoa did not make ("
+                           + ", ".join(problems[:5]) + "): refusing to use it; restore a "
+                           "backup that passes `kokoa.py restore`'s checks")
+        return version
     except RuntimeError as err:
         raise CLIError(str(err)) from None
     except sqlite3.Error as err:
@@ -2602,24 +2752,32 @@ def cmd_backup(args):
     return 0
 
 
-def check_restorable(path):
-    """CLIError unless `path` is an intact Kokoa database this code can migrate."""
+def check_restorable(path, network):
+    """CLIError unless `path` is an intact Kokoa database this code can migrate, with no
+    schema object Kokoa did not make and no row the API would have refused."""
     if not Path(path).is_file():
         raise CLIError(f"{path} does not exist")
     try:
         source = sqlite3.connect(f"file:{Path(path).resolve()}?mode=ro", uri=True)
         try:
+            source.row_factory = sqlite3.Row
             (check,) = source.execute("PRAGMA integrity_check").fetchone()
             version = schema_version(source)
+            if check != "ok":
+                raise CLIError(f"{path} fails the integrity check: {check}")
+            if not 1 <= version <= len(MIGRATIONS):
+                raise CLIError(f"{path} has schema v{version}; this kokoa reads v1 to "
+                               f"v{len(MIGRATIONS)}")
+            problems = unexpected_schema(source, version) or stored_row_problems(source,
+                                                                                 network)
         finally:
             source.close()
     except sqlite3.DatabaseError as err:
         raise CLIError(f"{path} is not a usable SQLite database: {err}") from None
-    if check != "ok":
-        raise CLIError(f"{path} fails the integrity check: {check}")
-    if not 1 <= version <= len(MIGRATIONS):
-        raise CLIError(f"{path} has schema v{version}; this kokoa reads v1 to "
-                       f"v{len(MIGRATIONS)}")
+    if problems:
+        more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
+        raise CLIError(f"{path} is not a database Kokoa would have written, nothing was "
+                       f"restored: " + "; ".join(problems[:5]) + more)
     return version
 
 
@@ -2627,7 +2785,7 @@ def cmd_restore(args):
     """Replace the database's content with a backup, through SQLite's backup API."""
     env = load_environment(args.env_file)
     db_path = db_path_from(args, env)
-    version = check_restorable(args.path)
+    version = check_restorable(args.path, wg_network_from(env))
     if Path(db_path).exists():
         if not args.force:
             raise CLIError(f"{db_path} exists; pass --force to replace it (a copy of it is "

@@ -12,11 +12,12 @@ import os
 import sqlite3
 import stat
 import time
+from pathlib import Path
 
 import pytest
 
 import kokoa
-from conftest import InProcessServer, make_config, run_cli, send_request
+from conftest import InProcessServer, make_config, run_cli, send_request, wg_keypair
 
 
 def mode(path):
@@ -48,9 +49,11 @@ def test_the_database_and_its_wal_and_shm_are_private_whatever_the_umask(tmp_pat
 
 def test_an_older_install_s_database_files_are_made_private_when_opened(tmp_path, loose_umask):
     db_path = str(tmp_path / "kokoa.db")
-    older = sqlite3.connect(db_path)        # as 0.1.0 left it: every file 0644
+    older = sqlite3.connect(db_path, isolation_level=None)   # as 0.1.0 left it: all 0644
     older.execute("PRAGMA journal_mode = WAL")
-    older.execute("CREATE TABLE t (x)")
+    for statement in kokoa.MIGRATIONS[0]:
+        older.execute(statement)
+    older.execute("PRAGMA user_version = 1")
     try:
         assert {mode(db_path + suffix) for suffix in ("", "-wal", "-shm")} == {0o644}
         kokoa.open_migrated(db_path)
@@ -296,5 +299,87 @@ def test_admin_guesses_from_many_addresses_are_slowed_down_for_everyone(tmp_path
                 break
             time.sleep(int(headers["Retry-After"]))
         assert status == 200
+    finally:
+        server.close()
+
+
+# Restore: a crafted backup neither runs code on origins nor brings its own triggers ##########
+
+PRE_UP = "edge.example.com:51820\nPreUp = touch /tmp/kokoa-pwned"
+
+
+def crafted_backup(tmp_path, *statements):
+    """A real backup of a control plane with an origin and an edge, then edited by hand."""
+    db_path = str(tmp_path / "live.db")
+    server = InProcessServer(make_config(db_path))
+    origin = server.create_origin()
+    server.register_edge("edge1", wg_public_key=wg_keypair()[1], wg_ip="10.8.0.10")
+    server.close()
+    backup = tmp_path / "crafted.db"
+    kokoa.backup_database(db_path, str(backup))
+    db = sqlite3.connect(backup, isolation_level=None)
+    for statement in statements:
+        db.execute(statement)
+    db.close()
+    return db_path, backup, origin
+
+
+@pytest.mark.parametrize("statement, named", [
+    (f"UPDATE edge_nodes SET wg_endpoint = '{PRE_UP}'", "wg_endpoint"),
+    ("UPDATE origins SET wg_ip = '1.1.1.1'", "wg_ip"),
+    ("UPDATE origins SET name = 'home' || char(10) || 'PostUp = id'", "name"),
+    ("UPDATE edge_nodes SET wg_public_key = 'x' || substr(wg_public_key, 2, 42) || char(10)",
+     "wg_public_key"),
+    ("INSERT INTO routes (id, hostname, origin_id, target_port) SELECT "
+     "'8f0e1c1e-0000-4000-8000-000000000001', 'a.example.com;', id, 80 FROM origins",
+     "hostname"),
+    ("INSERT INTO settings (key, value) VALUES ('shell', '\"id\"')", "shell"),
+    ("CREATE TRIGGER keep AFTER INSERT ON routes BEGIN "
+     f"UPDATE edge_nodes SET wg_endpoint = '{PRE_UP}'; END", "extra trigger keep"),
+    ("CREATE VIEW v AS SELECT 1", "extra view v"),
+    ("CREATE INDEX quiet ON routes (target_port)", "extra index quiet"),
+])
+def test_restore_refuses_a_crafted_backup_and_changes_nothing(tmp_path, statement, named):
+    db_path, backup, _ = crafted_backup(tmp_path, statement)
+    before = Path(db_path).read_bytes()
+    result = run_cli("restore", str(backup), "--db", db_path, "--force", cwd=tmp_path)
+    assert result.returncode == 2 and named in result.stderr, result.stderr
+    assert result.stderr.count("\n") == 1 and "nothing was restored" in result.stderr
+    assert Path(db_path).read_bytes() == before
+    assert not list(tmp_path.glob("live.db.pre-restore-*"))
+
+
+def test_an_untouched_backup_of_every_kind_of_row_restores(tmp_path):
+    db_path, backup, _ = crafted_backup(tmp_path)
+    result = run_cli("restore", str(backup), "--db", db_path, "--force", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+
+
+def test_serve_refuses_a_database_that_carries_a_trigger_of_its_own(tmp_path):
+    db_path, _, _ = crafted_backup(tmp_path)
+    db = sqlite3.connect(db_path, isolation_level=None)
+    db.execute("CREATE TRIGGER keep AFTER INSERT ON routes BEGIN "
+               f"UPDATE edge_nodes SET wg_endpoint = '{PRE_UP}'; END")
+    db.close()
+    env = {"WIREGUARD_KEY_ENC_SECRET": os.urandom(32).hex()}
+    for command in (["serve", "--listen", "127.0.0.1:1"], ["migrate"]):
+        result = run_cli(*command, "--db", db_path, cwd=tmp_path, env=env, timeout=30)
+        assert result.returncode == 2 and "extra trigger keep" in result.stderr, command
+
+
+def test_wireguard_conf_refuses_a_value_that_bypassed_the_api(tmp_path):
+    db_path = str(tmp_path / "k.db")
+    server = InProcessServer(make_config(db_path))
+    try:
+        origin = server.create_origin()
+        server.register_edge("edge1", wg_public_key=wg_keypair()[1], wg_ip="10.8.0.10")
+        path = f"/api/v1/origins/{origin['id']}/wireguard.conf"
+        status, _, good = server.request("GET", path)
+        assert status == 200 and b"[Peer]" in good
+        db = sqlite3.connect(db_path, isolation_level=None)
+        db.execute("UPDATE edge_nodes SET wg_endpoint = ?", (PRE_UP,))
+        db.close()
+        status, _, body = server.request("GET", path)
+        assert status == 500 and b"PreUp" not in body
     finally:
         server.close()
