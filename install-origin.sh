@@ -14,16 +14,21 @@ CONTROL_PLANE_URL=""
 ORIGIN_ID=""
 ADMIN_USER="admin"
 PASSWORD_FILE=""
+TOKEN_FILE=""
+WG_NETWORK=""
 ENV_FILE=""
 INTERFACE="kokoa0"
 NO_PACKAGES=0
 REFRESH_TIMER=0
 TMP_DIR=""
 CHANGES=()
+# Without a tunnel network (a control plane from before 0.2), peers must be private.
+PRIVATE_RANGES=(10.0.0.0/8 172.16.0.0/12 192.168.0.0/16 100.64.0.0/10 fc00::/7)
 
 usage() {
   cat <<EOF
 Usage: $PROGRAM --config FILE [options]
+       KOKOA_ORIGIN_TOKEN=... $PROGRAM --control-plane URL [--refresh-timer] [options]
        $PROGRAM --control-plane URL --origin-id ID [--admin-user U] [--password-file F] [options]
        $PROGRAM --env-file /etc/kokoa/origin.env        (what the refresh timer runs)
 
@@ -34,16 +39,23 @@ dropping tunnels). Re-running it changes nothing that is already right.
 
   --config FILE          a wireguard.conf downloaded from the UI or
                          GET /api/v1/origins/{id}/wireguard.conf
-  --control-plane URL    fetch it from the control plane instead (admin credentials: the
-                         password from KOKOA_ADMIN_PASSWORD or --password-file, never argv)
-  --origin-id ID         the origin's id (with --control-plane)
+  --control-plane URL    fetch it from the control plane instead, with the origin's own token
+                         (KOKOA_ORIGIN_TOKEN or --token-file: it reads only this origin's
+                         config) or admin credentials (KOKOA_ADMIN_PASSWORD or
+                         --password-file, with --origin-id); secrets never in argv
+  --token-file F         file holding the origin token (made in the UI: Origins, Token)
+  --origin-id ID         the origin's id (with --control-plane and admin credentials)
   --admin-user U         admin user (default admin)
   --password-file F      file holding the admin password
-  --env-file F           read CONTROL_PLANE_URL, ORIGIN_ID, KOKOA_ADMIN_USER,
-                         KOKOA_ADMIN_PASSWORD, WG_INTERFACE from F (KEY=VALUE)
+  --env-file F           read CONTROL_PLANE_URL, KOKOA_ORIGIN_TOKEN, ORIGIN_ID,
+                         KOKOA_ADMIN_USER, KOKOA_ADMIN_PASSWORD, WG_INTERFACE, WG_NETWORK
+                         from F (KEY=VALUE)
   --refresh-timer        also install a systemd timer that re-fetches the config every 5
                          minutes, so new or revoked edges reach this origin by themselves
-                         (stores the credentials in /etc/kokoa/origin.env, mode 0600)
+                         (needs the origin token, stored in /etc/kokoa/origin.env, mode 0600;
+                         the admin password is never stored on an origin)
+  --wg-network CIDR      accept peers only inside this tunnel network (default: the network
+                         the control plane names in the config; without one, private ranges)
   --interface NAME       WireGuard interface (default kokoa0)
   --root DIR             install under DIR instead of / (tests): no firewall, no services
   --no-packages          do not apt-get install wireguard-tools
@@ -51,7 +63,8 @@ dropping tunnels). Re-running it changes nothing that is already right.
 
 When edges join or are revoked the origin's peers change: re-run this script (or use
 --refresh-timer). Only the [Interface]/[Peer] keys wg-quick needs are accepted from the control
-plane; anything else (PostUp and friends run shell commands) is refused.
+plane; anything else (PostUp and friends run shell commands) is refused, and so is any address
+outside the tunnel network (a peer claiming 1.1.1.1 would take that traffic into the tunnel).
 EOF
 }
 
@@ -73,6 +86,8 @@ parse_args() {
       --origin-id) ORIGIN_ID=${2:?--origin-id needs an id}; shift 2 ;;
       --admin-user) ADMIN_USER=${2:?--admin-user needs a name}; shift 2 ;;
       --password-file) PASSWORD_FILE=${2:?--password-file needs a file}; shift 2 ;;
+      --token-file) TOKEN_FILE=${2:?--token-file needs a file}; shift 2 ;;
+      --wg-network) WG_NETWORK=${2:?--wg-network needs a CIDR}; shift 2 ;;
       --env-file) ENV_FILE=${2:?--env-file needs a file}; shift 2 ;;
       --interface) INTERFACE=${2:?--interface needs a name}; shift 2 ;;
       --root) ROOT=${2:?--root needs a directory}; shift 2 ;;
@@ -98,6 +113,8 @@ read_env_file() {
     fi
     case $key in
       CONTROL_PLANE_URL) CONTROL_PLANE_URL=$value ;;
+      KOKOA_ORIGIN_TOKEN) KOKOA_ORIGIN_TOKEN=$value ;;
+      WG_NETWORK) WG_NETWORK=$value ;;
       ORIGIN_ID) ORIGIN_ID=$value ;;
       KOKOA_ADMIN_USER) ADMIN_USER=$value ;;
       KOKOA_ADMIN_PASSWORD) KOKOA_ADMIN_PASSWORD=$value ;;
@@ -117,6 +134,115 @@ check_secure_url() {
     || die "refusing $url: use https (secrets would travel in clear), or set KOKOA_INSECURE_HTTP=1"
 }
 
+# Tunnel addresses #############################################################################
+
+# Prints an IPv4 address as a 32-bit integer; fails unless it is one (no leading zeros).
+ipv4_int() {
+  local ip=$1 octet value=0
+  [[ $ip =~ ^[0-9]{1,3}(\.[0-9]{1,3}){3}$ ]] || return 1
+  local -a octets
+  IFS=. read -ra octets <<<"$ip"
+  for octet in "${octets[@]}"; do
+    [[ $octet =~ ^(0|[1-9][0-9]*)$ ]] && ((10#$octet <= 255)) || return 1
+    value=$(( (value << 8) | 10#$octet ))
+  done
+  printf '%d\n' "$value"
+}
+
+# Prints an IPv6 address as 32 hex digits; fails unless it is one (no zone, no dotted tail).
+ipv6_hex() {
+  local addr=${1,,} group out="" fill i
+  local -a head=() tail=() groups=()
+  [[ $addr =~ ^[0-9a-f:]{2,39}$ && $addr == *:* ]] || return 1
+  if [[ $addr == *::* ]]; then
+    [[ ${addr#*::} != *::* ]] || return 1
+    IFS=: read -ra head <<<"${addr%%::*}"
+    IFS=: read -ra tail <<<"${addr#*::}"
+    fill=$(( 8 - ${#head[@]} - ${#tail[@]} ))
+    ((fill >= 1)) || return 1
+    groups=("${head[@]}")
+    for ((i = 0; i < fill; i++)); do groups+=(0); done
+    groups+=("${tail[@]}")
+  else
+    IFS=: read -ra groups <<<"$addr"
+  fi
+  ((${#groups[@]} == 8)) || return 1
+  for group in "${groups[@]}"; do
+    [[ $group =~ ^[0-9a-f]{1,4}$ ]] || return 1
+    printf -v group '%04x' "0x$group"
+    out+=$group
+  done
+  printf '%s\n' "$out"
+}
+
+# True if CIDR is ADDRESS/PREFIX with a prefix the address family allows.
+check_cidr() {
+  local address=${1%/*} prefix=${1##*/}
+  [[ $1 == */* && $prefix =~ ^(0|[1-9][0-9]{0,2})$ ]] || return 1
+  if ipv4_int "$address" >/dev/null; then
+    ((prefix <= 32))
+  else
+    ipv6_hex "$address" >/dev/null && ((prefix <= 128))
+  fi
+}
+
+# True if ADDRESS lies inside CIDR (same family, first PREFIX bits equal).
+in_network() {
+  local address=$1 network=${2%/*} prefix=${2##*/} a n mask full rest
+  if a=$(ipv4_int "$address"); then
+    n=$(ipv4_int "$network") || return 1
+    mask=$(( prefix == 0 ? 0 : (0xffffffff << (32 - prefix)) & 0xffffffff ))
+    (( (a & mask) == (n & mask) ))
+  elif a=$(ipv6_hex "$address"); then
+    n=$(ipv6_hex "$network") || return 1
+    full=$((prefix / 4)) rest=$((prefix % 4))
+    [[ ${a:0:full} == "${n:0:full}" ]] || return 1
+    ((rest == 0)) && return 0
+    mask=$(( (0xf << (4 - rest)) & 0xf ))
+    (( (0x${a:full:1} & mask) == (0x${n:full:1} & mask) ))
+  else
+    return 1
+  fi
+}
+
+# Every Address and AllowedIPs entry must be one host inside the tunnel network: given by
+# --wg-network (or the refresh timer's env file), else named by the control plane in the config,
+# else (an older control plane) one of the private ranges.
+check_addresses() {
+  local file=$1 networks=() line entry entries address prefix network inside
+  if [[ -n $WG_NETWORK ]]; then
+    networks=("$WG_NETWORK")
+  else
+    network=$(sed -n 's/^# kokoa-wg-network: \([0-9a-f.:/]\{1,50\}\)$/\1/p' "$file" | head -n 1)
+    if [[ -n $network ]]; then
+      check_cidr "$network" || die "the config names an invalid tunnel network: $network"
+      WG_NETWORK=$network
+      networks=("$network")
+    else
+      networks=("${PRIVATE_RANGES[@]}")
+    fi
+  fi
+  while IFS= read -r line; do
+    IFS=', ' read -ra entries <<<"${line#* = }"
+    for entry in "${entries[@]}"; do
+      address=${entry%/*} prefix=${entry##*/}
+      inside=0
+      for network in "${networks[@]}"; do
+        if in_network "$address" "$network"; then
+          inside=1
+          break
+        fi
+      done
+      if [[ $inside -eq 0 || $entry != */* ]] \
+          || ! [[ ($prefix == 32 && $address == *.*) || ($prefix == 128 && $address == *:*) ]]
+      then
+        die "refusing ${line%% *} $entry: not one address inside ${networks[*]}" \
+          "(a peer there would take that traffic into the tunnel)"
+      fi
+    done
+  done < <(grep -E '^(Address|AllowedIPs) = ' "$file")
+}
+
 validate_args() {
   [[ $INTERFACE =~ ^[A-Za-z0-9_=+.-]{1,15}$ ]] || die "invalid interface name: $INTERFACE"
   if [[ -n $CONFIG_FILE && -n $CONTROL_PLANE_URL ]]; then
@@ -126,15 +252,29 @@ validate_args() {
     usage >&2
     die "give --config FILE or --control-plane URL --origin-id ID"
   fi
+  if [[ -n $WG_NETWORK ]]; then
+    check_cidr "$WG_NETWORK" || die "--wg-network must be a CIDR such as 10.8.0.0/24"
+  fi
   if [[ -n $CONTROL_PLANE_URL ]]; then
-    [[ $ORIGIN_ID =~ ^[0-9a-f-]{36}$ ]] || die "--origin-id must be the origin's UUID"
     [[ $CONTROL_PLANE_URL =~ ^https?://[^[:space:]]+$ ]] || die "invalid URL: $CONTROL_PLANE_URL"
     check_secure_url "$CONTROL_PLANE_URL"
-    if [[ -n $PASSWORD_FILE ]]; then
-      KOKOA_ADMIN_PASSWORD=$(<"$PASSWORD_FILE")
+    if [[ -n $TOKEN_FILE ]]; then
+      KOKOA_ORIGIN_TOKEN=$(<"$TOKEN_FILE")
     fi
-    [[ -n ${KOKOA_ADMIN_PASSWORD:-} ]] \
-      || die "set KOKOA_ADMIN_PASSWORD or --password-file to fetch from the control plane"
+    if [[ -n ${KOKOA_ORIGIN_TOKEN:-} ]]; then
+      [[ $KOKOA_ORIGIN_TOKEN =~ ^kokoa-ot-[A-Za-z0-9_-]{20,100}$ ]] \
+        || die "KOKOA_ORIGIN_TOKEN is not an origin token (kokoa-ot-...)"
+    else
+      [[ $REFRESH_TIMER -eq 0 ]] || die "--refresh-timer needs the origin's own token" \
+        "(KOKOA_ORIGIN_TOKEN or --token-file; make one in the UI: Origins, Token):" \
+        "the admin password is never stored on an origin"
+      [[ $ORIGIN_ID =~ ^[0-9a-f-]{36}$ ]] || die "--origin-id must be the origin's UUID"
+      if [[ -n $PASSWORD_FILE ]]; then
+        KOKOA_ADMIN_PASSWORD=$(<"$PASSWORD_FILE")
+      fi
+      [[ -n ${KOKOA_ADMIN_PASSWORD:-} ]] || die "set KOKOA_ORIGIN_TOKEN (or --token-file)," \
+        "or KOKOA_ADMIN_PASSWORD (or --password-file), to fetch from the control plane"
+    fi
   fi
   if [[ -z $ROOT && $(id -u) -ne 0 ]]; then
     die "run as root (or give --root DIR)"
@@ -162,15 +302,21 @@ check_dependencies() {
   fi
 }
 
-# Fetches the origin's wireguard.conf; the password goes to curl on stdin, never in argv.
+# Fetches the origin's wireguard.conf; the token or password goes to curl on stdin, never argv.
 fetch_config() {
-  local out=$1 url credentials
-  url="${CONTROL_PLANE_URL%/}/api/v1/origins/$ORIGIN_ID/wireguard.conf"
-  credentials="$ADMIN_USER:$KOKOA_ADMIN_PASSWORD"
-  credentials=${credentials//\\/\\\\}         # curl config quoting: \ and " escaped
-  credentials=${credentials//\"/\\\"}
+  local out=$1 url credentials option
+  if [[ -n ${KOKOA_ORIGIN_TOKEN:-} ]]; then
+    url="${CONTROL_PLANE_URL%/}/api/v1/origins/me/wireguard.conf"
+    option="header = \"Authorization: Bearer $KOKOA_ORIGIN_TOKEN\""   # checked: no quotes
+  else
+    url="${CONTROL_PLANE_URL%/}/api/v1/origins/$ORIGIN_ID/wireguard.conf"
+    credentials="$ADMIN_USER:$KOKOA_ADMIN_PASSWORD"
+    credentials=${credentials//\\/\\\\}       # curl config quoting: \ and " escaped
+    credentials=${credentials//\"/\\\"}
+    option="user = \"$credentials\""
+  fi
   if ! curl --fail --silent --show-error --max-time 30 --retry 2 -K - -o "$out" "$url" \
-      <<<"user = \"$credentials\""; then
+      <<<"$option"; then
     die "could not fetch $url; nothing changed"
   fi
 }
@@ -295,7 +441,7 @@ write_if_changed() {
 
 install_refresh_timer() {
   local self
-  [[ -n $CONTROL_PLANE_URL ]] || die "--refresh-timer needs --control-plane and --origin-id"
+  [[ -n $CONTROL_PLANE_URL ]] || die "--refresh-timer needs --control-plane and the origin token"
   self=$(readlink -f "$0")
   if ! cmp -s "$self" "$ROOT/usr/local/sbin/kokoa-install-origin"; then
     install -D -m 0755 "$self" "$ROOT/usr/local/sbin/kokoa-install-origin"
@@ -304,9 +450,8 @@ install_refresh_timer() {
   install -d -m 0700 "$ROOT/etc/kokoa"
   write_if_changed "$ROOT/etc/kokoa/origin.env" 0600 "$(printf '%s\n' \
     "# kokoa origin refresh credentials (root only)" \
-    "CONTROL_PLANE_URL=$CONTROL_PLANE_URL" "ORIGIN_ID=$ORIGIN_ID" \
-    "KOKOA_ADMIN_USER=$ADMIN_USER" "KOKOA_ADMIN_PASSWORD=$KOKOA_ADMIN_PASSWORD" \
-    "WG_INTERFACE=$INTERFACE")"
+    "CONTROL_PLANE_URL=$CONTROL_PLANE_URL" "KOKOA_ORIGIN_TOKEN=$KOKOA_ORIGIN_TOKEN" \
+    "WG_INTERFACE=$INTERFACE" ${WG_NETWORK:+"WG_NETWORK=$WG_NETWORK"})"
   write_if_changed "$ROOT/etc/systemd/system/kokoa-origin-refresh.service" 0644 "$(cat <<EOF
 [Unit]
 Description=Refresh the Kokoa origin's WireGuard peers from the control plane
@@ -373,6 +518,7 @@ main() {
     cat "$CONFIG_FILE" > "$fetched"
   fi
   validate_config "$fetched"
+  check_addresses "$fetched"
   write_config "$fetched"
   if [[ -z $ROOT ]]; then
     open_firewall "$(listen_port)"

@@ -534,6 +534,12 @@ MIGRATIONS = [
         "ALTER TABLE edge_nodes ADD COLUMN agent_version TEXT",
         "ALTER TABLE edge_nodes ADD COLUMN agent_schema INTEGER",
     ],
+    [
+        # An origin's own token: reads only its wireguard.conf (install-origin.sh's timer).
+        "ALTER TABLE origins ADD COLUMN token_hash TEXT "
+        "CHECK (token_hash IS NULL OR length(token_hash) = 64)",
+        "CREATE UNIQUE INDEX origins_token_hash ON origins (token_hash)",
+    ],
 ]
 
 
@@ -987,6 +993,7 @@ def origin_json(row):
         "id": row["id"], "name": row["name"], "wg_ip": row["wg_ip"],
         "wg_public_key": row["wg_public_key"], "wg_endpoint": row["wg_endpoint"],
         "has_private_key": row["wg_private_key_enc"] is not None,
+        "has_token": row["token_hash"] is not None,
         "route_count": row["route_count"], "created_at": row["created_at"],
     }
 
@@ -1081,6 +1088,23 @@ def remove_origin(db, origin_id):
             raise conflict(None, f"origin is in use by {row['route_count']} route(s); "
                                  "delete or move them first")
         db.execute("DELETE FROM origins WHERE id = ?", (origin_id,))
+
+
+def issue_origin_token(db, origin_id):
+    """A fresh token for the origin (replacing any earlier one); only its hash is kept."""
+    token = ORIGIN_TOKEN_PREFIX + new_token()
+    with transaction(db):
+        get_origin_row(db, origin_id)
+        db.execute("UPDATE origins SET token_hash = ? WHERE id = ?",
+                   (hash_token(token), origin_id))
+    return token
+
+
+def origin_by_token(db, token):
+    """The origin row whose token this is, or None."""
+    digest = hash_token(token)
+    row = db.execute("SELECT * FROM origins WHERE token_hash = ?", (digest,)).fetchone()
+    return row if row is not None and hmac.compare_digest(row["token_hash"], digest) else None
 
 
 # Routes
@@ -1339,6 +1363,7 @@ def revoke_edge(db, edge_id):
 
 ENROLLMENT_FIELDS = ("description", "expires_in", "uses")
 ENROLLMENT_KEY_PREFIX = "kokoa-ek-"
+ORIGIN_TOKEN_PREFIX = "kokoa-ot-"
 
 
 def enrollment_key_json(row):
@@ -1492,7 +1517,13 @@ def check_setting_row(row, network):
         raise invalid("value", f"setting {row['key']} has a value of the wrong type")
 
 
-ROW_CHECKS = {"origins": check_named_row, "edge_nodes": check_edge_row,
+def check_origin_row(row, network):
+    check_named_row(row, network)
+    if "token_hash" in row.keys():
+        optional(check_hex64, row["token_hash"], "token_hash")
+
+
+ROW_CHECKS = {"origins": check_origin_row, "edge_nodes": check_edge_row,
               "routes": check_route_row, "enrollment_keys": check_enrollment_key_row,
               "settings": check_setting_row}
 
@@ -1689,13 +1720,17 @@ def check_wireguard_values(row):
         raise ValueError(f"refusing to render unvalidated WireGuard values of {row['id']!r}")
 
 
-def render_origin_wireguard(origin, private_key, edges):
-    """The origin's wg-quick file: its interface and a [Peer] per edge with a key and wg_ip."""
+def render_origin_wireguard(origin, private_key, edges, network=None):
+    """The origin's wg-quick file: its interface and a [Peer] per edge with a key and wg_ip.
+
+    With the tunnel network, a `# kokoa-wg-network:` line tells install-origin.sh which
+    peer addresses to accept."""
     check_wireguard_values(origin)
     prefix = 128 if ":" in origin["wg_ip"] else 32
     lines = [
         f"# WireGuard config for kokoa origin {json.dumps(origin['name'])}",
         "# Install as /etc/wireguard/kokoa0.conf (mode 0600), then: wg-quick up kokoa0",
+        *([f"# kokoa-wg-network: {network}"] if network is not None else []),
         "[Interface]",
         f"Address = {origin['wg_ip']}/{prefix}",
     ]
@@ -1756,7 +1791,7 @@ class Route:
     changes_config: bool
 
 
-AUTH_KINDS = ("admin", "edge", "local_or_admin", "none")
+AUTH_KINDS = ("admin", "edge", "origin", "local_or_admin", "none")
 
 
 def route(method, pattern, auth="admin", changes_config=False):
@@ -1930,6 +1965,7 @@ class Request:
         given_id = environ.get("HTTP_X_REQUEST_ID", "")
         self.request_id = given_id if REQUEST_ID_RE.fullmatch(given_id) else os.urandom(16).hex()
         self.edge_id = None
+        self.origin = None          # the origin row an origin token opened
         self.route_pattern = "unmatched"      # labels for metrics: bounded, never raw input
         self.metrics_method = "other"
         self._db = None
@@ -2139,7 +2175,8 @@ class App:
 
     def __init__(self, config):
         self.config = config
-        self.limiters = {kind: RateLimiter() for kind in ("admin", "bootstrap", "edge")}
+        self.limiters = {kind: RateLimiter()
+                         for kind in ("admin", "bootstrap", "edge", "origin")}
         self.admin_slowdown = FailureSlowdown()
         self.warned_untrusted_proxy = False
         self.tokens = TokenCache()
@@ -2225,6 +2262,8 @@ class App:
             self.authenticate_admin(req)
         elif kind == "edge":
             self.authenticate_edge(req)
+        elif kind == "origin":
+            self.authenticate_origin(req)
 
     def authenticate_admin(self, req):
         """HTTP Basic with the admin credentials; loopback only when no password is set."""
@@ -2265,6 +2304,16 @@ class App:
             raise HTTPError(401, "unauthorized", "unknown or revoked node token",
                             headers=challenge)
         req.edge_id = edge_id
+
+    def authenticate_origin(self, req):
+        """Bearer origin token: opens only that origin's own wireguard.conf."""
+        scheme, _, token = req.header("Authorization").partition(" ")
+        row = origin_by_token(req.db, token.strip()) if scheme.lower() == "bearer" else None
+        if row is None:
+            self.rate_limited("origin", req)()
+            raise HTTPError(401, "unauthorized", "unknown or revoked origin token",
+                            headers=[("WWW-Authenticate", 'Bearer realm="kokoa-origin"')])
+        req.origin = row
 
     def log_access(self, req, status, started):
         """One structured line per request; never headers, bodies or query strings."""
@@ -2369,9 +2418,33 @@ def delete_origin(req, id):
     return 204, None
 
 
+@route("GET", "/api/v1/origins/me/wireguard.conf", auth="origin")
+def get_my_wireguard_conf(req):
+    return origin_wireguard_response(req, req.origin)
+
+
+@route("POST", "/api/v1/origins/<id>/token")
+def create_origin_token(req, id):
+    token = issue_origin_token(req.db, id)
+    log.info("issued a new token for origin %s", id)
+    return 201, {"token": token}
+
+
+@route("DELETE", "/api/v1/origins/<id>/token")
+def delete_origin_token(req, id):
+    with transaction(req.db):
+        get_origin_row(req.db, id)
+        req.db.execute("UPDATE origins SET token_hash = NULL WHERE id = ?", (id,))
+    return 204, None
+
+
 @route("GET", "/api/v1/origins/<id>/wireguard.conf")
 def get_origin_wireguard_conf(req, id):
-    origin = get_origin_row(req.db, id)
+    return origin_wireguard_response(req, get_origin_row(req.db, id))
+
+
+def origin_wireguard_response(req, origin):
+    """The origin's wg-quick file as a download (its private key decrypted if held)."""
     private_key = None
     if origin["wg_private_key_enc"] is not None:
         aad = secret_aad("origins", origin["id"], "wg_private_key")
@@ -2381,7 +2454,8 @@ def get_origin_wireguard_conf(req, id):
             log.error("cannot decrypt the private key of origin %s: %s", origin["id"], err)
             raise HTTPError(500, "internal", "the stored private key cannot be decrypted "
                             "with the configured WIREGUARD_KEY_ENC_SECRET") from None
-    text = render_origin_wireguard(origin, private_key, query_edges(req.db))
+    text = render_origin_wireguard(origin, private_key, query_edges(req.db),
+                                   req.app.config.wg_network)
     return Response(200, text.encode(), "text/plain; charset=utf-8", [
         ("Content-Disposition", 'attachment; filename="kokoa0.conf"')])
 

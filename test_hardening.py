@@ -773,11 +773,13 @@ def security_fixture(api):
 
 def test_every_route_has_a_known_auth_kind_and_only_two_are_public():
     kinds = {(entry.method, entry.pattern): entry.auth for entry in kokoa.ROUTES}
-    assert set(kinds.values()) <= {"admin", "edge", "local_or_admin", "none"}
+    assert set(kinds.values()) <= {"admin", "edge", "origin", "local_or_admin", "none"}
     assert {key for key, kind in kinds.items() if kind == "none"} == {
         ("GET", "/healthz"), ("POST", "/api/v1/edge-nodes/register")}
     assert {key for key, kind in kinds.items() if kind == "edge"} == {
         ("GET", "/api/v1/edge-nodes/me/config"), ("POST", "/api/v1/edge-nodes/me/status")}
+    assert {key for key, kind in kinds.items() if kind == "origin"} == {
+        ("GET", "/api/v1/origins/me/wireguard.conf")}
 
 
 def test_every_admin_route_refuses_everything_but_the_admin(api):

@@ -68,15 +68,23 @@ def test_config_file_install_is_private_and_idempotent(origin_setup, tmp_path):
     assert tree(root) == before
 
 
+def origin_token(server, origin):
+    status, _, body = server.request("POST", f"/api/v1/origins/{origin['id']}/token", {})
+    assert status == 201
+    return body["token"]
+
+
 def test_fetch_with_refresh_timer_follows_new_edges(origin_setup):
     server, origin, root = origin_setup
-    args = ["--control-plane", server.url, "--origin-id", origin["id"], "--root", str(root),
-            "--no-packages", "--refresh-timer"]
-    env = {"KOKOA_ADMIN_PASSWORD": server.admin_password}
-    result = run_install(*args, env=env)
+    token = origin_token(server, origin)
+    args = ["--control-plane", server.url, "--root", str(root), "--no-packages",
+            "--refresh-timer"]
+    result = run_install(*args, env={"KOKOA_ORIGIN_TOKEN": token})
     assert result.returncode == 0, result.stderr
-    assert server.admin_password not in result.stderr
+    assert token not in result.stderr
     env_file = root / "etc/kokoa/origin.env"
+    stored = env_file.read_text()
+    assert f"KOKOA_ORIGIN_TOKEN={token}" in stored and "PASSWORD" not in stored
     assert stat.S_IMODE(env_file.stat().st_mode) == 0o600
     assert stat.S_IMODE(env_file.parent.stat().st_mode) == 0o700
     assert (root / "etc/systemd/system/kokoa-origin-refresh.timer").exists()
@@ -89,6 +97,60 @@ def test_fetch_with_refresh_timer_follows_new_edges(origin_setup):
     refresh = run_install("--env-file", str(env_file), "--root", str(root), "--no-packages")
     assert refresh.returncode == 0, refresh.stderr
     assert live.read_text().count("[Peer]") == 2
+    # a revoked token stops the refresh, and the peers stay as they were
+    assert server.request("DELETE", f"/api/v1/origins/{origin['id']}/token")[0] == 204
+    before = live.read_bytes()
+    revoked = run_install("--env-file", str(env_file), "--root", str(root), "--no-packages")
+    assert revoked.returncode == 1 and "nothing changed" in revoked.stderr
+    assert live.read_bytes() == before
+
+
+def test_the_refresh_timer_never_stores_the_admin_password(origin_setup):
+    server, origin, root = origin_setup
+    result = run_install("--control-plane", server.url, "--origin-id", origin["id"],
+                         "--root", str(root), "--no-packages", "--refresh-timer",
+                         env={"KOKOA_ADMIN_PASSWORD": server.admin_password})
+    assert result.returncode == 1 and "origin's own token" in result.stderr
+    assert not root.exists()
+
+
+@pytest.mark.parametrize("edit, extra_args", [
+    (("AllowedIPs = 10.8.0.1/32", "AllowedIPs = 1.1.1.1/32"), []),
+    (("AllowedIPs = 10.8.0.1/32", "AllowedIPs = 10.8.0.1/32, 192.168.1.0/24"), []),
+    (("AllowedIPs = 10.8.0.1/32", "AllowedIPs = 0.0.0.0/0"), []),
+    (("AllowedIPs = 10.8.0.1/32", "AllowedIPs = 2001:db8::1/128"), []),
+    (("Address = 10.8.0.2/32", "Address = 8.8.8.8/32"), []),
+    (("[Interface]", "# kokoa-wg-network: 10.9.0.0/24\n[Interface]"), []),   # outside it
+    ((None, None), ["--wg-network", "10.9.0.0/24"]),
+])
+def test_a_peer_outside_the_tunnel_network_is_refused(origin_setup, tmp_path, edit, extra_args):
+    server, origin, root = origin_setup
+    conf = download(server, origin["id"], tmp_path / "wireguard.conf").decode()
+    if edit[0]:
+        assert edit[0] in conf
+        conf = conf.replace(edit[0], edit[1])
+    (tmp_path / "wireguard.conf").write_text(conf)
+    result = run_install("--config", str(tmp_path / "wireguard.conf"), "--root", str(root),
+                         "--no-packages", *extra_args)
+    assert result.returncode == 1 and "refusing" in result.stderr and "inside" in result.stderr
+    assert not (root / "etc/wireguard/kokoa0.conf").exists()
+
+
+def test_the_network_the_control_plane_names_is_the_one_checked(tmp_path):
+    require_tools("wg", "curl")
+    server = KokoaServer(tmp_path, {"KOKOA_WG_NETWORK": "10.77.0.0/24"}).start()
+    try:
+        _, _, origin = server.request("POST", "/api/v1/origins", {"name": "home"})
+        server.register_edge("edge1", wg_public_key=wg_public())
+        token = origin_token(server, origin)
+        result = run_install("--control-plane", server.url, "--root", str(tmp_path / "root"),
+                             "--no-packages", env={"KOKOA_ORIGIN_TOKEN": token})
+        assert result.returncode == 0, result.stderr
+        live = (tmp_path / "root/etc/wireguard/kokoa0.conf").read_text()
+        assert "# kokoa-wg-network: 10.77.0.0/24" in live
+        assert "Address = 10.77.0.1/32" in live and "AllowedIPs = 10.77.0.2/32" in live
+    finally:
+        server.stop()
 
 
 def test_wrong_password_changes_nothing(origin_setup):

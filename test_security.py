@@ -383,3 +383,59 @@ def test_wireguard_conf_refuses_a_value_that_bypassed_the_api(tmp_path):
         assert status == 500 and b"PreUp" not in body
     finally:
         server.close()
+
+
+# Origins hold a token of their own, never the admin password ################################
+
+def test_an_origin_token_reads_its_own_wireguard_conf_and_nothing_else(tmp_path):
+    server = InProcessServer(make_config(tmp_path / "k.db"))
+    try:
+        home = server.create_origin("home", "10.8.0.2")
+        office = server.create_origin("office", "10.8.0.3")
+        _, edge_token = server.register_edge("edge1", wg_public_key=wg_keypair()[1],
+                                             wg_ip="10.8.0.10")
+        status, _, issued = server.request("POST", f"/api/v1/origins/{home['id']}/token", {})
+        assert status == 201 and issued["token"].startswith("kokoa-ot-")
+        token = issued["token"]
+        # hashed at rest, never shown again
+        [(stored,)] = server.rows("SELECT token_hash FROM origins WHERE id = ?", (home["id"],))
+        assert stored == kokoa.hash_token(token)
+        _, _, listed = server.request("GET", "/api/v1/origins")
+        assert token not in json.dumps(listed)
+        assert [o["has_token"] for o in listed["origins"]] == [True, False]
+        # it opens this origin's config, the same bytes the admin gets
+        status, _, mine = server.request("GET", "/api/v1/origins/me/wireguard.conf", auth=token)
+        _, _, admin_copy = server.request("GET", f"/api/v1/origins/{home['id']}/wireguard.conf")
+        assert status == 200 and mine == admin_copy and b"Address = 10.8.0.2/32" in mine
+        # and nothing else: not the other origin's, no admin route, no edge route
+        for path in (f"/api/v1/origins/{office['id']}/wireguard.conf", "/api/v1/origins",
+                     "/api/v1/edge-nodes/me/config"):
+            status, _, _ = send_request(server.url, "GET", path, headers={
+                "Authorization": f"Bearer {token}"}, source="127.0.0.9")
+            assert status == 401, path
+        # an edge token or the admin password does not act as an origin token
+        assert server.request("GET", "/api/v1/origins/me/wireguard.conf",
+                              auth=edge_token)[0] == 401
+        assert server.request("GET", "/api/v1/origins/me/wireguard.conf")[0] == 401
+        # a new token replaces the old one; revoking ends it
+        _, _, again = server.request("POST", f"/api/v1/origins/{home['id']}/token", {})
+        assert server.request("GET", "/api/v1/origins/me/wireguard.conf", auth=token)[0] == 401
+        assert server.request("GET", "/api/v1/origins/me/wireguard.conf",
+                              auth=again["token"])[0] == 200
+        assert server.request("DELETE", f"/api/v1/origins/{home['id']}/token")[0] == 204
+        assert server.request("GET", "/api/v1/origins/me/wireguard.conf",
+                              auth=again["token"])[0] == 401
+        assert server.request("POST", "/api/v1/origins/not-an-id/token", {})[0] == 404
+    finally:
+        server.close()
+
+
+def test_wireguard_conf_names_the_tunnel_network_for_install_origin(tmp_path):
+    network = ipaddress.ip_network("10.77.0.0/24")
+    server = InProcessServer(make_config(tmp_path / "k.db", wg_network=network))
+    try:
+        origin = server.create_origin("home", None)
+        _, _, conf = server.request("GET", f"/api/v1/origins/{origin['id']}/wireguard.conf")
+        assert b"\n# kokoa-wg-network: 10.77.0.0/24\n" in conf
+    finally:
+        server.close()
