@@ -160,7 +160,11 @@ parse_args() {
         (($# >= 2)) || die "$1 needs a value"
         case $1 in
           --control-plane) CONTROL_PLANE=${2%/} ;;
-          --bootstrap-token) BOOTSTRAP_TOKEN=$2 ;;
+          --bootstrap-token)
+            BOOTSTRAP_TOKEN=$2
+            log "warning: --bootstrap-token puts the secret where every local user can read it" \
+              "(/proc/PID/cmdline); set KOKOA_BOOTSTRAP_TOKEN in the environment instead"
+            ;;
           --email) EMAIL=$2 ;;
           --edge-fqdn) EDGE_FQDN=${2,,} ;;
           --name) NAME=$2 ;;

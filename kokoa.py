@@ -2506,12 +2506,17 @@ def delete_edge_node(req, id):
 
 @route("GET", "/api/v1/settings")
 def get_settings(req):
-    return 200, read_settings(req.db)
+    return 200, settings_json(req, read_settings(req.db))
+
+
+def settings_json(req, settings):
+    """The stored settings and, read-only, the control plane's KOKOA_PUBLIC_URL."""
+    return {**settings, "public_url": req.app.config.public_url or None}
 
 
 @route("PATCH", "/api/v1/settings", changes_config=True)
 def update_settings(req):
-    return 200, store_settings(req.db, req.json())
+    return 200, settings_json(req, store_settings(req.db, req.json()))
 
 
 @route("GET", "/api/v1/enrollment-keys")

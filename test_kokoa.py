@@ -178,7 +178,7 @@ def test_poll_uses_the_cached_payload_instead_of_reading_routes(api):
 def test_acme_staging_setting_reaches_the_config(api):
     _, token = api.register_edge("edge1")
     status, _, settings = api.request("PATCH", "/api/v1/settings", {"acme_staging": True})
-    assert status == 200 and settings == {"acme_staging": True}
+    assert status == 200 and settings == {"acme_staging": True, "public_url": None}
     assert api.request("GET", "/api/v1/settings")[2] == {"acme_staging": True}
     assert api.my_config(token)[2]["acme"] == {"staging": True}
 

@@ -457,9 +457,10 @@ def test_edge_list_shows_registered_edges_their_state_and_revokes(ui):
 
     # The install command carries this control plane's URL, never the bootstrap token.
     command = page.locator("#edge-command")
-    expect(command).to_contain_text(
-        f'sudo bash install-edge.sh --control-plane {server.url} '
-        f'--bootstrap-token "$KOKOA_BOOTSTRAP_TOKEN" --email ')
+    expect(command).to_have_text(
+        "read -rsp 'Bootstrap token: ' KOKOA_BOOTSTRAP_TOKEN && export KOKOA_BOOTSTRAP_TOKEN\n"
+        f"sudo --preserve-env=KOKOA_BOOTSTRAP_TOKEN bash install-edge.sh --control-plane "
+        f"{server.url} --email you@example.com --edge-fqdn edge1.example.com --name edge1")
     expect(page.locator("#add-edge")).to_contain_text("kokoa.env")
     assert server.bootstrap_token not in page.content()
 
@@ -568,9 +569,12 @@ def test_enrollment_key_is_shown_once_registers_an_edge_and_can_be_revoked(ui):
     key = page.locator("#enroll-key").text_content()
     assert re.fullmatch(r"kokoa-ek-[A-Za-z0-9_-]{40,}", key), key
     command = page.locator("#enroll-command").text_content()
-    assert command == (f"sudo bash install-edge.sh --control-plane {server.url} "
-                       f"--bootstrap-token {key} --email you@example.com "
-                       f"--edge-fqdn edge1.example.com --name edge1")
+    # the key is never on a command line (/proc/*/cmdline): the shell asks for it
+    assert key not in command
+    assert command == (
+        "read -rsp 'Enrollment key: ' KOKOA_BOOTSTRAP_TOKEN && export KOKOA_BOOTSTRAP_TOKEN\n"
+        f"sudo --preserve-env=KOKOA_BOOTSTRAP_TOKEN bash install-edge.sh --control-plane "
+        f"{server.url} --email you@example.com --edge-fqdn edge1.example.com --name edge1")
     reveal.get_by_role("button", name="Copy the command with this enrollment key").click()
     assert page.evaluate("navigator.clipboard.readText()") == command
     reveal.get_by_role("button", name="Copy the enrollment key").click()

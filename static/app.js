@@ -876,21 +876,35 @@
     });
   }
 
-  function installCommand(token) {
-    return `sudo bash install-edge.sh --control-plane ${window.location.origin} --bootstrap-token ${token} --email you@example.com --edge-fqdn edge1.example.com --name edge1`;
+  /** KOKOA_PUBLIC_URL when the control plane has one, else the address of this page. */
+  function controlPlaneUrl() {
+    return (state.settings && state.settings.public_url) || window.location.origin;
+  }
+
+  /** The secret is read by the shell (not echoed, not in history) and handed over in the
+   *  environment: on a command line every local user could read it in /proc. */
+  function installCommand(prompt) {
+    return `read -rsp '${prompt}: ' KOKOA_BOOTSTRAP_TOKEN && export KOKOA_BOOTSTRAP_TOKEN\n` +
+      `sudo --preserve-env=KOKOA_BOOTSTRAP_TOKEN bash install-edge.sh --control-plane ${controlPlaneUrl()} --email you@example.com --edge-fqdn edge1.example.com --name edge1`;
+  }
+
+  function renderEdgeHelp() {
+    $("#edge-command").textContent = installCommand("Bootstrap token");
+    if (shownKey) $("#enroll-command").textContent = shownKey.command = installCommand("Enrollment key");
+    const publicUrl = state.settings && state.settings.public_url;
+    const host = window.location.hostname;
+    const local = !publicUrl && (host === "localhost" || host.startsWith("127.") || host === "[::1]");
+    for (const note of [$("#edge-url-note"), $("#enroll-url-note")]) {
+      note.textContent = publicUrl ? `The control plane URL is its KOKOA_PUBLIC_URL, ${publicUrl}.`
+        : local ? `This page was opened on ${host}, which edges cannot reach: set KOKOA_PUBLIC_URL on the control plane, or replace the URL with its public address.`
+        : "The control plane URL is the address of this page. If edges reach the control plane by another address, set KOKOA_PUBLIC_URL to it.";
+      note.classList.toggle("warn-text", local);
+    }
   }
 
   function setupEdgeHelp() {
-    const command = installCommand('"$KOKOA_BOOTSTRAP_TOKEN"');
-    $("#edge-command").textContent = command;
-    $("#copy-edge-command").addEventListener("click", (event) => copyText(command, event.currentTarget));
-    const host = window.location.hostname;
-    if (host === "localhost" || host.startsWith("127.") || host === "[::1]") {
-      for (const note of [$("#edge-url-note"), $("#enroll-url-note")]) {
-        note.textContent = `This page was opened on ${host}, which edges cannot reach: replace the URL with the control plane's public address.`;
-        note.classList.add("warn-text");
-      }
-    }
+    renderEdgeHelp();
+    $("#copy-edge-command").addEventListener("click", (event) => copyText($("#edge-command").textContent, event.currentTarget));
   }
 
   // ------------------------------------------------------------------ enrollment keys
@@ -946,7 +960,7 @@
   let shownKey = null;
 
   function showNewKey(created) {
-    shownKey = {id: created.id, key: created.key, command: installCommand(created.key)};
+    shownKey = {id: created.id, key: created.key, command: installCommand("Enrollment key")};
     const uses = created.uses_left === 1 ? "one edge" : `${created.uses_left} edges`;
     $("#enroll-key").textContent = shownKey.key;
     $("#enroll-command").textContent = shownKey.command;
@@ -1015,6 +1029,7 @@
   async function loadSettings() {
     state.settings = await api("GET", "/settings");
     if (!$("#settings-form").hasAttribute("aria-busy")) renderSettings();
+    renderEdgeHelp();
   }
 
   function setupSettings() {
