@@ -179,7 +179,7 @@ def test_acme_staging_setting_reaches_the_config(api):
     _, token = api.register_edge("edge1")
     status, _, settings = api.request("PATCH", "/api/v1/settings", {"acme_staging": True})
     assert status == 200 and settings == {"acme_staging": True, "public_url": None}
-    assert api.request("GET", "/api/v1/settings")[2] == {"acme_staging": True}
+    assert api.request("GET", "/api/v1/settings")[2] == {"acme_staging": True, "public_url": None}
     assert api.my_config(token)[2]["acme"] == {"staging": True}
 
 
@@ -442,7 +442,7 @@ def test_origin_in_use_cannot_be_deleted(api):
 def test_invalid_settings_are_rejected(api, body):
     status, _, error = api.request("PATCH", "/api/v1/settings", body)
     assert status == 400, error
-    assert api.request("GET", "/api/v1/settings")[2] == {"acme_staging": False}
+    assert api.request("GET", "/api/v1/settings")[2] == {"acme_staging": False, "public_url": None}
 
 
 @pytest.mark.parametrize("body, field", [

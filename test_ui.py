@@ -721,7 +721,8 @@ def test_every_page_fits_stays_small_and_stays_on_the_control_plane(
         ui.go("edges")
         ui.page.get_by_role("button", name="Copy the install command").click()
         command = ui.page.evaluate("navigator.clipboard.readText()")
-        assert command.startswith(f"sudo bash install-edge.sh --control-plane {server.url} ")
+        assert f"\nsudo --preserve-env=KOKOA_BOOTSTRAP_TOKEN bash install-edge.sh " \
+               f"--control-plane {server.url} " in command
 
         off_site = [u for u in ui.requests
                     if not (u.startswith(server.url + "/") or u.startswith("data:"))]
