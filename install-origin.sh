@@ -176,25 +176,27 @@ ipv6_hex() {
 }
 
 # True if CIDR is ADDRESS/PREFIX with a prefix the address family allows.
+# shellcheck disable=SC2310  # ipv4_int/ipv6_hex are predicates here
 check_cidr() {
   local address=${1%/*} prefix=${1##*/}
   [[ $1 == */* && $prefix =~ ^(0|[1-9][0-9]{0,2})$ ]] || return 1
   if ipv4_int "$address" >/dev/null; then
     ((prefix <= 32))
   else
-    ipv6_hex "$address" >/dev/null && ((prefix <= 128))
+      ipv6_hex "$address" >/dev/null && ((prefix <= 128))
   fi
 }
 
 # True if ADDRESS lies inside CIDR (same family, first PREFIX bits equal).
+# shellcheck disable=SC2310  # ipv4_int/ipv6_hex are predicates here
 in_network() {
   local address=$1 network=${2%/*} prefix=${2##*/} a n mask full rest
   if a=$(ipv4_int "$address"); then
-    n=$(ipv4_int "$network") || return 1
+      n=$(ipv4_int "$network") || return 1
     mask=$(( prefix == 0 ? 0 : (0xffffffff << (32 - prefix)) & 0xffffffff ))
     (( (a & mask) == (n & mask) ))
   elif a=$(ipv6_hex "$address"); then
-    n=$(ipv6_hex "$network") || return 1
+      n=$(ipv6_hex "$network") || return 1
     full=$((prefix / 4)) rest=$((prefix % 4))
     [[ ${a:0:full} == "${n:0:full}" ]] || return 1
     ((rest == 0)) && return 0
@@ -215,6 +217,7 @@ check_addresses() {
   else
     network=$(sed -n 's/^# kokoa-wg-network: \([0-9a-f.:/]\{1,50\}\)$/\1/p' "$file" | head -n 1)
     if [[ -n $network ]]; then
+      # shellcheck disable=SC2310  # a predicate
       check_cidr "$network" || die "the config names an invalid tunnel network: $network"
       WG_NETWORK=$network
       networks=("$network")
@@ -228,6 +231,7 @@ check_addresses() {
       address=${entry%/*} prefix=${entry##*/}
       inside=0
       for network in "${networks[@]}"; do
+        # shellcheck disable=SC2310  # a predicate
         if in_network "$address" "$network"; then
           inside=1
           break
@@ -253,6 +257,7 @@ validate_args() {
     die "give --config FILE or --control-plane URL --origin-id ID"
   fi
   if [[ -n $WG_NETWORK ]]; then
+    # shellcheck disable=SC2310  # a predicate
     check_cidr "$WG_NETWORK" || die "--wg-network must be a CIDR such as 10.8.0.0/24"
   fi
   if [[ -n $CONTROL_PLANE_URL ]]; then
