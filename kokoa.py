@@ -2771,10 +2771,126 @@ def open_migrated(db_path, backup_first=False):
         db.close()
 
 
+WAITRESS_ERROR_CODES = {413: "payload_too_large", 431: "headers_too_large", 500: "internal"}
+PER_ADDRESS_CONNECTIONS = 32      # open connections per client address (IPv6: per /64) ...
+CONNECTION_LIMIT = 2000           # ... and in all
+HEADER_DEADLINE = 10.0            # s from accept (or the last response) to a request's headers
+BODY_DEADLINE = 30.0              # ... and to the end of its body
+
+
+def raise_fd_limit(wanted):
+    """Raise the soft RLIMIT_NOFILE to `wanted` if the hard limit allows; the soft limit."""
+    import resource
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+    if soft != resource.RLIM_INFINITY and soft < target:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        return target
+    return wanted if soft == resource.RLIM_INFINITY else soft
+
+
+def make_server(app, host, port, threads, trusted_proxy=None,
+                per_address=PER_ADDRESS_CONNECTIONS, connection_limit=CONNECTION_LIMIT,
+                header_deadline=HEADER_DEADLINE, body_deadline=BODY_DEADLINE, **settings):
+    """A waitress server with limits a slow client cannot stretch: at most `per_address`
+    connections per client address (not the trusted proxy's: it must limit its clients),
+    and a request's headers in within `header_deadline` s, its body within `body_deadline` s,
+    of the connection being ready for it (accepted, or the previous response sent)."""
+    from waitress.channel import HTTPChannel
+    from waitress.server import TcpWSGIServer
+    from waitress.task import ErrorTask
+
+    exempt = None if trusted_proxy is None else str(trusted_proxy)
+    fds = raise_fd_limit(2 * connection_limit + 256)    # a channel may hold a buffer file too
+    if fds < 2 * connection_limit + 256:
+        connection_limit = max(100, (fds - 256) // 2)
+        log.warning("open-file limit %d: connection limit lowered to %d", fds, connection_limit)
+
+    class JsonErrorTask(ErrorTask):
+        """waitress's own refusals (a body over its limit, a malformed request) as Kokoa's
+        JSON errors, with the headers every response carries."""
+
+        def execute(self):
+            error = self.request.error
+            code = WAITRESS_ERROR_CODES.get(error.code, "bad_request")
+            message = ("the body is larger than 1 MiB" if error.code == 413
+                       else f"{error.reason}: {error.body}")
+            body = json.dumps(HTTPError(error.code, code, message).body()).encode()
+            self.status = f"{error.code} {error.reason}"
+            self.response_headers.extend([("Content-Type", JSON_TYPE),
+                                          ("X-Request-ID", os.urandom(16).hex()),
+                                          ("Cache-Control", "no-store"), *SECURITY_HEADERS])
+            self.set_close_on_finish()
+            self.content_length = len(body)
+            self.write(body)
+
+    class Channel(HTTPChannel):
+        error_task_class = JsonErrorTask
+
+        def __init__(self, server, sock, addr, adj, map=None):
+            super().__init__(server, sock, addr, adj, map)
+            self.ready_since, self.key = time.monotonic(), rate_key(addr[0])
+            server.per_address[self.key] += 1
+
+        def service(self):                  # worker thread: the queued requests are answered
+            super().service()
+            self.ready_since = time.monotonic()
+
+        def del_channel(self, map=None):    # main thread: waitress closes channels only there
+            super().del_channel(map)
+            key, self.key = self.key, None
+            if key is not None:
+                self.server.per_address[key] -= 1
+                if self.server.per_address[key] <= 0:
+                    del self.server.per_address[key]
+
+    class Server(TcpWSGIServer):
+        channel_class = Channel
+
+        def __init__(self, *args, **kw):
+            self.per_address, self.refused, self.next_refusal_log = collections.Counter(), 0, 0
+            super().__init__(*args, **kw)
+
+        def handle_accept(self):            # drain the queue: one accept per poll() is slow
+            for _ in range(64):
+                self.got = False
+                super().handle_accept()
+                if not self.got or len(self._map) >= self.adj.connection_limit:
+                    break
+
+        def accept(self):
+            pair = super().accept()
+            self.got = pair is not None
+            if (pair is not None and pair[1][0] != exempt
+                    and self.per_address[rate_key(pair[1][0])] >= per_address):
+                pair[0].close()
+                self.refused += 1
+                return None
+            return pair
+
+        def maintenance(self, now):
+            super().maintenance(now)        # channel_timeout: a response the client stalls
+            mono = time.monotonic()
+            for channel in self.active_channels.values():
+                if channel.requests or channel.total_outbufs_len:
+                    channel.ready_since = mono          # answering, not waiting for the client
+                    continue
+                request = channel.request
+                headers_in = request is not None and request.headers_finished
+                if mono - channel.ready_since > (body_deadline if headers_in
+                                                 else header_deadline):
+                    channel.will_close = True
+            if self.refused and now >= self.next_refusal_log:
+                log.warning("refused %d connection(s) over %d per client address",
+                            self.refused, per_address)
+                self.refused, self.next_refusal_log = 0, now + 60
+
+    return Server(app, host=host, port=port, threads=threads, connection_limit=connection_limit,
+                  asyncore_use_poll=True, cleanup_interval=1, channel_timeout=30, **settings)
+
+
 def cmd_serve(args):
     """Serve the app with waitress until interrupted."""
-    import waitress
-
     env = load_environment(args.env_file)
     config = load_config(args, env)
     host, port = parse_listen(args.listen or env.get("KOKOA_LISTEN") or DEFAULT_LISTEN)
@@ -2797,8 +2913,8 @@ def cmd_serve(args):
                     "(e.g. %s) to have addresses assigned", DEFAULT_WG_NETWORK)
     log.info("kokoa %s serving on http://%s:%d/ (database %s, schema v%d)",
              __version__, host, port, config.db_path, version)
-    waitress.serve(make_app(config), host=host, port=port, threads=args.threads,
-                   **WAITRESS_SETTINGS)
+    make_server(make_app(config), host, port, args.threads, config.trusted_proxy,
+                **WAITRESS_SETTINGS).run()
     return 0
 
 
