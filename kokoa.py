@@ -2718,6 +2718,12 @@ def cmd_init(args):
     except ValueError as err:
         raise CLIError(f"--wg-network must be a private CIDR such as {DEFAULT_WG_NETWORK}: "
                        f"{err}") from None
+    public_url = "https://kokoa.example.com"
+    if args.public_url:
+        try:
+            public_url = parse_public_url(args.public_url)[0]
+        except ValueError as err:
+            raise CLIError(f"--public-url {err}") from None
     lines = [
         "# kokoa control plane secrets: keep this file private (mode 0600) and backed up.",
         "# Losing WIREGUARD_KEY_ENC_SECRET makes stored WireGuard private keys unreadable.",
@@ -2727,6 +2733,10 @@ def cmd_init(args):
         f"KOKOA_ADMIN_PASSWORD={secrets.token_urlsafe(18)}",
         "# The WireGuard tunnel network: origins and edges get their addresses from it.",
         f"KOKOA_WG_NETWORK={network}",
+        "# The URL edges and browsers use; other Host names get 421 (loopback names always pass).",
+        f"{'' if args.public_url else '# '}KOKOA_PUBLIC_URL={public_url}",
+        "# Behind a reverse proxy: its address (see README, Security).",
+        "# KOKOA_TRUSTED_PROXY=127.0.0.1",
     ]
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
@@ -3049,6 +3059,8 @@ def build_parser():
     init = add("init", cmd_init, "write kokoa.env with fresh secrets (never overwrites)")
     init.add_argument("--wg-network", default=DEFAULT_WG_NETWORK,
                       help=f"the tunnel network, a private CIDR (default {DEFAULT_WG_NETWORK})")
+    init.add_argument("--public-url", help="the URL edges and browsers will use, e.g. "
+                      "https://kokoa.example.com (KOKOA_PUBLIC_URL)")
     serve = add("serve", cmd_serve, "serve the API and UI with waitress")
     serve.add_argument("--listen", help=f"HOST:PORT (default {DEFAULT_LISTEN})")
     serve.add_argument("--db", help=f"database path (default ./{DEFAULT_DB})")

@@ -937,6 +937,19 @@ def test_init_writes_a_private_env_file_once(tmp_path):
     assert again.returncode != 0 and "already exists" in again.stderr
     assert path.read_bytes() == before
     assert values["KOKOA_WG_NETWORK"] == kokoa.DEFAULT_WG_NETWORK
+    assert "KOKOA_PUBLIC_URL" not in values      # only an example, commented out
+
+
+def test_init_writes_the_public_url_it_is_given(tmp_path):
+    result = run_cli("init", "--public-url", "https://Kokoa.Example.com/", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    values = kokoa.read_env_file(tmp_path / "kokoa.env")
+    assert values["KOKOA_PUBLIC_URL"] == "https://kokoa.example.com"
+    other = tmp_path / "other"
+    other.mkdir()
+    result = run_cli("init", "--public-url", "https://kokoa.example.com/admin", cwd=other)
+    assert result.returncode == 2 and "--public-url" in result.stderr
+    assert list(other.iterdir()) == []
 
 
 def test_init_takes_a_private_tunnel_network_and_serve_refuses_a_public_one(tmp_path):
