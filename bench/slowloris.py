@@ -34,6 +34,10 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from conftest import send_request, stop_process  # noqa: E402
+
 PY = sys.executable
 PARTIAL = b"GET /api/v1/edge-nodes/me/config HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: "
 
@@ -54,16 +58,6 @@ def cpu_seconds(pid):
     """utime + stime of a process, in seconds."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def stop(proc, timeout=10):
-    if proc is not None and proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=timeout)
 
 
 # The attacker (a separate process, so its work does not share the poller's GIL) ############
@@ -185,14 +179,9 @@ def attacker(args):
 # The poller and the harness ##################################################################
 
 def request(port, method, path, body=None, headers=None, source="127.0.0.1", timeout=5.0):
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout,
-                                      source_address=(source, 0))
-    try:
-        conn.request(method, path, body=body, headers=headers or {})
-        resp = conn.getresponse()
-        return resp.status, resp.headers, resp.read()
-    finally:
-        conn.close()
+    """conftest.send_request on this loopback port."""
+    return send_request(f"http://127.0.0.1:{port}", method, path, body or b"", headers,
+                        source, timeout)
 
 
 def poll_phase(args, port, token, etag, label, budget):
@@ -257,7 +246,8 @@ def attack_phase(args, port, token, etag, server, round_no):
         out, _ = attack.communicate(timeout=30)
         return ms, failed, (json.loads(out.strip().splitlines()[-1]) if out.strip() else {})
     finally:
-        stop(attack)
+        if attack is not None:
+            stop_process(attack)
 
 
 def judge(args, stats):
@@ -357,7 +347,8 @@ def harness(args):
             print((work / "serve.log").read_text()[-3000:])
         return 0 if all(ok for _, ok in verdicts) else 1
     finally:
-        stop(server)
+        if server is not None:
+            stop_process(server)
         if args.keep:
             print(f"kept {work}")
         else:
