@@ -653,16 +653,52 @@ make_templates() {
   fi
   listen_lines l80 "$HTTP_PORT" ""
   listen_lines l443 "$HTTPS_PORT" " ssl http2"
-  local proxy acme
+  local proxy upgrade acme common tls
+  # What real apps need: no body limit and uploads streamed to the origin (a 20 GB upload
+  # never fills the VPS disk), the edge's own X-Forwarded-* (a client's are replaced,
+  # Forwarded is cleared), a prompt 502 when an origin is down, and 300 s between two reads
+  # of an ordinary response; WebSockets go to @kokoa_upgrade, which may idle for an hour.
+  # Responses stream when the origin sends X-Accel-Buffering: no.
   proxy="        proxy_pass http://\$kokoa_backend;
         proxy_http_version 1.1;
         proxy_set_header Host \$host;
         proxy_set_header X-Real-IP \$remote_addr;
         proxy_set_header X-Forwarded-For \$remote_addr;
         proxy_set_header X-Forwarded-Proto \$scheme;
+        proxy_set_header X-Forwarded-Host \$host;
+        proxy_set_header X-Forwarded-Port \$server_port;
+        proxy_set_header Forwarded \"\";
         proxy_set_header Upgrade \$http_upgrade;
         proxy_set_header Connection \$kokoa_connection_upgrade;
+        proxy_hide_header Strict-Transport-Security;
+        proxy_request_buffering off;
+        proxy_connect_timeout 10s;
+        proxy_send_timeout 300s;"
+  upgrade="        if (\$http_upgrade ~* ^websocket\$) {
+            return 418;
+        }
+        error_page 418 = @kokoa_upgrade;
+$proxy
+        proxy_read_timeout 300s;
+    }
+    location @kokoa_upgrade {
+$proxy
         proxy_read_timeout 3600s;"
+  common="    server_tokens off;
+    client_max_body_size 0;
+    gzip on;
+    gzip_vary on;
+    gzip_proxied any;
+    gzip_types text/plain text/css text/xml text/javascript application/javascript
+               application/json application/xml application/rss+xml image/svg+xml;"
+  # Mozilla's \"intermediate\" profile: TLS 1.2 and 1.3, AEAD suites with forward secrecy only,
+  # a session cache shared by every server, no session tickets (their key never rotates).
+  tls="    ssl_protocols TLSv1.2 TLSv1.3;
+    ssl_ciphers ECDHE-ECDSA-AES128-GCM-SHA256:ECDHE-RSA-AES128-GCM-SHA256:ECDHE-ECDSA-AES256-GCM-SHA384:ECDHE-RSA-AES256-GCM-SHA384:ECDHE-ECDSA-CHACHA20-POLY1305:ECDHE-RSA-CHACHA20-POLY1305;
+    ssl_prefer_server_ciphers off;
+    ssl_session_cache shared:kokoa:10m;
+    ssl_session_timeout 1d;
+    ssl_session_tickets off;"
   acme="    location /.well-known/acme-challenge/ {
         root $WEBROOT;
         default_type text/plain;
@@ -670,17 +706,20 @@ make_templates() {
   TPL_TLS_HEAD="$MARK
 server {
 $l443
-    server_name @HOST@;"
+    server_name @HOST@;
+$common
+$tls"
   TPL_TLS_PROXY="    location / {
-$proxy
+$upgrade
     }
 }"
   TPL_HTTP_HEAD="server {
 $l80
     server_name @HOST@;
+$common
 $acme
     location / {"
-  LOC_PROXY=$proxy
+  LOC_PROXY=$upgrade
   LOC_REDIRECT="        return 301 $https_url\$request_uri;"
   LOC_NOTFOUND="        return 404;"
   TPL_EDGE_BODY="    location = /healthz {
@@ -698,8 +737,11 @@ render_host() {
   local h=$2 kind=$3 certs loc body
   # shellcheck disable=SC2310  # a predicate
   if have_cert "$h"; then
+    # HSTS only with the real certificate: a browser that saw it with the fallback one
+    # could not click through the warning for a year.
     certs="    ssl_certificate $LETSENCRYPT_DIR/live/$h/fullchain.pem;
-    ssl_certificate_key $LETSENCRYPT_DIR/live/$h/privkey.pem;"
+    ssl_certificate_key $LETSENCRYPT_DIR/live/$h/privkey.pem;
+    add_header Strict-Transport-Security \"max-age=31536000\" always;"
     loc=$LOC_REDIRECT
   else
     certs="    ssl_certificate $FALLBACK_CERT;

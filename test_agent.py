@@ -111,6 +111,27 @@ def test_env_file_is_parsed_not_sourced(edge, double, backends, workdir):
 # Applying configs
 
 
+def test_the_origin_sees_the_edge_s_forwarding_headers_never_the_client_s(edge, double,
+                                                                       backends):
+    alpha, _ = backends
+    apply_routes(edge, double, {"a.example.com": alpha.addr})
+    spoofed = ["-H", "X-Forwarded-Host: attacker.example", "-H", "X-Forwarded-For: 6.6.6.6",
+               "-H", "Forwarded: for=6.6.6.6;host=attacker.example", "-H",
+               "X-Forwarded-Port: 1", "-H", "X-Real-IP: 6.6.6.6"]
+    assert edge.get("a.example.com", "/h", tls=True, extra=spoofed) == (200, "alpha /h")
+    seen = alpha.seen[-1]
+    assert seen["X-Forwarded-Host"] == "a.example.com"
+    assert seen["X-Forwarded-Port"] == str(edge.https_port)
+    assert seen["X-Forwarded-For"] == seen["X-Real-IP"] == "127.0.0.1"
+    assert "Forwarded" not in seen
+    # the edge does not say which nginx it runs, and sets no HSTS on a fallback certificate
+    head = subprocess.run(
+        ["curl", "-sSkI", "--max-time", "10", "--resolve",
+         f"a.example.com:{edge.https_port}:127.0.0.1", f"https://a.example.com:{edge.https_port}/"],
+        capture_output=True, text=True, timeout=20).stdout.lower()
+    assert "\nserver: nginx\n" in head and "strict-transport-security" not in head
+
+
 def test_each_hostname_reaches_its_backend_over_http_and_fallback_tls(edge, double, backends):
     alpha, beta = backends
     apply_routes(edge, double, {"a.example.com": alpha.addr, "b.example.com": beta.addr})
