@@ -544,12 +544,18 @@ def check_map($routes):
 def payload_keys($schema):
   ["acme", "config_hash", "hostnames", "nginx_map", "routes", "wireguard"]
   + (if $schema > 1 then ["schema"] else [] end);
-# The upstream of one route: schema 1 gives "ip:port", later schemas an object.
+# The upstream of one route: schema 1 gives "ip:port", later schemas an object with options.
 def route_upstream($schema; $host):
   if $schema == 1 then
     (if type == "string" then . else fail("route for \($host) is not a string") end)
   elif type != "object" then fail("route for \($host) is not an object")
-  else only_keys(["upstream"]; "the route for \($host)") | .upstream end;
+  else only_keys(["buffering", "hsts", "max_body_size", "upstream"]; "the route for \($host)")
+    | if (.max_body_size | type) != "number" or .max_body_size != (.max_body_size | floor)
+         or .max_body_size < 0 or .max_body_size > 1048576 then
+        fail("the route for \($host): max_body_size is not a whole number of MiB 0-1048576")
+      elif (.buffering | type) != "boolean" or (.hsts | type) != "boolean" then
+        fail("the route for \($host): buffering and hsts must be booleans")
+      else .upstream end end;
 # Check one upstream address ("ip:port") that the route for $host (one of its routes) uses.
 def check_upstream($guard; $host):
   parse_addr as $addr
@@ -679,13 +685,13 @@ make_templates() {
         }
         error_page 418 = @kokoa_upgrade;
 $proxy
-        proxy_read_timeout 300s;
+@READ@
     }
     location @kokoa_upgrade {
 $proxy
         proxy_read_timeout 3600s;"
   common="    server_tokens off;
-    client_max_body_size 0;
+    client_max_body_size @MBS@;
     gzip on;
     gzip_vary on;
     gzip_proxied any;
@@ -732,16 +738,25 @@ $acme
 }"
 }
 
-# Set the variable named $1 to the server blocks of host $2 (kind route or edge).
+# Set the variable named $1 to the server blocks of host $2 (kind route or edge), with the
+# route's options: $4 max_body_size in MiB (0: none), $5 buffering, $6 hsts (true/false).
 render_host() {
-  local h=$2 kind=$3 certs loc body
+  local h=$2 kind=$3 mbs=${4:-0} buffering=${5:-true} hsts=${6:-true} certs loc body text
+  local read="        proxy_read_timeout 300s;"
+  if [[ $buffering == false ]]; then        # SSE, long polls: stream, and let them idle
+    read="        proxy_buffering off;
+        proxy_read_timeout 3600s;"
+  fi
   # shellcheck disable=SC2310  # a predicate
   if have_cert "$h"; then
     # HSTS only with the real certificate: a browser that saw it with the fallback one
     # could not click through the warning for a year.
     certs="    ssl_certificate $LETSENCRYPT_DIR/live/$h/fullchain.pem;
-    ssl_certificate_key $LETSENCRYPT_DIR/live/$h/privkey.pem;
+    ssl_certificate_key $LETSENCRYPT_DIR/live/$h/privkey.pem;"
+    if [[ $hsts == true ]]; then
+      certs+="
     add_header Strict-Transport-Security \"max-age=31536000\" always;"
+    fi
     loc=$LOC_REDIRECT
   else
     certs="    ssl_certificate $FALLBACK_CERT;
@@ -754,7 +769,7 @@ render_host() {
   else
     body=$TPL_TLS_PROXY
   fi
-  printf -v "$1" '%s' "${TPL_TLS_HEAD//@HOST@/$h}
+  text="${TPL_TLS_HEAD//@HOST@/$h}
 $certs
 $body
 ${TPL_HTTP_HEAD//@HOST@/$h}
@@ -762,6 +777,12 @@ $loc
     }
 }
 "
+  if [[ $mbs =~ ^[1-9][0-9]{0,6}$ ]]; then
+    text=${text//@MBS@/${mbs}m}
+  else
+    text=${text//@MBS@/0}
+  fi
+  printf -v "$1" '%s' "${text//@READ@/$read}"
 }
 
 # Set the variable named $1 to default.conf for $2 server names, the longest $3 characters.
@@ -803,12 +824,18 @@ render_all() {
   local payload=$1 h longest=0 count=0 map
   local -a hosts=()
   DESIRED=()
-  mapfile -t hosts < <(jq -r '.hostnames[]' -- "$payload")
+  local -a options
+  # One line per host: name, max_body_size, buffering, hsts (schema 1: the defaults).
+  mapfile -t hosts < <(jq -r '. as $p | .hostnames[] | . as $h | $p.routes[$h]
+    | if type == "object" then [$h, .max_body_size, .buffering, .hsts] else [$h, 0, true, true]
+      end | map(tostring) | join(" ")' -- "$payload")
   map=$(jq -j '.nginx_map' -- "$payload") || return
   DESIRED[map.conf]="$map"$'\n'
   make_templates
   for h in "${hosts[@]}"; do
-    render_host "DESIRED[servers/$h.conf]" "$h" route
+    read -ra options <<<"$h"
+    h=${options[0]}
+    render_host "DESIRED[servers/$h.conf]" "$h" route "${options[@]:1}"
     ((${#h} > longest)) && longest=${#h}
     count=$((count + 1))
   done

@@ -540,6 +540,17 @@ MIGRATIONS = [
         "CHECK (token_hash IS NULL OR length(token_hash) = 64)",
         "CREATE UNIQUE INDEX origins_token_hash ON origins (token_hash)",
     ],
+    [
+        # Route options (DESIGN v2): body limit in MiB (0: none), response buffering, HSTS,
+        # and a switch that keeps a route without serving it.
+        "ALTER TABLE routes ADD COLUMN max_body_size INTEGER NOT NULL DEFAULT 0 "
+        "CHECK (typeof(max_body_size) = 'integer' AND max_body_size BETWEEN 0 AND 1048576)",
+        "ALTER TABLE routes ADD COLUMN buffering INTEGER NOT NULL DEFAULT 1 "
+        "CHECK (buffering IN (0, 1))",
+        "ALTER TABLE routes ADD COLUMN hsts INTEGER NOT NULL DEFAULT 1 CHECK (hsts IN (0, 1))",
+        "ALTER TABLE routes ADD COLUMN enabled INTEGER NOT NULL DEFAULT 1 "
+        "CHECK (enabled IN (0, 1))",
+    ],
 ]
 
 
@@ -1110,6 +1121,8 @@ def origin_by_token(db, token):
 # Routes
 
 ROUTE_FIELDS = ("hostname", "origin_id", "target_port")
+MAX_BODY_SIZE_MIB = 1048576        # 1 TiB: "no limit" is 0
+ROUTE_OPTIONS = {"max_body_size": 0, "buffering": True, "hsts": True, "enabled": True}
 
 
 def route_json(row):
@@ -1117,8 +1130,34 @@ def route_json(row):
     return {
         "id": row["id"], "hostname": row["hostname"], "origin_id": row["origin_id"],
         "origin_name": row["origin_name"], "target_port": row["target_port"],
+        "max_body_size": row["max_body_size"], "buffering": bool(row["buffering"]),
+        "hsts": bool(row["hsts"]), "enabled": bool(row["enabled"]),
         "created_at": row["created_at"],
     }
+
+
+def validate_route_options(body, current=ROUTE_OPTIONS):
+    """The route options of `body`, each validated, the others as in `current`."""
+    options = dict(current)
+    for field in ("buffering", "hsts", "enabled"):
+        if field in body:
+            if not isinstance(body[field], bool):
+                raise invalid(field, f"{field} must be true or false")
+            options[field] = body[field]
+    if "max_body_size" in body:
+        size = body["max_body_size"]
+        if isinstance(size, bool) or not isinstance(size, int) \
+                or not 0 <= size <= MAX_BODY_SIZE_MIB:
+            raise invalid("max_body_size", "max_body_size must be a whole number of MiB from 0 "
+                          f"(no limit) to {MAX_BODY_SIZE_MIB}")
+        options["max_body_size"] = size
+    return options
+
+
+def route_options_of(row):
+    """The options stored in a route row, as validate_route_options gives them."""
+    return {"max_body_size": row["max_body_size"], "buffering": bool(row["buffering"]),
+            "hsts": bool(row["hsts"]), "enabled": bool(row["enabled"])}
 
 
 def get_route_row(db, route_id):
@@ -1140,26 +1179,31 @@ def check_origin_exists(db, origin_id):
 
 def insert_route(db, body):
     """Validate and insert a route; returns its row."""
-    check_fields(body, ROUTE_FIELDS, required=ROUTE_FIELDS)
+    check_fields(body, ROUTE_FIELDS + tuple(ROUTE_OPTIONS), required=ROUTE_FIELDS)
     hostname = normalize_hostname(body["hostname"])
     port = validate_port(body["target_port"])
+    options = validate_route_options(body)
     route_id = new_id()
     with transaction(db):
         origin_id = check_origin_exists(db, body["origin_id"])
         check_unique(db, "routes", "hostname", hostname, "hostname")
         db.execute(
             """
-            INSERT INTO routes (id, hostname, origin_id, target_port, created_at)
-            VALUES (?, ?, ?, ?, ?)""",
-            (route_id, hostname, origin_id, port, utc_now()))
+            INSERT INTO routes (id, hostname, origin_id, target_port, created_at,
+                                max_body_size, buffering, hsts, enabled)
+            VALUES (:id, :hostname, :origin_id, :port, :created_at,
+                    :max_body_size, :buffering, :hsts, :enabled)""",
+            {"id": route_id, "hostname": hostname, "origin_id": origin_id, "port": port,
+             "created_at": utc_now(), **options})
     return get_route_row(db, route_id)
 
 
 def patch_route(db, route_id, body):
     """Validate and apply a partial update to a route; returns its row."""
-    check_fields(body, ROUTE_FIELDS)
+    check_fields(body, ROUTE_FIELDS + tuple(ROUTE_OPTIONS))
     with transaction(db):
         row = get_route_row(db, route_id)
+        options = validate_route_options(body, route_options_of(row))
         hostname = row["hostname"]
         if "hostname" in body:
             hostname = normalize_hostname(body["hostname"])
@@ -1172,9 +1216,12 @@ def patch_route(db, route_id, body):
         db.execute(
             """
             UPDATE routes
-               SET hostname = ?, origin_id = ?, target_port = ?
-             WHERE id = ?""",
-            (hostname, origin_id, port, route_id))
+               SET hostname = :hostname, origin_id = :origin_id, target_port = :port,
+                   max_body_size = :max_body_size, buffering = :buffering, hsts = :hsts,
+                   enabled = :enabled
+             WHERE id = :id""",
+            {"hostname": hostname, "origin_id": origin_id, "port": port, "id": route_id,
+             **options})
     return get_route_row(db, route_id)
 
 
@@ -1568,27 +1615,36 @@ def wireguard_peers(origins):
 # Keys of a route object (the schema-2 form) that each schema can carry. A route with any
 # other key set (a protection the schema's agents cannot enforce) is left out of that schema's
 # payload and listed as unserved: never served without it.
-SCHEMA_ROUTE_KEYS = {1: frozenset({"upstream"}), 2: frozenset({"upstream"})}
+SCHEMA_ROUTE_KEYS = {1: frozenset({"upstream"}),
+                     2: frozenset({"upstream", "max_body_size", "buffering", "hsts"})}
+# Options that a schema without them may leave out: its agents then serve the route as 0.1.0
+# did (a 1 MiB body limit, buffered responses, no HSTS), which protects no less.
+DROPPABLE_ROUTE_KEYS = frozenset({"max_body_size", "buffering", "hsts"})
 
 
 def route_objects(db):
-    """{hostname: route object} of every route: the desired state, in the schema-2 form."""
+    """{hostname: route object} of every enabled route: the desired state, in the schema-2
+    form (a disabled route is kept in the database but served by no edge)."""
     return {
-        row["hostname"]: {"upstream": upstream_address(row["wg_ip"], row["target_port"])}
+        row["hostname"]: {"upstream": upstream_address(row["wg_ip"], row["target_port"]),
+                          "max_body_size": row["max_body_size"],
+                          "buffering": bool(row["buffering"]), "hsts": bool(row["hsts"])}
         for row in db.execute(
             """
-            SELECT r.hostname, r.target_port, o.wg_ip
+            SELECT r.hostname, r.target_port, r.max_body_size, r.buffering, r.hsts, o.wg_ip
               FROM routes AS r
-              JOIN origins AS o ON o.id = r.origin_id""")
+              JOIN origins AS o ON o.id = r.origin_id
+             WHERE r.enabled""")
     }
 
 
 def unserved_reason(route, schema):
     """Why `schema` cannot carry `route` (None if it can)."""
-    if route.keys() <= SCHEMA_ROUTE_KEYS[schema]:
+    servable = SCHEMA_ROUTE_KEYS[schema] | DROPPABLE_ROUTE_KEYS
+    if route.keys() <= servable:
         return None
     extra = sorted(key for key, value in route.items()
-                   if key not in SCHEMA_ROUTE_KEYS[schema] and value is not None)
+                   if key not in servable and value is not None)
     if not extra:
         return None
     return (f"needs {', '.join(extra)}, which schema {schema} agents cannot enforce: "
@@ -1625,7 +1681,8 @@ def edge_payloads(routes, peers, staging, schemas=SCHEMAS):
         payload = {
             "hostnames": sorted(served),
             "routes": upstreams if schema == 1 else {
-                hostname: {field: route[field] for field in SCHEMA_ROUTE_KEYS[schema]}
+                hostname: {field: route.get(field, ROUTE_OPTIONS.get(field))
+                           for field in SCHEMA_ROUTE_KEYS[schema]}
                 for hostname, route in served.items()},
             "acme": {"staging": bool(staging)},
             "nginx_map": maps[key],

@@ -423,12 +423,13 @@ class Pebble:
 # The edge payload, as kokoa.py makes it ####################################################
 
 def make_payload(routes, staging=False, nginx_map=None, hostnames=None, schema=1, peers=()):
-    """kokoa.edge_payload of {hostname: "ip:port"}, with a correct config_hash.
+    """kokoa.edge_payload of {hostname: "ip:port" or a route object}, with a correct config_hash.
 
     `nginx_map` / `hostnames` replace what kokoa rendered (for hostile payloads); config_hash
     is then computed again, so that only the content is wrong.
     """
-    routes = {hostname: {"upstream": address} for hostname, address in routes.items()}
+    routes = {hostname: address if isinstance(address, dict) else {"upstream": address}
+              for hostname, address in routes.items()}
     payload, unserved = kokoa.edge_payload(routes, list(peers), staging, schema)
     assert not unserved, unserved
     if nginx_map is not None:
@@ -870,3 +871,160 @@ class World:
             self.nginx.stop()
         self.kokoa.stop()
         self.lab.close()
+
+
+# A workload origin for real applications' traffic (test_workloads) ########################
+
+WORKLOAD_SERVER = r'''"""Kokoa's workload origin: uploads, header echo, events, a JSON document."""
+import hashlib
+import json
+import sys
+import threading
+import time
+import urllib.parse
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+PROGRESS = {}                   # upload id -> bytes received so far
+LOCK = threading.Lock()
+DOCUMENT = json.dumps({"items": [
+    {"id": i, "name": f"item {i}", "tags": ["alpha", "beta", "gamma"], "enabled": i % 2 == 0}
+    for i in range(250)]}).encode()
+
+
+class Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, *args):
+        pass
+
+    def send_json(self, value, status=200):
+        body = json.dumps(value).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def body_pieces(self):
+        """The request body in pieces, de-chunked when it came chunked."""
+        if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
+            while True:
+                left = int(self.rfile.readline().split(b";")[0], 16)
+                if left == 0:
+                    while self.rfile.readline() not in (b"\r\n", b"\n", b""):
+                        pass            # trailers, up to the blank line
+                    return
+                while left:
+                    piece = self.rfile.read1(min(left, 1 << 20))
+                    if not piece:
+                        raise ConnectionError("body ended early")
+                    left -= len(piece)
+                    yield piece
+                self.rfile.readline()   # the CRLF after each chunk
+        left = int(self.headers.get("Content-Length", "0"))
+        while left:
+            piece = self.rfile.read1(min(left, 1 << 20))
+            if not piece:
+                raise ConnectionError("body ended early")
+            left -= len(piece)
+            yield piece
+
+    def upload(self):
+        query = urllib.parse.parse_qs(urllib.parse.urlsplit(self.path).query)
+        upload_id = query.get("id", ["-"])[0]
+        digest, count, first = hashlib.sha256(), 0, None
+        for piece in self.body_pieces():
+            first = first or time.time()
+            digest.update(piece)
+            count += len(piece)
+            with LOCK:
+                PROGRESS[upload_id] = count
+        self.send_json({"sha256": digest.hexdigest(), "bytes": count,
+                        "chunked": "Transfer-Encoding" in self.headers,
+                        "first_byte_at": first, "done_at": time.time()})
+
+    def do_PUT(self):
+        path = urllib.parse.urlsplit(self.path).path
+        if path == "/upload":
+            return self.upload()
+        return self.send_json({"error": "not found"}, 404)
+
+    do_POST = do_PUT
+
+    def do_GET(self):
+        parts = urllib.parse.urlsplit(self.path)
+        if parts.path == "/healthz":
+            return self.send_json({"ok": True})
+        if parts.path == "/headers":
+            return self.send_json({"headers": list(self.headers.items()),
+                                   "peer": self.client_address[0]})
+        if parts.path == "/progress":
+            upload_id = urllib.parse.parse_qs(parts.query).get("id", ["-"])[0]
+            with LOCK:
+                return self.send_json({"bytes": PROGRESS.get(upload_id, 0)})
+        if parts.path == "/json":
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(DOCUMENT)))
+            self.end_headers()
+            self.wfile.write(DOCUMENT)
+            return None
+        if parts.path == "/sse":
+            return self.events()
+        return self.send_json({"error": "not found"}, 404)
+
+    def events(self):
+        """`data: 1` at once, then one more event a second, for ~3 s; chunked framing."""
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Cache-Control", "no-cache")
+        self.send_header("X-Accel-Buffering", "no")
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+        for number in range(1, 5):
+            if number > 1:
+                time.sleep(1)
+            event = f"data: {number}\n\n".encode()
+            self.wfile.write(b"%x\r\n%s\r\n" % (len(event), event))
+            self.wfile.flush()
+        self.wfile.write(b"0\r\n\r\n")
+        self.wfile.flush()
+
+
+server = ThreadingHTTPServer((sys.argv[1], int(sys.argv[2])), Handler)
+server.daemon_threads = True
+server.serve_forever()
+'''
+
+
+class WorkloadOrigin:
+    """WORKLOAD_SERVER, a threaded stdlib HTTP server, at address:port inside host `host` of a
+    NetLab (an origin's WireGuard address). Endpoints: PUT/POST /upload[?id=X] (the body, chunked
+    or not, streamed into SHA-256: JSON sha256, bytes, chunked, first_byte_at, done_at),
+    GET /progress?id=X (bytes of upload X received so far), GET /headers (the request headers
+    as a list of [name, value] and the peer address), GET /sse (text/event-stream with
+    X-Accel-Buffering: no; `data: 1` at once, `data: 2..4` a second apart), GET /json (~20 KB
+    of uncompressed JSON), GET /healthz."""
+
+    def __init__(self, lab, host, address, port, workdir):
+        self.lab, self.host, self.address, self.port = lab, host, address, port
+        self.url = f"http://{address}:{port}"
+        self.script = Path(workdir) / "workload_origin.py"
+        self.proc = None
+
+    def start(self):
+        self.script.write_text(WORKLOAD_SERVER)
+        self.proc = self.lab.start(self.host, "python3", str(self.script), self.address,
+                                   str(self.port))
+        wait_until(lambda: self.get("/healthz").returncode == 0, timeout=15,
+                   what=f"workload origin {self.url}")
+        return self
+
+    def get(self, path, from_host=None):
+        """curl url+path from `from_host` (default: the origin's own namespace)."""
+        return self.lab.run(from_host or self.host, "curl", "-sf", "--max-time", "5",
+                            self.url + path, check=False)
+
+    def stop(self):
+        if self.proc is not None:
+            stop_process(self.proc)

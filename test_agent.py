@@ -132,6 +132,26 @@ def test_the_origin_sees_the_edge_s_forwarding_headers_never_the_client_s(edge, 
     assert "\nserver: nginx\n" in head and "strict-transport-security" not in head
 
 
+def test_route_options_of_schema_2_are_rendered_per_host(edge, double, backends):
+    alpha, beta = backends
+    limited = {"upstream": alpha.addr, "max_body_size": 5, "buffering": True, "hsts": False}
+    streamed = {"upstream": beta.addr, "max_body_size": 0, "buffering": False, "hsts": True}
+    apply_routes(edge, double, {"small.example.com": limited, "sse.example.com": streamed},
+                 schema=2)
+    small = (edge.config_dir / "servers/small.example.com.conf").read_text()
+    sse = (edge.config_dir / "servers/sse.example.com.conf").read_text()
+    assert "client_max_body_size 5m;" in small and "proxy_buffering off;" not in small
+    assert "client_max_body_size 0;" in sse and "proxy_buffering off;" in sse
+    assert "proxy_read_timeout 3600s;" in sse.split("location @kokoa_upgrade")[0]
+    # 6 MiB to a 5 MiB route: refused at the edge, the origin never sees it
+    body = edge.root / "six-mib"
+    body.write_bytes(b"x" * (6 << 20))
+    code, _ = edge.get("small.example.com", "/upload", tls=True,
+                       extra=["-X", "POST", "--data-binary", f"@{body}"])
+    assert code == 413
+    assert alpha.seen == []
+
+
 def test_each_hostname_reaches_its_backend_over_http_and_fallback_tls(edge, double, backends):
     alpha, beta = backends
     apply_routes(edge, double, {"a.example.com": alpha.addr, "b.example.com": beta.addr})

@@ -82,8 +82,10 @@ def test_the_highest_common_schema_is_sent_with_its_own_etag(api):
     assert status == 200
     payload = json.loads(body2)
     assert payload["schema"] == 2
-    assert payload["routes"]["a.example.com"] == {"upstream": "10.8.0.2:8080"}
-    assert payload["routes"]["xn--bcher-kva.example.org"] == {"upstream": "[fd00:8::3]:3000"}
+    defaults = {"max_body_size": 0, "buffering": True, "hsts": True}
+    assert payload["routes"]["a.example.com"] == {"upstream": "10.8.0.2:8080", **defaults}
+    assert payload["routes"]["xn--bcher-kva.example.org"] == {
+        "upstream": "[fd00:8::3]:3000", **defaults}
     assert payload["nginx_map"] == json.loads(body1)["nginx_map"]
     claimed = payload.pop("config_hash")
     assert claimed == kokoa.sha256_hex(kokoa.canonical_json(payload))
@@ -461,3 +463,47 @@ def test_the_agents_address_rules(address, network, verdict):
     expected = {"ok": "ok", NEVER: "is loopback, link-local", OUTSIDE: "outside the tunnel",
                 "bad": "is not an IP address"}[verdict]
     assert expected in answer, answer
+
+
+# Route options (schema 2) ####################################################################
+
+@pytest.mark.parametrize("field, value", [
+    ("max_body_size", -1), ("max_body_size", 1.5), ("max_body_size", "5"),
+    ("max_body_size", True), ("max_body_size", kokoa.MAX_BODY_SIZE_MIB + 1),
+    ("buffering", "no"), ("buffering", 0), ("hsts", None), ("hsts", 1), ("enabled", "true"),
+])
+def test_a_bad_route_option_is_a_400_naming_it_and_writes_nothing(api, field, value):
+    origin = api.create_origin()
+    status, _, body = api.request("POST", "/api/v1/routes", {
+        "hostname": "a.example.com", "origin_id": origin["id"], "target_port": 80,
+        field: value})
+    assert status == 400 and body["error"]["field"] == field, body
+    assert api.rows("SELECT * FROM routes") == []
+    route = api.create_route("b.example.com", origin["id"])
+    status, _, body = api.request("PATCH", f"/api/v1/routes/{route['id']}", {field: value})
+    assert status == 400 and body["error"]["field"] == field
+    assert api.request("GET", f"/api/v1/routes/{route['id']}")[2] == route
+
+
+def test_route_options_reach_schema_2_and_a_disabled_route_no_edge(api):
+    origin = api.create_origin()
+    route = api.create_route("sse.example.com", origin["id"])
+    assert {k: route[k] for k in kokoa.ROUTE_OPTIONS} == kokoa.ROUTE_OPTIONS
+    status, _, patched = api.request("PATCH", f"/api/v1/routes/{route['id']}", {
+        "buffering": False, "max_body_size": 5})
+    assert status == 200 and patched["buffering"] is False and patched["max_body_size"] == 5
+    assert patched["hsts"] is True and patched["enabled"] is True      # others kept
+    off = api.create_route("off.example.com", origin["id"])
+    assert api.request("PATCH", f"/api/v1/routes/{off['id']}", {"enabled": False})[0] == 200
+    _, token = api.register_edge("edge1")
+    v2 = json.loads(raw_config(api, token, AGENT_HEADER)[2])
+    assert v2["routes"] == {"sse.example.com": {
+        "upstream": "10.8.0.2:8080", "max_body_size": 5, "buffering": False, "hsts": True}}
+    # schema 1 cannot say "stream" or "5 MiB": its agents serve the route as 0.1.0 did
+    v1 = json.loads(raw_config(api, token)[2])
+    assert v1["routes"] == {"sse.example.com": "10.8.0.2:8080"}
+    assert v1["hostnames"] == v2["hostnames"] == ["sse.example.com"]
+    assert "off.example.com" not in v1["nginx_map"] + v2["nginx_map"]
+    assert edge_list(api)["edge1"]["unserved_routes"] == []
+    assert api.request("PATCH", f"/api/v1/routes/{off['id']}", {"enabled": True})[0] == 200
+    assert "off.example.com" in json.loads(raw_config(api, token, AGENT_HEADER)[2])["hostnames"]
