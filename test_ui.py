@@ -752,3 +752,43 @@ def test_edge_status_refresh_does_not_rebuild_unchanged_rows(ui):
     first_host = urlsplit(page.url).netloc
     assert first_host == urlsplit(server.url).netloc
     ui.assert_clean()
+
+
+def test_route_options_live_in_an_advanced_fold(ui):
+    server, page = ui.server, ui.page
+    origin = make_origin(server)
+    ui.open("routes")
+    form = page.locator("#route-form")
+    fold = form.locator("details.advanced")
+    expect(fold).not_to_have_attribute("open", "")           # folded: the defaults suit most
+    form.get_by_label("Hostname").fill("events.example.com")
+    form.get_by_label("Origin", exact=True).select_option(label="home-nas (10.8.0.2)")
+    form.get_by_label("Port on the origin").fill("8123")
+    fold.locator("summary").click()
+    expect(form.get_by_label("Buffer responses")).to_be_checked()
+    form.get_by_label("Buffer responses").uncheck()
+    form.get_by_label("Largest upload (MiB)").fill("lots")
+    form.get_by_role("button", name="Add route").click()
+    expect(form.locator("#route-max-body-size-error")).to_be_visible()   # the API's 400
+    assert api(server, "GET", "/routes", expected=200)["routes"] == []
+    form.get_by_label("Largest upload (MiB)").fill("100")
+    form.get_by_role("button", name="Add route").click()
+    row = ui.row("routes", "events.example.com")
+    expect(row).to_contain_text("streamed")
+    expect(row).to_contain_text("uploads ≤ 100 MiB")
+    [route] = api(server, "GET", "/routes", expected=200)["routes"]
+    assert (route["buffering"], route["max_body_size"], route["hsts"], route["enabled"]) == (
+        False, 100, True, True)
+
+    # Stop serving it, from the edit dialog (open, since its options are not the defaults).
+    row.get_by_role("button", name="Edit").click()
+    dialog = page.locator("#route-dialog")
+    expect(dialog.locator("details.advanced")).to_have_attribute("open", "")
+    dialog.get_by_label("Serve this route").uncheck()
+    dialog.get_by_role("button", name="Save changes").click()
+    expect(dialog).to_be_hidden()
+    expect(row).to_contain_text("not served")
+    [route] = api(server, "GET", "/routes", expected=200)["routes"]
+    assert route["enabled"] is False and route["buffering"] is False
+    make_route(server, origin, hostname="plain.example.com")
+    expect(ui.row("routes", "plain.example.com").locator(".badge")).to_have_count(0)

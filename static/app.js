@@ -646,7 +646,7 @@
         href: `https://${route.hostname}/`, target: "_blank", rel: "noopener noreferrer",
         class: "host", text: route.hostname,
       })),
-      cell("Origin", route.origin_name),
+      cell("Origin", route.origin_name, routeBadges(route)),
       cellWith("Port", "num", String(route.target_port)),
       cell("Certificates", certificatesFor(route.hostname)),
       el("td", {class: "row-actions", role: "cell"},
@@ -662,6 +662,16 @@
         }),
       ),
     );
+  }
+
+  /** What differs from the defaults, in words, beside the origin's name. */
+  function routeBadges(route) {
+    const notes = [];
+    if (route.enabled === false) notes.push("not served");
+    if (route.buffering === false) notes.push("streamed");
+    if (route.max_body_size) notes.push(`uploads ≤ ${route.max_body_size} MiB`);
+    if (route.hsts === false) notes.push("no HSTS");
+    return notes.map((note) => el("span", {class: "badge muted", text: note}));
   }
 
   function renderRoutes() {
@@ -684,8 +694,47 @@
     renderRoutes();
   }
 
+  // ------------------------------------------------------------------ route options
+
+  const ROUTE_OPTIONS = {max_body_size: 0, buffering: true, hsts: true, enabled: true};
+
+  /** The "Advanced" fold of a route form: upload limit, buffering, HSTS, serving. */
+  function advancedFold(prefix) {
+    const toggle = (name, label, hint) => el("div", {class: "field toggle"},
+      el("input", {type: "checkbox", id: `${prefix}-${name}`, name, "aria-describedby": `${prefix}-${name}-hint`}),
+      el("label", {for: `${prefix}-${name}`, text: label}),
+      el("p", {class: "hint", id: `${prefix}-${name}-hint`, text: hint}),
+      el("p", {class: "error", id: `${prefix}-${name}-error`, "data-error-for": name, hidden: true}));
+    return el("details", {class: "advanced"},
+      el("summary", {text: "Advanced"}),
+      el("div", {class: "field"},
+        el("label", {for: `${prefix}-max-body-size`, text: "Largest upload (MiB)"}),
+        el("input", {id: `${prefix}-max-body-size`, name: "max_body_size", inputmode: "numeric", autocomplete: "off",
+          class: "short", "aria-describedby": `${prefix}-max-body-size-hint ${prefix}-max-body-size-error`}),
+        el("p", {class: "hint", id: `${prefix}-max-body-size-hint`, text: "0 or empty: no limit. Uploads stream to the origin, never onto the edge's disk."}),
+        el("p", {class: "error", id: `${prefix}-max-body-size-error`, "data-error-for": "max_body_size", hidden: true})),
+      toggle("buffering", "Buffer responses", "Turn off for server-sent events and long polls, which must reach the browser as they are sent."),
+      toggle("hsts", "HSTS", "Browsers then use only HTTPS for this name for a year; sent once the edge has its real certificate."),
+      toggle("enabled", "Serve this route", "Off: the route is kept here but no edge serves it."));
+  }
+
+  function fillRouteOptions(form, route) {
+    form.elements.namedItem("max_body_size").value = String(route.max_body_size || "");
+    for (const name of ["buffering", "hsts", "enabled"]) form.elements.namedItem(name).checked = route[name] !== false;
+  }
+
+  /** The options as the form has them (max_body_size as typed when it is not a number). */
+  function routeOptions(form) {
+    const size = value(form, "max_body_size");
+    const options = {max_body_size: size === "" ? 0 : portValue(size)};
+    for (const name of ["buffering", "hsts", "enabled"]) options[name] = form.elements.namedItem(name).checked;
+    return options;
+  }
+
   function setupRouteForm() {
     const form = $("#route-form");
+    form.querySelector(".actions").before(advancedFold("route"));
+    fillRouteOptions(form, ROUTE_OPTIONS);
     form.addEventListener("submit", (event) => {
       event.preventDefault();
       clearErrors(form);
@@ -693,6 +742,7 @@
         hostname: value(form, "hostname"),
         origin_id: value(form, "origin_id"),
         target_port: portValue(value(form, "target_port")),
+        ...routeOptions(form),
       };
       const checks = {};
       if (!body.hostname) checks.hostname = "Enter the public hostname, e.g. app.example.com.";
@@ -707,6 +757,7 @@
         const created = await api("POST", "/routes", body);
         form.elements.namedItem("hostname").value = "";
         form.elements.namedItem("target_port").value = "";
+        fillRouteOptions(form, ROUTE_OPTIONS);
         banner(`Route ${created.hostname} added. Edges pick it up on their next pull.`, "ok");
         await Promise.all([loadRoutes(), loadOrigins()]);
         form.elements.namedItem("hostname").focus();
@@ -726,6 +777,8 @@
     fillOriginSelect($("#edit-origin"), state.origins || []);
     form.elements.namedItem("origin_id").value = route.origin_id;
     form.elements.namedItem("target_port").value = String(route.target_port);
+    fillRouteOptions(form, route);
+    form.querySelector("details.advanced").open = Object.keys(ROUTE_OPTIONS).some((k) => route[k] !== ROUTE_OPTIONS[k]);
     dialog.showModal();
     form.elements.namedItem("target_port").focus();
   }
@@ -733,6 +786,7 @@
   function setupRouteEdit() {
     const dialog = $("#route-dialog");
     const form = $("#route-edit-form");
+    form.querySelector(".actions").before(advancedFold("edit"));
     $("[data-close]", form).addEventListener("click", () => dialog.close());
     form.addEventListener("submit", (event) => {
       event.preventDefault();
@@ -745,6 +799,9 @@
       if (hostname !== route.hostname) changes.hostname = hostname;
       if (originId !== route.origin_id) changes.origin_id = originId;
       if (port !== route.target_port) changes.target_port = port;
+      for (const [name, option] of Object.entries(routeOptions(form))) {
+        if (option !== route[name]) changes[name] = option;
+      }
       const checks = {};
       if (!hostname) checks.hostname = "Enter the public hostname, e.g. app.example.com.";
       if (port === "") checks.target_port = "Enter the port the service listens on, e.g. 8080.";
