@@ -729,6 +729,19 @@ NAT_RULES = """table inet natsim {{
 """
 
 
+@contextlib.contextmanager
+def built_world(prefix):
+    """A World built under a fresh /tmp directory named `prefix`..., torn down on exit."""
+    workdir = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
+    workdir.chmod(0o755)                    # nginx workers (nobody) read the webroot
+    world = World(workdir)
+    try:
+        yield world.build()
+    finally:
+        world.close()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
 class World:
     """Everything the end-to-end journey needs, built in order; close() takes it all down."""
 
@@ -907,21 +920,20 @@ class Handler(BaseHTTPRequestHandler):
 
     def body_pieces(self):
         """The request body in pieces, de-chunked when it came chunked."""
-        if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
-            while True:
-                left = int(self.rfile.readline().split(b";")[0], 16)
-                if left == 0:
-                    while self.rfile.readline() not in (b"\r\n", b"\n", b""):
-                        pass            # trailers, up to the blank line
-                    return
-                while left:
-                    piece = self.rfile.read1(min(left, 1 << 20))
-                    if not piece:
-                        raise ConnectionError("body ended early")
-                    left -= len(piece)
-                    yield piece
-                self.rfile.readline()   # the CRLF after each chunk
-        left = int(self.headers.get("Content-Length", "0"))
+        if "chunked" not in self.headers.get("Transfer-Encoding", "").lower():
+            yield from self.exactly(int(self.headers.get("Content-Length", "0")))
+            return
+        while True:
+            left = int(self.rfile.readline().split(b";")[0], 16)
+            if left == 0:
+                while self.rfile.readline() not in (b"\r\n", b"\n", b""):
+                    pass            # trailers, up to the blank line
+                return
+            yield from self.exactly(left)
+            self.rfile.readline()   # the CRLF after each chunk
+
+    def exactly(self, left):
+        """The next `left` bytes of the body, in pieces of at most 1 MiB."""
         while left:
             piece = self.rfile.read1(min(left, 1 << 20))
             if not piece:

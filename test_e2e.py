@@ -7,28 +7,19 @@ Underlay 198.18.0.0/24 on a bridge; overlay 10.8.0.0/24 inside the tunnels. Noth
 touched; every process and namespace goes away at the end, also on failure.
 """
 
-import shutil
-import tempfile
-from pathlib import Path
 
 import pytest
 
 from conftest import require_root, require_tools
-from netlab import TOOLS, World
+from netlab import TOOLS, built_world
 
 
 @pytest.fixture
 def world():
     require_root()
     require_tools(*TOOLS)
-    workdir = Path(tempfile.mkdtemp(prefix="kokoa-e2e-", dir="/tmp"))
-    workdir.chmod(0o755)                    # nginx workers (nobody) read the webroot
-    built = World(workdir)
-    try:
-        yield built.build()
-    finally:
-        built.close()
-        shutil.rmtree(workdir, ignore_errors=True)
+    with built_world("kokoa-e2e-") as world:
+        yield world
 
 
 def test_a_request_crosses_edge_and_tunnel_to_reachable_and_natted_origins(world):

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from conftest import require_root, require_tools, wait_until
-from netlab import TOOLS, WorkloadOrigin, World
+from netlab import TOOLS, WorkloadOrigin, built_world
 
 HOST = "apps.example.test"              # routed to the workload origin, real certificate
 NOCERT = "nocert.example.test"          # same origin, its certificate cannot be had
@@ -53,14 +53,8 @@ print(json.dumps({"first": first, "total": time.monotonic() - start,
 def world():
     require_root()
     require_tools(*TOOLS)
-    workdir = Path(tempfile.mkdtemp(prefix="kokoa-workloads-", dir="/tmp"))
-    workdir.chmod(0o755)                    # nginx workers (nobody) read the webroot
-    built = World(workdir)
-    try:
-        yield built.build()
-    finally:
-        built.close()
-        shutil.rmtree(workdir, ignore_errors=True)
+    with built_world("kokoa-workloads-") as world:
+        yield world
 
 
 @pytest.fixture(scope="module")
