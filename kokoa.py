@@ -36,6 +36,7 @@ import collections
 import contextlib
 import dataclasses
 import datetime
+import functools
 import hashlib
 import hmac
 import ipaddress
@@ -1372,6 +1373,7 @@ def validate_agent_version(value, field="agent_version"):
     return value
 
 
+@functools.lru_cache(maxsize=64)      # every poll of an agent sends the same value
 def negotiate_schema(header):
     """(agent version or None, payload schema) from an X-Kokoa-Agent header value.
 
@@ -1821,6 +1823,7 @@ STATUS_TEXT = {
     421: "Misdirected Request", 429: "Too Many Requests", 500: "Internal Server Error",
     503: "Service Unavailable",
 }
+STATUS_LINES = {code: f"{code} {text}" for code, text in STATUS_TEXT.items()}
 SECURITY_HEADERS = [
     ("X-Content-Type-Options", "nosniff"),
     ("X-Frame-Options", "DENY"),
@@ -2256,7 +2259,7 @@ class App:
         body = b"" if response.status in (204, 304) else response.body
         if response.status not in (204, 304):
             headers.append(("Content-Length", str(len(body))))
-        start_response(f"{response.status} {STATUS_TEXT.get(response.status, 'Unknown')}",
+        start_response(STATUS_LINES.get(response.status) or f"{response.status} Unknown",
                        headers)
         self.log_access(req, response.status, started)
         self.metrics.observe(req.route_pattern, req.metrics_method, response.status,
@@ -2865,7 +2868,7 @@ def make_server(app, host, port, threads, trusted_proxy=None,
     of the connection being ready for it (accepted, or the previous response sent)."""
     from waitress.channel import HTTPChannel
     from waitress.server import TcpWSGIServer
-    from waitress.task import ErrorTask
+    from waitress.task import ErrorTask, WSGITask
 
     exempt = None if trusted_proxy is None else str(trusted_proxy)
     fds = raise_fd_limit(2 * connection_limit + 256)    # a channel may hold a buffer file too
@@ -2891,8 +2894,30 @@ def make_server(app, host, port, threads, trusted_proxy=None,
             self.content_length = len(body)
             self.write(body)
 
+    class BodilessKeepAliveTask(WSGITask):
+        """waitress closes the connection after any response without a Content-Length, which
+        a 304 or 204 must not have and does not need (it ends with its headers, RFC 9112
+        6.3): every keep-alive poll paid a new connection. Only that close is skipped; a
+        client's "Connection: close", HTTP/1.0 and an earlier decision to close still close."""
+
+        _keep_open = False
+
+        def build_response_header(self):
+            self._keep_open = (self.version == "1.1" and not self.has_body
+                               and not self.close_on_finish
+                               and self.request.headers.get("CONNECTION", "").lower() != "close")
+            try:
+                return super().build_response_header()
+            finally:
+                self._keep_open = False
+
+        def set_close_on_finish(self):
+            if not self._keep_open:
+                super().set_close_on_finish()
+
     class Channel(HTTPChannel):
         error_task_class = JsonErrorTask
+        task_class = BodilessKeepAliveTask
 
         def __init__(self, server, sock, addr, adj, map=None):
             super().__init__(server, sock, addr, adj, map)

@@ -202,3 +202,26 @@ def test_a_body_over_waitress_s_limit_gets_kokoa_s_json_413(serve):
     fields = dict(line.split(": ", 1) for line in head.decode().lower().split("\r\n")[1:])
     assert fields["content-type"] == "application/json" and fields["x-request-id"]
     assert json.loads(body)["error"]["code"] == "payload_too_large"
+
+
+def test_a_304_poll_keeps_its_keep_alive_connection_and_connection_close_still_closes(serve):
+    api = serve()
+    _, token = api.register_edge("edge1")
+    port = int(api.url.rsplit(":", 1)[1])
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    auth = {"Authorization": f"Bearer {token}"}
+    try:
+        conn.request("GET", "/api/v1/edge-nodes/me/config", headers=auth)
+        first = conn.getresponse()
+        first.read()
+        sock = conn.sock
+        for extra, closes in (({}, False), ({}, False), ({"Connection": "close"}, True)):
+            conn.request("GET", "/api/v1/edge-nodes/me/config",
+                         headers={**auth, "If-None-Match": first.headers["ETag"], **extra})
+            resp = conn.getresponse()
+            resp.read()
+            assert resp.status == 304 and resp.headers["ETag"] == first.headers["ETag"]
+            assert resp.will_close is closes and (conn.sock is sock) is not closes
+            assert resp.headers["X-Request-ID"]
+    finally:
+        conn.close()

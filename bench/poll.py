@@ -3,12 +3,19 @@
 Prints:
   1. 304-poll throughput of GET /api/v1/edge-nodes/me/config with 1,000 routes, as a ratio to a
      bare waitress app returning a fixed 200-byte JSON, measured in the same run with the same
-     thread count and the same load generator (wrk). Target >= 0.7.
+     server thread count and the same load generator, for two load generators:
+       - wrk (-t2 -c32; if installed), target >= 0.7;
+       - a Python client: --client-threads threads, each with one keep-alive
+         http.client.HTTPConnection, polling for --duration seconds, target >= 0.8.
+     Each run measures the baseline and then kokoa with each client; the ratio is per run
+     (machine load drifts), and the medians are printed.
   2. The time of the first config build for 10,000 and 100,000 routes (targets < 0.5 s and
      < 5 s) and the server process's peak memory after it (target < 300 MB).
 
-Usage: python bench/poll.py [--duration 5] [--runs 3] [--threads 4]
-Needs wrk (apt-get install wrk). Only loopback is used.
+Usage: python bench/poll.py [--duration 5] [--runs 3] [--threads 4] [--client-threads 8]
+                            [--skip-poll] [--skip-build]
+wrk is optional (apt-get install wrk): without it only the Python client runs. Only loopback
+is used.
 """
 
 import argparse
@@ -41,6 +48,49 @@ waitress.serve(app, host="127.0.0.1", port=int(sys.argv[1]), threads=int(sys.arg
                ident="baseline", _quiet=True)
 '''
 
+# Run as `python -c PY_CLIENT port path expected_status threads seconds [header ...]`: prints
+# "<requests per second> <responses that closed the connection>". One keep-alive connection per
+# thread (http.client reconnects by itself after a response that closes it); every thread stops
+# at the deadline, and on the first unexpected status.
+PY_CLIENT = '''
+import http.client, sys, threading, time
+port, path, expected, count, seconds = (int(sys.argv[1]), sys.argv[2], int(sys.argv[3]),
+                                        int(sys.argv[4]), float(sys.argv[5]))
+headers = dict(h.split(": ", 1) for h in sys.argv[6:])
+done, closed, errors = [0] * count, [0] * count, []
+start = threading.Barrier(count + 1)
+
+def poll(i):
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    conn.connect()
+    start.wait(30)
+    try:
+        while time.perf_counter() < deadline:
+            conn.request("GET", path, headers=headers)
+            resp = conn.getresponse()
+            resp.read()
+            if resp.status != expected:
+                errors.append(resp.status)
+                return
+            done[i] += 1
+            closed[i] += resp.will_close
+    finally:
+        conn.close()
+
+threads = [threading.Thread(target=poll, args=(i,)) for i in range(count)]
+for thread in threads:
+    thread.start()
+deadline = time.perf_counter() + 3600       # set for real once every thread is connected
+start.wait(30)
+began = time.perf_counter()
+deadline = began + seconds
+for thread in threads:
+    thread.join(seconds + 60)
+if errors or any(thread.is_alive() for thread in threads):
+    sys.exit(f"unexpected statuses {sorted(set(errors))} or a hung thread")
+print(sum(done) / (time.perf_counter() - began), sum(closed))
+'''
+
 
 def populate(db_path, count):
     """Insert one origin and `count` routes straight into a migrated database."""
@@ -68,6 +118,19 @@ def wrk(url, duration, headers):
     if re.search(r"Non-2xx or 3xx responses", out):
         raise SystemExit(f"wrk saw errors:\n{out}")
     return float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
+
+
+def py_client(url, duration, headers, expected, threads):
+    """(requests/s, responses that closed their connection) of the Python client."""
+    port = int(url.split("://", 1)[1].split("/", 1)[0].rsplit(":", 1)[1])
+    path = "/" + url.split("://", 1)[1].split("/", 1)[1]
+    out = subprocess.run([sys.executable, "-c", PY_CLIENT, str(port), path, str(expected),
+                          str(threads), str(duration), *headers],
+                         capture_output=True, text=True, timeout=duration + 120, check=False)
+    if out.returncode:
+        raise SystemExit(f"python client failed: {out.stderr.strip()}")
+    rate, closed = out.stdout.split()
+    return float(rate), int(closed)
 
 
 def start_baseline(threads):
@@ -104,22 +167,40 @@ def bench_poll(args):
             poll_headers = [f"Authorization: Bearer {token}",
                             f"If-None-Match: {headers['ETag']}"]
             url = server.url + "/api/v1/edge-nodes/me/config"
-            ratios, kokoa_rps, base_rps = [], [], []
+            clients = {}
+            if shutil.which("wrk"):
+                clients[f"wrk -t2 -c32 -d{args.duration}s"] = (
+                    0.7, lambda target, hdrs, status: (wrk(target, args.duration, hdrs), 0))
+            clients[f"python http.client, {args.client_threads} threads x 1 keep-alive "
+                    f"connection, {args.duration}s"] = (
+                0.8, lambda target, hdrs, status: py_client(target, args.duration, hdrs, status,
+                                                            args.client_threads))
+            for _, measure in clients.values():     # warm-up: connections, caches
+                measure(baseline_url, [], 200)
+                measure(url, poll_headers, 304)
+            results = {name: [] for name in clients}
             for _ in range(args.runs):
-                base = wrk(baseline_url, args.duration, [])
-                ours = wrk(url, args.duration, poll_headers)
-                base_rps.append(base)
-                kokoa_rps.append(ours)
-                ratios.append(ours / base)
+                for name, (_, measure) in clients.items():
+                    base, _ = measure(baseline_url, [], 200)
+                    ours, closed = measure(url, poll_headers, 304)
+                    results[name].append((base, ours, closed))
         finally:
             server.stop()
             stop_process(baseline)
-    print(f"304 poll, 1,000 routes, {args.threads} threads, wrk -t2 -c32 -d{args.duration}s, "
-          f"{args.runs} runs")
-    print(f"  baseline (fixed 200-byte JSON): median {statistics.median(base_rps):,.0f} req/s")
-    print(f"  kokoa /me/config 304:           median {statistics.median(kokoa_rps):,.0f} req/s")
-    print(f"  ratio: median {statistics.median(ratios):.2f} (runs: "
-          f"{', '.join(f'{r:.2f}' for r in ratios)})  target >= 0.7")
+    print(f"304 poll, 1,000 routes, {args.threads} server threads, {args.runs} runs")
+    if "wrk" not in " ".join(clients):
+        print("  wrk: not installed (apt-get install wrk), skipped")
+    for name, (target, _) in clients.items():
+        base_rps, kokoa_rps, closed = zip(*results[name], strict=True)
+        ratios = [ours / base for base, ours, _ in results[name]]
+        print(f"  {name}:")
+        print(f"    baseline (fixed 200-byte JSON): median {statistics.median(base_rps):,.0f} "
+              f"req/s")
+        print(f"    kokoa /me/config 304:           median {statistics.median(kokoa_rps):,.0f} "
+              f"req/s" + (f" ({sum(closed):,} responses closed the connection)"
+                          if any(closed) else ""))
+        print(f"    ratio: median {statistics.median(ratios):.2f} (runs: "
+              f"{', '.join(f'{r:.2f}' for r in ratios)})  target >= {target}")
 
 
 def bench_build(count):
@@ -151,14 +232,15 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--duration", type=int, default=5)
     parser.add_argument("--runs", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=4)
+    parser.add_argument("--threads", type=int, default=4, help="server threads, both apps")
+    parser.add_argument("--client-threads", type=int, default=8,
+                        help="threads (connections) of the Python client")
     parser.add_argument("--skip-poll", action="store_true")
+    parser.add_argument("--skip-build", action="store_true")
     args = parser.parse_args()
     if not args.skip_poll:
-        if shutil.which("wrk") is None:
-            raise SystemExit("wrk is required: apt-get install wrk")
         bench_poll(args)
-    for count, target in ((10_000, 0.5), (100_000, 5.0)):
+    for count, target in () if args.skip_build else ((10_000, 0.5), (100_000, 5.0)):
         build, served, size, rss = bench_build(count)
         print(f"first config build, {count:,} routes: {build:.3f} s in-process "
               f"(target < {target} s); first poll through the server {served:.3f} s; "
