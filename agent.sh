@@ -821,19 +821,18 @@ $l443
 
 # Fill DESIRED from a validated payload file.
 render_all() {
-  local payload=$1 h longest=0 count=0 map
-  local -a hosts=()
+  local payload=$1 h line longest=0 count=0 map
+  local -a host_lines=() options=()
   DESIRED=()
-  local -a options
   # One line per host: name, max_body_size, buffering, hsts (schema 1: the defaults).
-  mapfile -t hosts < <(jq -r '. as $p | .hostnames[] | . as $h | $p.routes[$h]
+  mapfile -t host_lines < <(jq -r '. as $p | .hostnames[] | . as $h | $p.routes[$h]
     | if type == "object" then [$h, .max_body_size, .buffering, .hsts] else [$h, 0, true, true]
       end | map(tostring) | join(" ")' -- "$payload")
   map=$(jq -j '.nginx_map' -- "$payload") || return
   DESIRED[map.conf]="$map"$'\n'
   make_templates
-  for h in "${hosts[@]}"; do
-    read -ra options <<<"$h"
+  for line in "${host_lines[@]}"; do
+    read -ra options <<<"$line"
     h=${options[0]}
     render_host "DESIRED[servers/$h.conf]" "$h" route "${options[@]:1}"
     ((${#h} > longest)) && longest=${#h}

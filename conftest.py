@@ -139,6 +139,11 @@ def stop_process(proc, timeout=10.0):
             proc.wait(timeout=timeout)
 
 
+def basic_auth(user, password):
+    """An `Authorization: Basic` header value."""
+    return "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
+
+
 class ApiClient:
     """Calls a Kokoa control plane at `url` as admin, as an edge, or anonymously."""
 
@@ -155,8 +160,7 @@ class ApiClient:
         """
         hdrs = dict(headers or {})
         if auth == "admin":
-            creds = f"{self.admin_user}:{self.admin_password}".encode()
-            hdrs["Authorization"] = "Basic " + base64.b64encode(creds).decode()
+            hdrs["Authorization"] = basic_auth(self.admin_user, self.admin_password)
         elif auth:
             hdrs["Authorization"] = f"Bearer {auth}"
         data = None

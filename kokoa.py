@@ -1105,11 +1105,15 @@ def remove_origin(db, origin_id):
 def issue_origin_token(db, origin_id):
     """A fresh token for the origin (replacing any earlier one); only its hash is kept."""
     token = ORIGIN_TOKEN_PREFIX + new_token()
+    store_origin_token_hash(db, origin_id, hash_token(token))
+    return token
+
+
+def store_origin_token_hash(db, origin_id, token_hash):
+    """Set (or, with None, revoke) the origin's token; 404 if there is no such origin."""
     with transaction(db):
         get_origin_row(db, origin_id)
-        db.execute("UPDATE origins SET token_hash = ? WHERE id = ?",
-                   (hash_token(token), origin_id))
-    return token
+        db.execute("UPDATE origins SET token_hash = ? WHERE id = ?", (token_hash, origin_id))
 
 
 def origin_by_token(db, token):
@@ -1131,9 +1135,7 @@ def route_json(row):
     return {
         "id": row["id"], "hostname": row["hostname"], "origin_id": row["origin_id"],
         "origin_name": row["origin_name"], "target_port": row["target_port"],
-        "max_body_size": row["max_body_size"], "buffering": bool(row["buffering"]),
-        "hsts": bool(row["hsts"]), "enabled": bool(row["enabled"]),
-        "created_at": row["created_at"],
+        **route_options_of(row), "created_at": row["created_at"],
     }
 
 
@@ -1967,11 +1969,16 @@ def host_name(header):
     return host[:-1] if host.endswith(".") else host
 
 
+def is_own_host(host, public_host):
+    """True if `host` (as host_name gives it) names this control plane: a loopback name, or
+    KOKOA_PUBLIC_URL's host when it is set."""
+    return host in LOOPBACK_HOSTS or (bool(public_host) and host == public_host)
+
+
 def check_host(req, public_host):
     """421 unless the request names this control plane (DNS rebinding: a page that rebinds its
     own name to 127.0.0.1 still sends that name)."""
-    host = host_name(req.environ.get("HTTP_HOST", ""))
-    if host not in LOOPBACK_HOSTS and not (public_host and host == public_host):
+    if not is_own_host(host_name(req.environ.get("HTTP_HOST", "")), public_host):
         where = f"{public_host} or localhost" if public_host else "localhost"
         raise HTTPError(421, "misdirected_request",
                         f"this control plane answers only requests addressed to {where}; "
@@ -1983,7 +1990,13 @@ def origin_allowed(origin, public_host):
     if not origin:
         return True
     host = host_name(urllib.parse.urlsplit(origin).netloc) if "://" in origin else ""
-    return host in LOOPBACK_HOSTS or (bool(public_host) and host == public_host)
+    return is_own_host(host, public_host)
+
+
+def bearer_token(req):
+    """The token of an `Authorization: Bearer` header ("" without one)."""
+    scheme, _, token = req.header("Authorization").partition(" ")
+    return token.strip() if scheme.lower() == "bearer" else ""
 
 
 def find_client(req, trusted_proxy):
@@ -2011,6 +2024,11 @@ def find_client(req, trusted_proxy):
         req.client = hop
 
 
+def new_request_id():
+    """A fresh X-Request-ID: 32 random hex digits."""
+    return os.urandom(16).hex()
+
+
 class Request:
     """One request: environ, lazily opened database connection, auth result, JSON body."""
 
@@ -2023,7 +2041,7 @@ class Request:
         self.client = self.peer     # behind the trusted proxy, its last X-Forwarded-For hop
         self.proxied = False        # came through a proxy: never a loopback client
         given_id = environ.get("HTTP_X_REQUEST_ID", "")
-        self.request_id = given_id if REQUEST_ID_RE.fullmatch(given_id) else os.urandom(16).hex()
+        self.request_id = given_id if REQUEST_ID_RE.fullmatch(given_id) else new_request_id()
         self.edge_id = None
         self.origin = None          # the origin row an origin token opened
         self.route_pattern = "unmatched"      # labels for metrics: bounded, never raw input
@@ -2353,12 +2371,12 @@ class App:
     def authenticate_edge(self, req):
         """Bearer node token, looked up by its hash; revoked or unknown tokens fail."""
         challenge = [("WWW-Authenticate", 'Bearer realm="kokoa"')]
-        scheme, _, token = req.header("Authorization").partition(" ")
-        if scheme.lower() != "bearer" or not token.strip():
+        token = bearer_token(req)
+        if not token:
             raise HTTPError(401, "unauthorized", "a node token is required", headers=challenge)
         # A valid token passes even from an address over its failure limit: tokens are too
         # long to guess, and a revoked edge behind the same NAT must not lock out the others.
-        edge_id = self.tokens.lookup(req, token.strip())
+        edge_id = self.tokens.lookup(req, token)
         if edge_id is None:
             self.rate_limited("edge", req)()
             raise HTTPError(401, "unauthorized", "unknown or revoked node token",
@@ -2367,8 +2385,8 @@ class App:
 
     def authenticate_origin(self, req):
         """Bearer origin token: opens only that origin's own wireguard.conf."""
-        scheme, _, token = req.header("Authorization").partition(" ")
-        row = origin_by_token(req.db, token.strip()) if scheme.lower() == "bearer" else None
+        token = bearer_token(req)
+        row = origin_by_token(req.db, token) if token else None
         if row is None:
             self.rate_limited("origin", req)()
             raise HTTPError(401, "unauthorized", "unknown or revoked origin token",
@@ -2492,9 +2510,7 @@ def create_origin_token(req, id):
 
 @route("DELETE", "/api/v1/origins/<id>/token")
 def delete_origin_token(req, id):
-    with transaction(req.db):
-        get_origin_row(req.db, id)
-        req.db.execute("UPDATE origins SET token_hash = NULL WHERE id = ?", (id,))
+    store_origin_token_hash(req.db, id, None)
     return 204, None
 
 
@@ -2888,7 +2904,7 @@ def make_server(app, host, port, threads, trusted_proxy=None,
             body = json.dumps(HTTPError(error.code, code, message).body()).encode()
             self.status = f"{error.code} {error.reason}"
             self.response_headers.extend([("Content-Type", JSON_TYPE),
-                                          ("X-Request-ID", os.urandom(16).hex()),
+                                          ("X-Request-ID", new_request_id()),
                                           ("Cache-Control", "no-store"), *SECURITY_HEADERS])
             self.set_close_on_finish()
             self.content_length = len(body)

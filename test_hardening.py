@@ -43,6 +43,7 @@ from conftest import (
     InProcessServer,
     KokoaServer,
     agent_is_host,
+    basic_auth,
     free_port,
     make_config,
     nginx_test,
@@ -75,7 +76,7 @@ class HardenedServer(InProcessServer):
     def basic(self, user=None, password=None):
         user = self.admin_user if user is None else user
         password = self.admin_password if password is None else password
-        return "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
+        return basic_auth(user, password)
 
 
 def assert_error_envelope(status, headers, raw):

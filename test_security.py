@@ -5,7 +5,6 @@ that did not: files left readable, temp names an attacker can plant, trust in pr
 headers, slow clients, crafted backups, rate limits an attacker can step around.
 """
 
-import base64
 import ipaddress
 import json
 import os
@@ -17,7 +16,14 @@ from pathlib import Path
 import pytest
 
 import kokoa
-from conftest import InProcessServer, make_config, run_cli, send_request, wg_keypair
+from conftest import (
+    InProcessServer,
+    basic_auth,
+    make_config,
+    run_cli,
+    send_request,
+    wg_keypair,
+)
 
 
 def mode(path):
@@ -126,10 +132,6 @@ def call(server, method, path, headers=None, body=None, source="127.0.0.1"):
     return status, answer["error"] if answer and "error" in answer else answer
 
 
-def basic(user, password):
-    return "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
-
-
 @pytest.fixture
 def open_server(tmp_path):
     """A control plane with no admin password: its admin answers loopback clients only."""
@@ -162,7 +164,7 @@ def test_the_public_url_s_host_is_answered_and_a_foreign_origin_may_not_write(tm
     url, host = kokoa.parse_public_url("https://Kokoa.Example.com/")
     assert (url, host) == ("https://kokoa.example.com", "kokoa.example.com")
     server = InProcessServer(make_config(tmp_path / "k.db", public_url=url, public_host=host))
-    auth = basic(server.admin_user, server.admin_password)
+    auth = basic_auth(server.admin_user, server.admin_password)
     try:
         for name in ("kokoa.example.com", "kokoa.example.com:443", "KOKOA.example.com."):
             assert call(server, "GET", "/api/v1/origins",
@@ -251,7 +253,7 @@ def test_bad_node_tokens_do_not_lock_the_admin_out(tmp_path):
             status, _ = call(server, "GET", "/api/v1/edge-nodes/me/config",
                              {"Authorization": "Bearer wrong"})
         assert status == 429
-        admin = {"Authorization": basic(server.admin_user, server.admin_password)}
+        admin = {"Authorization": basic_auth(server.admin_user, server.admin_password)}
         assert call(server, "GET", "/api/v1/origins", admin)[0] == 200
         assert call(server, "POST", "/api/v1/edge-nodes/register", body={
             "bootstrap_token": server.bootstrap_token, "name": "e1"})[0] == 201
@@ -261,7 +263,7 @@ def test_bad_node_tokens_do_not_lock_the_admin_out(tmp_path):
 
 def test_the_addresses_of_one_ipv6_64_share_one_limit(tmp_path):
     server = proxied_server(tmp_path)
-    wrong = {"Authorization": basic("admin", "guess")}
+    wrong = {"Authorization": basic_auth("admin", "guess")}
     try:
         statuses = [call(server, "GET", "/api/v1/origins",
                          {**wrong, "X-Forwarded-For": f"2001:db8:1:2::{i:x}"})[0]
@@ -279,8 +281,8 @@ def test_the_addresses_of_one_ipv6_64_share_one_limit(tmp_path):
 
 def test_admin_guesses_from_many_addresses_are_slowed_down_for_everyone(tmp_path):
     server = proxied_server(tmp_path)
-    wrong = {"Authorization": basic("admin", "guess")}
-    right = {"Authorization": basic(server.admin_user, server.admin_password)}
+    wrong = {"Authorization": basic_auth("admin", "guess")}
+    right = {"Authorization": basic_auth(server.admin_user, server.admin_password)}
     try:
         started = time.monotonic()
         statuses = [call(server, "GET", "/api/v1/origins",
