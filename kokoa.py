@@ -80,7 +80,10 @@ FORWARDING_HEADERS = ("HTTP_X_FORWARDED_FOR", "HTTP_FORWARDED", "HTTP_X_REAL_IP"
 LAST_SEEN_FLUSH_SECONDS = 30.0    # how stale the stored last_seen of an edge may get
 TOKEN_CACHE_SECONDS = 60.0
 EDGE_STALE_SECONDS = 300.0        # an edge that has not polled for this long is stale
-UPSTREAM_KEEPALIVE = 32
+# Idle connections each nginx worker keeps per upstream. Schema 2 keeps as many as one HTTP/2
+# client may have streams at once (nginx's http2_max_concurrent_streams), so that a browser's
+# burst reuses its tunnel connections; schema 1's map stays as 0.1.0 rendered it.
+UPSTREAM_KEEPALIVE = {1: 32, 2: 128}
 REQUEST_ID_RE = re.compile(r"[A-Za-z0-9._-]{1,128}")
 UUID_RE = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}")
 HEX64_RE = re.compile(r"[0-9a-f]{64}")
@@ -1679,9 +1682,10 @@ def edge_payloads(routes, peers, staging, schemas=SCHEMAS):
             else:
                 unserved[hostname] = reason
         upstreams = {hostname: route["upstream"] for hostname, route in served.items()}
-        key = frozenset(upstreams.items())
+        keepalive = UPSTREAM_KEEPALIVE[schema]
+        key = keepalive, frozenset(upstreams.items())
         if key not in maps:
-            maps[key] = render_nginx_map(upstreams)
+            maps[key] = render_nginx_map(upstreams, keepalive)
         payload = {
             "hostnames": sorted(served),
             "routes": upstreams if schema == 1 else {
@@ -1731,8 +1735,9 @@ def map_hash_sizes(hostnames):
     return max_size, bucket
 
 
-def render_nginx_map(routes):
-    """The text of map.conf from {hostname: "ip:port"}: upstreams with keepalive, then the map.
+def render_nginx_map(routes, keepalive=UPSTREAM_KEEPALIVE[1]):
+    """The text of map.conf from {hostname: "ip:port"}: upstreams with `keepalive` idle
+    connections each, then the map.
 
     Pure and deterministic; every value is checked again against a strict pattern so that
     nothing but a validated hostname or address can ever reach the text.
@@ -1754,7 +1759,7 @@ def render_nginx_map(routes):
         lines += [
             f"upstream {upstream_name(address)} {{",
             f"    server {address};",
-            f"    keepalive {UPSTREAM_KEEPALIVE};",
+            f"    keepalive {keepalive};",
             "}",
         ]
     lines += ["map $host $kokoa_backend {", '    default "";']

@@ -729,6 +729,16 @@ NAT_RULES = """table inet natsim {{
 """
 
 
+STATIC_ORIGIN = """server {{
+    listen {address}:{port};
+    root {docroot};
+    location = /stub_status {{
+        stub_status;
+    }}
+}}
+"""
+
+
 @contextlib.contextmanager
 def built_world(prefix):
     """A World built under a fresh /tmp directory named `prefix`..., torn down on exit."""
@@ -752,6 +762,8 @@ class World:
         self.nginx = None
         self.pebble = None
         self.edge_if = f"{self.lab.tag}e"
+        self.extra_nginx = []
+        self.netns_etc = None
 
     def build(self):
         (self.dir / "cp").mkdir()
@@ -877,7 +889,37 @@ class World:
         assert status == 201, route
         return route
 
+    def extra_nginx_in(self, name, host, server_conf):
+        """Another nginx, in host `host`'s namespace, with the harness's main config and
+        `server_conf` as its one site; stopped in close()."""
+        nginx = Nginx(self.dir / name, self.dir / f"{name}-conf", netns=self.lab.netns(host))
+        (nginx.config_dir / "site.conf").write_text(server_conf)
+        self.extra_nginx.append(nginx)
+        return nginx.start()
+
+    def static_origin(self, name, host, address, port, docroot):
+        """nginx serving `docroot` at address:port in `host` (Range requests, stub_status): an
+        origin like a media or file server's downloads."""
+        return self.extra_nginx_in(name, host, STATIC_ORIGIN.format(
+            address=address, port=port, docroot=docroot))
+
+    def client_resolves(self, *hostnames):
+        """Tools without curl's --resolve (h2load, wrk, testssl.sh) find `hostnames` at the
+        edge: `ip netns exec` bind-mounts /etc/netns/<client ns>/hosts; close() removes it."""
+        self.netns_etc = Path("/etc/netns") / self.lab.netns("client")
+        self.netns_etc_parent_made = not self.netns_etc.parent.exists()
+        self.netns_etc.mkdir(parents=True, exist_ok=True)
+        (self.netns_etc / "hosts").write_text(
+            f"127.0.0.1 localhost\n{self.lab.address('edge')} {' '.join(hostnames)}\n")
+
     def close(self):
+        for nginx in self.extra_nginx:
+            nginx.stop()
+        if self.netns_etc is not None:
+            shutil.rmtree(self.netns_etc, ignore_errors=True)
+            if self.netns_etc_parent_made:
+                with contextlib.suppress(OSError):       # only if empty: others may use it
+                    self.netns_etc.parent.rmdir()
         if self.pebble:
             self.pebble.stop()
         if self.nginx:
@@ -888,7 +930,8 @@ class World:
 
 # A workload origin for real applications' traffic (test_workloads) ########################
 
-WORKLOAD_SERVER = r'''"""Kokoa's workload origin: uploads, header echo, events, a JSON document."""
+WORKLOAD_SERVER = r'''"""Kokoa's workload origin: uploads, header echo, events, JSON, WebSocket."""
+import base64
 import hashlib
 import json
 import sys
@@ -902,6 +945,7 @@ LOCK = threading.Lock()
 DOCUMENT = json.dumps({"items": [
     {"id": i, "name": f"item {i}", "tags": ["alpha", "beta", "gamma"], "enabled": i % 2 == 0}
     for i in range(250)]}).encode()
+WEBSOCKET_GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"      # RFC 6455 section 1.3
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -983,7 +1027,41 @@ class Handler(BaseHTTPRequestHandler):
             return None
         if parts.path == "/sse":
             return self.events()
+        if parts.path == "/ws" and self.headers.get("Upgrade", "").lower() == "websocket":
+            return self.websocket_echo()
         return self.send_json({"error": "not found"}, 404)
+
+    def websocket_echo(self):
+        """RFC 6455: every message back as it came (one frame each), ping -> pong, close."""
+        key = self.headers.get("Sec-WebSocket-Key", "")
+        accept = hashlib.sha1((key + WEBSOCKET_GUID).encode()).digest()
+        self.send_response(101)
+        self.send_header("Upgrade", "websocket")
+        self.send_header("Connection", "Upgrade")
+        self.send_header("Sec-WebSocket-Accept", base64.b64encode(accept).decode())
+        self.end_headers()
+        self.wfile.flush()
+        self.close_connection = True
+        while True:
+            head = self.rfile.read(2)
+            if len(head) < 2:
+                return
+            opcode, length = head[0] & 0x0F, head[1] & 0x7F
+            if length >= 126:
+                length = int.from_bytes(self.rfile.read(2 if length == 126 else 8), "big")
+            mask = self.rfile.read(4)               # a client's frames are always masked
+            data = self.rfile.read(length)
+            key_stream = (mask * (length // 4 + 1))[:length]
+            data = (int.from_bytes(data, "big") ^ int.from_bytes(key_stream, "big")
+                    ).to_bytes(length, "big")
+            first = 0x8A if opcode == 0x9 else head[0]      # a ping's answer is a pong
+            size = (bytes([length]) if length < 126 else
+                    bytes([126]) + length.to_bytes(2, "big") if length < 65536 else
+                    bytes([127]) + length.to_bytes(8, "big"))
+            self.wfile.write(bytes([first]) + size + data)
+            self.wfile.flush()
+            if opcode == 0x8:
+                return
 
     def events(self):
         """`data: 1` at once, then one more event a second, for ~3 s; chunked framing."""
@@ -1003,10 +1081,21 @@ class Handler(BaseHTTPRequestHandler):
         self.wfile.flush()
 
 
-server = ThreadingHTTPServer((sys.argv[1], int(sys.argv[2])), Handler)
-server.daemon_threads = True
-server.serve_forever()
+class Server(ThreadingHTTPServer):
+    daemon_threads = True
+    request_queue_size = 512        # an app server's backlog, not socketserver's 5
+
+
+Server((sys.argv[1], int(sys.argv[2])), Handler).serve_forever()
 '''
+
+
+def upload_speed(result):
+    """(the workload origin's JSON answer, curl's upload speed in MiB/s) from a curl -T ...
+    -w '\\n%{speed_upload}' run."""
+    assert result.returncode == 0, result.stderr
+    body, _, speed = result.stdout.rpartition("\n")
+    return json.loads(body), float(speed) / (1 << 20)
 
 
 class WorkloadOrigin:
@@ -1016,7 +1105,7 @@ class WorkloadOrigin:
     GET /progress?id=X (bytes of upload X received so far), GET /headers (the request headers
     as a list of [name, value] and the peer address), GET /sse (text/event-stream with
     X-Accel-Buffering: no; `data: 1` at once, `data: 2..4` a second apart), GET /json (~20 KB
-    of uncompressed JSON), GET /healthz."""
+    of uncompressed JSON), GET /ws (a WebSocket echo), GET /healthz."""
 
     def __init__(self, lab, host, address, port, workdir):
         self.lab, self.host, self.address, self.port = lab, host, address, port

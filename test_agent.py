@@ -226,7 +226,7 @@ def test_removing_a_route_removes_its_file(edge, double, backends):
 def bad_for_nginx(routes):
     """A payload that passes every pattern but fails `nginx -t` (keepalive 0 is invalid)."""
     return make_payload(routes, nginx_map=render_nginx_map(routes).replace(
-        f"keepalive {UPSTREAM_KEEPALIVE};", "keepalive 0;"))
+        f"keepalive {UPSTREAM_KEEPALIVE[1]};", "keepalive 0;"))
 
 
 def test_config_failing_nginx_t_is_rolled_back_and_reported(edge, double, backends):
@@ -435,7 +435,7 @@ def hostile_payloads():
     cases["route-injection"] = tampered(upstream="10.8.0.2:8080; evil")
     cases["route-hostname"] = tampered(upstream="evil.example.net:80")
     cases["route-bad-port"] = make_payload({"a.example.com": "10.8.0.2:70000"})
-    keepalive = f"    keepalive {UPSTREAM_KEEPALIVE};\n"
+    keepalive = f"    keepalive {UPSTREAM_KEEPALIVE[1]};\n"
     cases["map-extra-directive"] = make_payload(good, nginx_map=render_nginx_map(good).replace(
         keepalive, keepalive + "    include /etc/shadow;\n"))
     cases["map-other-backend"] = make_payload(

@@ -86,7 +86,10 @@ def test_the_highest_common_schema_is_sent_with_its_own_etag(api):
     assert payload["routes"]["a.example.com"] == {"upstream": "10.8.0.2:8080", **defaults}
     assert payload["routes"]["xn--bcher-kva.example.org"] == {
         "upstream": "[fd00:8::3]:3000", **defaults}
-    assert payload["nginx_map"] == json.loads(body1)["nginx_map"]
+    # The same map, with the larger upstream keepalive of schema 2.
+    assert payload["nginx_map"] == json.loads(body1)["nginx_map"].replace(
+        f"keepalive {kokoa.UPSTREAM_KEEPALIVE[1]};", f"keepalive {kokoa.UPSTREAM_KEEPALIVE[2]};")
+    assert "keepalive 128;" in payload["nginx_map"]
     claimed = payload.pop("config_hash")
     assert claimed == kokoa.sha256_hex(kokoa.canonical_json(payload))
     assert headers2["ETag"] == f'"{claimed}"' != headers1["ETag"]

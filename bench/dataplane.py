@@ -8,8 +8,13 @@ app.example.test to it, and measures the same path "/" three ways with wrk:
   kokoa    client ns -> edge nginx :443 with the config agent.sh generated (TLS with the
            pebble certificate, map $host -> upstream with keepalive) -> WireGuard -> origin
   hand     client ns -> a second nginx in the edge ns, :8443, with a minimal hand-written proxy
-           config (same certificate, same main config and worker count, upstream + keepalive)
+           config (same certificate and TLS settings, same main config and worker count,
+           upstream + keepalive)
   direct   edge ns -> origin wg_ip:port over the tunnel, plain HTTP, no nginx on the edge
+
+Then (unless --upload-mib 0) uploads: a file of --upload-mib MiB sent with curl -T to netlab's
+workload origin (which hashes the body as it arrives) through the edge, over HTTP/1.1 and
+HTTP/2, and from the edge namespace directly over the tunnel; target edge / direct >= 0.8.
 
 Runs are interleaved (one of each per round, order rotated) after a warm-up; prints every
 run, the medians and the ratios kokoa / hand (target >= 0.95), kokoa / direct, hand / direct.
@@ -21,7 +26,8 @@ Exit status 0 if the target is met without errors, 1 if not, 2 on a setup error 
 The client resolves app.example.test through /etc/netns/<client ns>/hosts (removed at exit).
 
 Usage: python3 bench/dataplane.py [--runs 3] [--duration 5] [--threads 2] [--connections 32]
-                                  [--body-bytes 1024] [--timeout 600] [--show-config]
+                                  [--body-bytes 1024] [--upload-mib 100] [--upload-runs 3]
+                                  [--timeout 600] [--show-config]
 Needs root and the e2e tools (see netlab.TOOLS) plus wrk. Not part of the test run.
 Everything lives in namespaces it creates on 198.18.0.0/24 and 10.8.0.0/24; processes are
 stopped by pid and namespaces deleted at the end, also on failure, Ctrl-C, SIGTERM or timeout.
@@ -42,23 +48,21 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from netlab import TOOLS, Nginx, World  # noqa: E402
+from netlab import TOOLS, WorkloadOrigin, World, upload_speed  # noqa: E402
 
 HOST = "app.example.test"
+UPLOAD_HOST = "upload.example.test"
 ORIGIN_PORT = 8090          # World's python services use 8080-8082 on the origins
+UPLOAD_PORT = 8091
 HAND_PORT = 8443
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
-ORIGIN_SERVER = """server {{
-    listen {address}:{port};
-    root {docroot};
-    location = /stub_status {{
-        stub_status;
-    }}
-}}
-"""
-
-# What a careful operator writes by hand for one site behind one origin.
+# What a careful operator writes by hand for one site behind one origin, with the TLS settings
+# of the Kokoa edge (Mozilla's intermediate suites).
+CIPHERS = ":".join((
+    "ECDHE-ECDSA-AES128-GCM-SHA256", "ECDHE-RSA-AES128-GCM-SHA256",
+    "ECDHE-ECDSA-AES256-GCM-SHA384", "ECDHE-RSA-AES256-GCM-SHA384",
+    "ECDHE-ECDSA-CHACHA20-POLY1305", "ECDHE-RSA-CHACHA20-POLY1305"))
 HAND_SERVER = """upstream origin {{
     server {address}:{port};
     keepalive 64;
@@ -68,6 +72,12 @@ server {{
     server_name {host};
     ssl_certificate {cert};
     ssl_certificate_key {key};
+    ssl_protocols TLSv1.2 TLSv1.3;
+    ssl_ciphers {ciphers};
+    ssl_prefer_server_ciphers on;
+    ssl_session_cache shared:hand:10m;
+    ssl_session_timeout 1d;
+    ssl_session_tickets off;
     location / {{
         proxy_pass http://origin;
         proxy_http_version 1.1;
@@ -84,25 +94,24 @@ class AbortError(Exception):
 class BenchWorld(World):
     """netlab.World plus an nginx origin, a hand-written edge nginx and client name lookup."""
 
-    def __init__(self, workdir):
-        super().__init__(workdir)
-        self.extra_nginx = []
-        self.netns_etc = None
-
-    def build_bench(self, body_bytes):
+    def build_bench(self, body_bytes, upload_mib):
         self.build()
         origin_ip = self.origin_a["wg_ip"]
         self.body = ("kokoa dataplane bench " + "x" * body_bytes)[:body_bytes]
-        self.origin_nginx = self._origin_nginx(origin_ip)
-        self._client_hosts()
+        docroot = self.dir / "origin-docroot"
+        docroot.mkdir()
+        (docroot / "index.html").write_text(self.body + "\n")
+        self.origin_nginx = self.static_origin("nginx-origin", "origin-a", origin_ip,
+                                               ORIGIN_PORT, docroot)
+        self.client_resolves(HOST)
         self.route(HOST, self.origin_a, ORIGIN_PORT)
         run = self.agent_once()
         if f"certificate for {HOST} obtained" not in run.stdout:
             raise RuntimeError(f"agent did not obtain the certificate:\n{run.stdout}")
         self.client_until(HOST, self.body)
         live = self.dir / "letsencrypt/live" / HOST
-        self.hand_nginx = self._nginx("nginx-hand", "edge", HAND_SERVER.format(
-            address=origin_ip, port=ORIGIN_PORT, port_tls=HAND_PORT, host=HOST,
+        self.hand_nginx = self.extra_nginx_in("nginx-hand", "edge", HAND_SERVER.format(
+            address=origin_ip, port=ORIGIN_PORT, port_tls=HAND_PORT, host=HOST, ciphers=CIPHERS,
             cert=live / "fullchain.pem", key=live / "privkey.pem"))
         self.edges = {"kokoa": self.nginx, "hand": self.hand_nginx}
         self.urls = {
@@ -114,45 +123,51 @@ class BenchWorld(World):
             body = self.lab.run(host, "curl", "-sSfk", "--max-time", "5", url).stdout.strip()
             if body != self.body:
                 raise RuntimeError(f"{name}: {url} answered {body[:80]!r}")
+        if upload_mib:
+            self._upload_origin(origin_ip, upload_mib)
         return self
 
-    def _nginx(self, name, host, server_conf):
-        """A private nginx in `host` with the test harness's main config and `server_conf`."""
-        nginx = Nginx(self.dir / name, self.dir / f"{name}-conf", netns=self.lab.netns(host))
-        (nginx.config_dir / "site.conf").write_text(server_conf)
-        self.extra_nginx.append(nginx)
-        return nginx.start()
+    def _upload_origin(self, origin_ip, upload_mib):
+        """netlab's workload origin (it hashes what it receives) behind UPLOAD_HOST, and a
+        file of `upload_mib` MiB of random bytes to send it."""
+        self.workload = WorkloadOrigin(self.lab, "origin-a", origin_ip, UPLOAD_PORT, self.dir)
+        self.workload.start()
+        self.route(UPLOAD_HOST, self.origin_a, UPLOAD_PORT)
+        run = self.agent_once()
+        if f"certificate for {UPLOAD_HOST} obtained" not in run.stdout:
+            raise RuntimeError(f"agent did not obtain the certificate:\n{run.stdout}")
+        self.upload_file = self.dir / "upload.bin"
+        with self.upload_file.open("wb") as out:
+            for _ in range(upload_mib):
+                out.write(os.urandom(1 << 20))
+        self.upload_urls = {
+            "edge h1": ("client", f"https://{UPLOAD_HOST}/upload", "--http1.1"),
+            "edge h2": ("client", f"https://{UPLOAD_HOST}/upload", "--http2"),
+            "direct": ("edge", f"{self.workload.url}/upload", "--http1.1"),
+        }
 
-    def _origin_nginx(self, address):
-        docroot = self.dir / "origin-docroot"
-        docroot.mkdir()
-        (docroot / "index.html").write_text(self.body + "\n")
-        return self._nginx("nginx-origin", "origin-a", ORIGIN_SERVER.format(
-            address=address, port=ORIGIN_PORT, docroot=docroot))
+    def upload(self, name):
+        """MiB/s of one upload of upload_file by way of `name` (see upload_urls)."""
+        host, url, version = self.upload_urls[name]
+        result = self.lab.run(
+            host, "curl", "-sS", "--max-time", "300", version, "--cacert", str(self.pebble.root),
+            "--resolve", f"{UPLOAD_HOST}:443:{self.lab.address('edge')}",
+            "-T", str(self.upload_file), "-w", "\n%{speed_upload}", url,
+            check=False, timeout=320)
+        answer, speed = upload_speed(result)
+        if answer["bytes"] != self.upload_file.stat().st_size:
+            raise RuntimeError(f"{name}: the origin received {answer['bytes']} bytes")
+        return speed
 
-    def _client_hosts(self):
-        """`ip netns exec` bind-mounts /etc/netns/<ns>/hosts: the client resolves HOST."""
-        self.netns_etc = Path("/etc/netns") / self.lab.netns("client")
-        self.netns_etc_parent_made = not self.netns_etc.parent.exists()
-        self.netns_etc.mkdir(parents=True)
-        (self.netns_etc / "hosts").write_text(
-            f"127.0.0.1 localhost\n{self.lab.address('edge')} {HOST}\n")
+    def stop_workload(self):
+        if getattr(self, "workload", None) is not None:
+            self.workload.stop()
 
     def origin_accepts(self):
         """Connections the origin nginx has accepted so far (from its stub_status)."""
         status = self.lab.run("edge", "curl", "-sSf", "--max-time", "5",
                               f"http://{self.origin_a['wg_ip']}:{ORIGIN_PORT}/stub_status")
         return int(status.stdout.splitlines()[2].split()[0])
-
-    def close(self):
-        for nginx in self.extra_nginx:
-            nginx.stop()
-        if self.netns_etc is not None:
-            shutil.rmtree(self.netns_etc, ignore_errors=True)
-            if self.netns_etc_parent_made:
-                with contextlib.suppress(OSError):       # only if empty: others may use it
-                    self.netns_etc.parent.rmdir()
-        super().close()
 
 
 def cpu_ticks(pids):
@@ -229,6 +244,29 @@ def measure(world, args):
     return results
 
 
+def measure_uploads(world, args):
+    """Interleaved uploads through the edge (HTTP/1.1 and HTTP/2) and directly over the
+    tunnel; prints each and the ratios; True if edge / direct >= 0.8 for both."""
+    order = list(world.upload_urls)
+    speeds = {name: [] for name in order}
+    for round_ in range(args.upload_runs):
+        for name in order[round_ % 3:] + order[:round_ % 3]:
+            speeds[name].append(world.upload(name))
+            print(f"  upload round {round_ + 1} {name:<8} {speeds[name][-1]:7.1f} MiB/s",
+                  flush=True)
+    med = {name: statistics.median(runs) for name, runs in speeds.items()}
+    print()
+    print(f"upload of {args.upload_mib} MiB, {args.upload_runs} interleaved runs each "
+          "(the origin hashes the body as it arrives)")
+    ok = True
+    for name in ("edge h1", "edge h2"):
+        ratio = med[name] / med["direct"]
+        ok = ok and ratio >= 0.8
+        print(f"{name} / direct  {ratio:.3f}   ({med[name]:.1f} / {med['direct']:.1f} MiB/s; "
+              f"target >= 0.8: {'OK' if ratio >= 0.8 else 'BELOW TARGET'})")
+    return ok
+
+
 def report(results, args):
     med = {name: statistics.median(r["rps"] for r in runs) for name, runs in results.items()}
     print()
@@ -265,6 +303,9 @@ def main():
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--connections", type=int, default=32)
     parser.add_argument("--body-bytes", type=int, default=1024)
+    parser.add_argument("--upload-mib", type=int, default=100,
+                        help="size of the upload measured (0: no upload measurement)")
+    parser.add_argument("--upload-runs", type=int, default=3)
     parser.add_argument("--timeout", type=int, default=600,
                         help="give up (and clean up) after this many seconds")
     parser.add_argument("--show-config", action="store_true")
@@ -288,10 +329,12 @@ def main():
         world = BenchWorld(workdir)
         print("building the world (control plane, edge, origins, tunnels, certificate)...",
               flush=True)
-        world.build_bench(args.body_bytes)
+        world.build_bench(args.body_bytes, args.upload_mib)
         if args.show_config:
             show_config(world)
         ok = report(measure(world, args), args)
+        if args.upload_mib:
+            ok = measure_uploads(world, args) and ok
     except AbortError as exc:
         print(f"aborted: {type(exc).__name__}: {exc}", file=sys.stderr)
         ok = None
@@ -303,6 +346,7 @@ def main():
         signal.signal(signal.SIGINT, signal.SIG_IGN)        # a second Ctrl-C must not skip this
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         if world is not None:
+            world.stop_workload()
             world.close()
         shutil.rmtree(workdir, ignore_errors=True)
     sys.exit(2 if ok is None else 0 if ok else 1)
