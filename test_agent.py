@@ -152,6 +152,26 @@ def test_route_options_of_schema_2_are_rendered_per_host(edge, double, backends)
     assert alpha.seen == []
 
 
+def test_the_rendered_config_passes_nginx_t_under_debians_own_nginx_conf(edge, double,
+                                                                        backends, workdir):
+    """Debian's nginx.conf sets ssl_protocols, ssl_prefer_server_ciphers and gzip in http{}:
+    the agent's server-level settings must not be duplicates of them."""
+    stock = Path("/etc/nginx/nginx.conf")
+    require(stock.is_file() and "include /etc/nginx/sites-enabled/*;" in stock.read_text(),
+            "Debian's stock /etc/nginx/nginx.conf is not installed")
+    alpha, _ = backends
+    apply_routes(edge, double, {"a.example.com": {"upstream": alpha.addr, "max_body_size": 5,
+                                                  "buffering": False, "hsts": True}}, schema=2)
+    conf = workdir / "debian-nginx.conf"
+    conf.write_text(stock.read_text().replace(
+        "include /etc/nginx/sites-enabled/*;",
+        f"include {edge.config_dir}/*.conf;\n\tinclude {edge.config_dir}/servers/*.conf;"))
+    result = subprocess.run(["nginx", "-t", "-c", str(conf)], capture_output=True, text=True,
+                            timeout=30)
+    assert result.returncode == 0, result.stderr
+    assert "duplicate" not in result.stderr and "warn" not in result.stderr, result.stderr
+
+
 def test_each_hostname_reaches_its_backend_over_http_and_fallback_tls(edge, double, backends):
     alpha, beta = backends
     apply_routes(edge, double, {"a.example.com": alpha.addr, "b.example.com": beta.addr})
