@@ -164,6 +164,7 @@ class ApiClient:
         elif auth:
             hdrs["Authorization"] = f"Bearer {auth}"
         data = None
+        remember_request_secrets(body)
         if body is not None:
             data = body if isinstance(body, bytes) else json.dumps(body).encode()
             hdrs.setdefault("Content-Type", "application/json")
@@ -245,6 +246,14 @@ class KokoaServer(ApiClient):
             stop_process(self.proc)
             if self.log_path.exists():
                 LOG_LINES.extend(self.log_path.read_text(errors="replace").splitlines())
+
+
+def remember_request_secrets(body):
+    """The passwords and password hashes an access policy's users carry."""
+    users = body.get("users") if isinstance(body, dict) else None
+    for user in users if isinstance(users, list) else ():
+        if isinstance(user, dict):
+            remember_secret(user.get("password"), user.get("password_hash"))
 
 
 def remember_response_secrets(body):
