@@ -318,7 +318,7 @@ class InProcessServer(ApiClient):
     def snapshot(self):
         """Every row of every table, to prove that a rejected request changed nothing."""
         return {table: self.rows(f"SELECT * FROM {table} ORDER BY 1")
-                for table in ("origins", "routes", "edge_nodes", "settings")}
+                for table in ("origins", "routes", "edge_nodes", "settings", "access_policies")}
 
     def create_origin(self, name="home", wg_ip="10.8.0.2", **fields):
         """POST an origin (wg_ip=None leaves the address to the control plane)."""

@@ -1460,7 +1460,7 @@ def validate_network(value, field):
         network = ipaddress.ip_network(text, strict=False)
     except ValueError:
         network = None
-    if network is None or "%" in str(network):
+    if network is None or "%" in text:          # a zone means nothing to another machine
         raise invalid(field, f"{field} must list CIDRs or addresses such as 198.51.100.0/24 or "
                              f"2001:db8::/32 ({text[:64]!r} is not one)")
     return str(network)
