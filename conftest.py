@@ -15,6 +15,7 @@ import os
 import shutil
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -269,6 +270,19 @@ def _decode(raw, headers):
     if (headers.get("Content-Type") or "").startswith("application/json") and raw:
         return json.loads(raw)
     return raw
+
+
+def edited_backup(db_path, target, *statements):
+    """A real backup of the database at `db_path` in `target`, then changed by hand with
+    `statements` (as a crafted backup would be: foreign keys are not enforced)."""
+    kokoa.backup_database(str(db_path), str(target))
+    db = sqlite3.connect(target, isolation_level=None)
+    try:
+        for statement in statements:
+            db.execute(statement)
+    finally:
+        db.close()
+    return target
 
 
 def make_config(db_path, **overrides):

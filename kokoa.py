@@ -1121,12 +1121,23 @@ def origin_json(row):
     }
 
 
+def one_or_404(query, db, row_id, what):
+    """The first of query(db, row_id) when row_id is a UUID; else a 404 naming `what`."""
+    rows = query(db, row_id) if UUID_RE.fullmatch(row_id or "") else []
+    if not rows:
+        raise not_found(what)
+    return rows[0]
+
+
+def row_exists(db, table, row_id):
+    """True if `row_id` is a UUID string naming a row of `table`."""
+    return isinstance(row_id, str) and bool(UUID_RE.fullmatch(row_id)) and db.execute(
+        f"SELECT 1 FROM {quote_identifier(table)} WHERE id = ?", (row_id,)).fetchone() is not None
+
+
 def get_origin_row(db, origin_id):
     """The origin row with `origin_id`, or 404."""
-    rows = query_origins(db, origin_id) if UUID_RE.fullmatch(origin_id or "") else []
-    if not rows:
-        raise not_found("origin")
-    return rows[0]
+    return one_or_404(query_origins, db, origin_id, "origin")
 
 
 def seal_private_key(keyring, origin_id, private_raw):
@@ -1285,10 +1296,7 @@ def route_options_of(row):
 
 def get_route_row(db, route_id):
     """The route row with `route_id`, or 404."""
-    rows = query_routes(db, route_id) if UUID_RE.fullmatch(route_id or "") else []
-    if not rows:
-        raise not_found("route")
-    return rows[0]
+    return one_or_404(query_routes, db, route_id, "route")
 
 
 def check_origin_exists(db, origin_id):
@@ -1519,8 +1527,7 @@ def validate_forward_auth(db, value):
         raise invalid("forward_auth", "forward_auth must be null or an object with origin_id, "
                                       "port, path and optionally signin_url")
     origin_id = value["origin_id"]
-    if not isinstance(origin_id, str) or not UUID_RE.fullmatch(origin_id) or not db.execute(
-            "SELECT 1 FROM origins WHERE id = ?", (origin_id,)).fetchone():
+    if not row_exists(db, "origins", origin_id):
         raise invalid("forward_auth", "forward_auth.origin_id must be the id of an origin")
     port = value["port"]
     if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
@@ -1595,10 +1602,7 @@ def policy_columns(policy):
 
 def get_policy(db, policy_id):
     """(row, hostnames of its routes) of the policy with `policy_id`, or 404."""
-    found = query_policies(db, policy_id) if UUID_RE.fullmatch(policy_id or "") else []
-    if not found:
-        raise not_found("access policy")
-    return found[0]
+    return one_or_404(query_policies, db, policy_id, "access policy")
 
 
 def insert_policy(db, body):
@@ -1663,8 +1667,7 @@ def check_policy_exists(db, policy_id):
     access_policy_id."""
     if policy_id is None:
         return None
-    if not isinstance(policy_id, str) or not UUID_RE.fullmatch(policy_id) or not db.execute(
-            "SELECT 1 FROM access_policies WHERE id = ?", (policy_id,)).fetchone():
+    if not row_exists(db, "access_policies", policy_id):
         raise invalid("access_policy_id", "access_policy_id must be null (public) or the id of "
                                           "an access policy")
     return policy_id

@@ -8,14 +8,20 @@ The edge half (nginx enforcing a policy) is tested with the agent.
 import ctypes
 import ctypes.util
 import json
-import sqlite3
 import subprocess
 from pathlib import Path
 
 import pytest
 
 import kokoa
-from conftest import InProcessServer, make_config, remember_secret, require_tools, run_cli
+from conftest import (
+    InProcessServer,
+    edited_backup,
+    make_config,
+    remember_secret,
+    require_tools,
+    run_cli,
+)
 
 AGENT_HEADER = {"X-Kokoa-Agent": f"{kokoa.__version__}; schema=1,2"}
 PASSWORD = "correct horse battery staple"
@@ -545,13 +551,7 @@ def policy_backup(tmp_path, *statements):
         assert status == 201, body
     finally:
         server.close()
-    backup = tmp_path / "crafted.db"
-    kokoa.backup_database(db_path, str(backup))
-    db = sqlite3.connect(backup, isolation_level=None)
-    for statement in statements:
-        db.execute(statement)
-    db.close()
-    return db_path, backup
+    return db_path, edited_backup(db_path, tmp_path / "crafted.db", *statements)
 
 
 def sql_text(value):
