@@ -1398,7 +1398,12 @@ def validate_username(value, where):
 def validate_password(value, where):
     """A password to hash: 8-1024 characters, no control characters, and (what the edges'
     crypt(3) accepts) at most 511 bytes in UTF-8. The value is never part of a message."""
-    check_text(value, "users", PASSWORD_MAX_LENGTH)
+    try:
+        check_text(value, "users", PASSWORD_MAX_LENGTH)
+    except HTTPError:
+        raise invalid("users", f"{where}.password must be text of at most "
+                               f"{PASSWORD_MAX_LENGTH} characters without control "
+                               "characters") from None
     if len(value) < PASSWORD_MIN_LENGTH:
         raise invalid("users", f"{where}.password must have at least {PASSWORD_MIN_LENGTH} "
                                "characters")
@@ -1441,7 +1446,9 @@ def hash_passwords(body):
         return body
     hashed = []
     for index, entry in enumerate(users):
-        if isinstance(entry, dict) and "password" in entry and "password_hash" not in entry:
+        username = entry.get("username") if isinstance(entry, dict) else None
+        if isinstance(username, str) and USERNAME_RE.fullmatch(username) \
+                and "password" in entry and "password_hash" not in entry:   # else refused later
             password = validate_password(entry["password"], f"users[{index}]")
             entry = {**{k: v for k, v in entry.items() if k != "password"},
                      "password_hash": sha512_crypt(password)}
@@ -2654,7 +2661,7 @@ class EdgeConfigCache:
         self._build_lock = threading.Lock()
 
     def invalidate(self):
-        """Called after any committed write to routes, origins or settings."""
+        """Called after any committed write to routes, origins, access policies or settings."""
         with self._lock:
             self.generation += 1
             self.changed_at = time.time()
