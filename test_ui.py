@@ -1009,6 +1009,12 @@ def test_policies_page_and_protected_routes_fit_and_are_photographed(browser, ko
             ui.go(name)
             width = ui.page.evaluate("document.documentElement.scrollWidth")
             assert width <= viewport["width"], f"{name} scrolls sideways: {width}px"
+            cards = ui.page.evaluate("""[...document.querySelectorAll('.card')]
+                .filter(c => c.offsetParent && c.scrollWidth > c.clientWidth + 1).length""")
+            assert cards == 0, f"a card on {name} scrolls sideways"
+            tops = ui.page.evaluate(
+                "new Set([...document.querySelectorAll('.nav a')].map(a => a.offsetTop)).size")
+            assert tops == 1, "the top bar's sections take more than one line"
         ui.row("policies", "family").get_by_role("button", name="Edit").click()
         expect(ui.page.locator("#policy-dialog")).to_be_visible()
         ui.page.screenshot(path=str(SCREENS / f"policy-edit-{ui.width}.png"))
