@@ -15,6 +15,7 @@ import os
 import shutil
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -164,6 +165,7 @@ class ApiClient:
         elif auth:
             hdrs["Authorization"] = f"Bearer {auth}"
         data = None
+        remember_request_secrets(body)
         if body is not None:
             data = body if isinstance(body, bytes) else json.dumps(body).encode()
             hdrs.setdefault("Content-Type", "application/json")
@@ -247,6 +249,14 @@ class KokoaServer(ApiClient):
                 LOG_LINES.extend(self.log_path.read_text(errors="replace").splitlines())
 
 
+def remember_request_secrets(body):
+    """The passwords and password hashes an access policy's users carry."""
+    users = body.get("users") if isinstance(body, dict) else None
+    for user in users if isinstance(users, list) else ():
+        if isinstance(user, dict):
+            remember_secret(user.get("password"), user.get("password_hash"))
+
+
 def remember_response_secrets(body):
     """Node tokens, enrollment keys and WireGuard private keys the API hands out."""
     if isinstance(body, dict):
@@ -260,6 +270,19 @@ def _decode(raw, headers):
     if (headers.get("Content-Type") or "").startswith("application/json") and raw:
         return json.loads(raw)
     return raw
+
+
+def edited_backup(db_path, target, *statements):
+    """A real backup of the database at `db_path` in `target`, then changed by hand with
+    `statements` (as a crafted backup would be: foreign keys are not enforced)."""
+    kokoa.backup_database(str(db_path), str(target))
+    db = sqlite3.connect(target, isolation_level=None)
+    try:
+        for statement in statements:
+            db.execute(statement)
+    finally:
+        db.close()
+    return target
 
 
 def make_config(db_path, **overrides):
@@ -309,7 +332,7 @@ class InProcessServer(ApiClient):
     def snapshot(self):
         """Every row of every table, to prove that a rejected request changed nothing."""
         return {table: self.rows(f"SELECT * FROM {table} ORDER BY 1")
-                for table in ("origins", "routes", "edge_nodes", "settings")}
+                for table in ("origins", "routes", "edge_nodes", "settings", "access_policies")}
 
     def create_origin(self, name="home", wg_ip="10.8.0.2", **fields):
         """POST an origin (wg_ip=None leaves the address to the control plane)."""

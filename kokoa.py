@@ -105,6 +105,20 @@ VERSION_RE = re.compile(r"[0-9]{1,4}(\.[0-9]{1,4}){0,3}([.+-][A-Za-z0-9.+-]{0,40
 AGENT_HEADER_RE = re.compile(
     r"\s*(?P<version>[A-Za-z0-9.+-]{1,60})\s*;\s*schema\s*=\s*"
     r"(?P<schemas>[0-9]{1,4}(\s*,\s*[0-9]{1,4}){0,31})\s*")
+# Access policies (issue 14): the patterns both sides check, before anything reaches a file.
+USERNAME_RE = re.compile(r"[A-Za-z0-9._@-]{1,64}")
+SHA512_CRYPT_RE = re.compile(r"\$6\$(rounds=[0-9]{4,9}\$)?[./0-9A-Za-z]{1,16}\$[./0-9A-Za-z]{86}")
+BCRYPT_RE = re.compile(r"\$2[by]\$(0[4-9]|[12][0-9]|3[01])\$[./0-9A-Za-z]{53}")
+URI_PATH_RE = re.compile(r"/[A-Za-z0-9._~/-]{0,200}")
+SIGNIN_URL_RE = re.compile(
+    r"(?P<scheme>https?)://(?P<host>[A-Za-z0-9.-]{1,253})(?P<port>:[0-9]{1,5})?"
+    r"(?P<rest>[/?][A-Za-z0-9._~/?=&%:+-]*)?", re.IGNORECASE)
+POLICY_LIST_LIMITS = {"users": 100, "allow": 256, "deny": 256, "bypass_paths": 32}
+PASSWORD_MIN_LENGTH = 8
+PASSWORD_MAX_LENGTH = 1024
+PASSWORD_MAX_BYTES = 511            # crypt(3) of the edges (libxcrypt) refuses longer passphrases
+SHA512_CRYPT_ROUNDS = 5000
+CRYPT_ALPHABET = "./0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
 
 
 @dataclasses.dataclass
@@ -453,6 +467,53 @@ def b64(raw):
     return base64.b64encode(raw).decode("ascii")
 
 
+def repeat_to(data, length):
+    """`data` repeated and cut to exactly `length` bytes."""
+    return (data * (length // len(data) + 1))[:length]
+
+
+def crypt_b64(b2, b1, b0, count):
+    """crypt's base64 of three bytes (the least significant six bits first), `count` chars."""
+    word = (b2 << 16) | (b1 << 8) | b0
+    return "".join(CRYPT_ALPHABET[(word >> (6 * i)) & 0x3f] for i in range(count))
+
+
+def sha512_crypt(password, salt=None, rounds=None):
+    """SHA-512-crypt ($6$) of a password: Ulrich Drepper's published algorithm, as crypt(3)
+    and `openssl passwd -6` compute it. A fresh 16-character salt unless one is given; rounds
+    (clamped to 1000-999999999) are written into the hash only when they are given."""
+    key = password.encode("utf-8")
+    if salt is None:
+        salt = "".join(secrets.choice(CRYPT_ALPHABET) for _ in range(16))
+    salt = salt[:16]
+    salt_bytes = salt.encode("ascii")
+    count = SHA512_CRYPT_ROUNDS if rounds is None else min(max(rounds, 1000), 999999999)
+    alternate = hashlib.sha512(key + salt_bytes + key).digest()
+    digest_a = hashlib.sha512(key + salt_bytes + repeat_to(alternate, len(key)))
+    length = len(key)
+    while length:
+        digest_a.update(alternate if length & 1 else key)
+        length >>= 1
+    digest = digest_a.digest()
+    p_bytes = repeat_to(hashlib.sha512(key * len(key)).digest(), len(key))
+    s_bytes = repeat_to(hashlib.sha512(salt_bytes * (16 + digest[0])).digest(), len(salt_bytes))
+    for i in range(count):
+        step = hashlib.sha512(p_bytes if i & 1 else digest)
+        if i % 3:
+            step.update(s_bytes)
+        if i % 7:
+            step.update(p_bytes)
+        step.update(digest if i & 1 else p_bytes)
+        digest = step.digest()
+    text = []
+    for i in range(21):
+        triple = (digest[i], digest[i + 21], digest[i + 42])
+        text.append(crypt_b64(*triple[i % 3:], *triple[:i % 3], 4))
+    text.append(crypt_b64(0, 0, digest[63], 2))
+    prefix = "$6$" if rounds is None else f"$6$rounds={count}$"
+    return f"{prefix}{salt}${''.join(text)}"
+
+
 # Database (connect, migrations, queries) #####################################################
 
 NOW_SQL = "(strftime('%Y-%m-%dT%H:%M:%SZ','now'))"
@@ -554,6 +615,38 @@ MIGRATIONS = [
         "ALTER TABLE routes ADD COLUMN hsts INTEGER NOT NULL DEFAULT 1 CHECK (hsts IN (0, 1))",
         "ALTER TABLE routes ADD COLUMN enabled INTEGER NOT NULL DEFAULT 1 "
         "CHECK (enabled IN (0, 1))",
+    ],
+    [
+        # Access policies (issue 14). The lists are JSON arrays in the form the payload
+        # carries them (users: [{"username", "hash"}] sorted by username; the others sorted,
+        # deduplicated); forward_auth is its own columns, so that its origin cannot be deleted.
+        f"""
+        CREATE TABLE access_policies (
+            id                 TEXT PRIMARY KEY CHECK (length(id) = 36),
+            name               TEXT NOT NULL CHECK (length(name) BETWEEN 1 AND 64),
+            name_key           TEXT NOT NULL UNIQUE,
+            users              TEXT NOT NULL DEFAULT '[]',
+            allow              TEXT NOT NULL DEFAULT '[]',
+            deny               TEXT NOT NULL DEFAULT '[]',
+            require            TEXT NOT NULL DEFAULT 'any' CHECK (require IN ('any', 'all')),
+            bypass_paths       TEXT NOT NULL DEFAULT '[]',
+            forward_origin_id  TEXT REFERENCES origins (id) ON DELETE RESTRICT,
+            forward_port       INTEGER CHECK (forward_port IS NULL
+                                              OR (typeof(forward_port) = 'integer'
+                                                  AND forward_port BETWEEN 1 AND 65535)),
+            forward_path       TEXT,
+            forward_signin_url TEXT,
+            pass_authorization INTEGER NOT NULL DEFAULT 0 CHECK (pass_authorization IN (0, 1)),
+            created_at         TEXT NOT NULL DEFAULT {NOW_SQL},
+            updated_at         TEXT NOT NULL DEFAULT {NOW_SQL},
+            CHECK ((forward_origin_id IS NULL) = (forward_port IS NULL)
+                   AND (forward_port IS NULL) = (forward_path IS NULL)
+                   AND (forward_signin_url IS NULL OR forward_path IS NOT NULL))
+        )""",
+        "CREATE INDEX access_policies_forward_origin_id ON access_policies (forward_origin_id)",
+        "ALTER TABLE routes ADD COLUMN access_policy_id TEXT "
+        "REFERENCES access_policies (id) ON DELETE RESTRICT",
+        "CREATE INDEX routes_access_policy_id ON routes (access_policy_id)",
     ],
 ]
 
@@ -680,14 +773,32 @@ def query_origins(db, origin_id=None):
 
 
 def query_routes(db, route_id=None):
-    """Route rows joined with their origin's name and wg_ip."""
+    """Route rows joined with their origin's name and wg_ip and their policy's name."""
     sql = """
-        SELECT r.*, o.name AS origin_name, o.wg_ip AS origin_wg_ip
+        SELECT r.*, o.name AS origin_name, o.wg_ip AS origin_wg_ip,
+               p.name AS access_policy_name
           FROM routes AS r
-          JOIN origins AS o ON o.id = r.origin_id"""
+          JOIN origins AS o ON o.id = r.origin_id
+          LEFT JOIN access_policies AS p ON p.id = r.access_policy_id"""
     if route_id is None:
         return db.execute(sql + " ORDER BY r.hostname").fetchall()
     return db.execute(sql + " WHERE r.id = ?", (route_id,)).fetchall()
+
+
+def query_policies(db, policy_id=None):
+    """Access policy rows (all, or the one with `policy_id`), each with the hostnames of the
+    routes that use it: [(row, [hostname, ...])]."""
+    sql = "SELECT * FROM access_policies"
+    rows = (db.execute(sql + " ORDER BY name_key").fetchall() if policy_id is None
+            else db.execute(sql + " WHERE id = ?", (policy_id,)).fetchall())
+    hostnames = collections.defaultdict(list)
+    for route in db.execute("""
+            SELECT access_policy_id, hostname
+              FROM routes
+             WHERE access_policy_id = :id OR (:id IS NULL AND access_policy_id IS NOT NULL)
+             ORDER BY hostname""", {"id": policy_id}):
+        hostnames[route[0]].append(route[1])
+    return [(row, hostnames[row["id"]]) for row in rows]
 
 
 def query_edges(db, edge_id=None):
@@ -1013,12 +1124,23 @@ def origin_json(row):
     }
 
 
+def one_or_404(query, db, row_id, what):
+    """The first of query(db, row_id) when row_id is a UUID; else a 404 naming `what`."""
+    rows = query(db, row_id) if UUID_RE.fullmatch(row_id or "") else []
+    if not rows:
+        raise not_found(what)
+    return rows[0]
+
+
+def row_exists(db, table, row_id):
+    """True if `row_id` is a UUID string naming a row of `table`."""
+    return isinstance(row_id, str) and bool(UUID_RE.fullmatch(row_id)) and db.execute(
+        f"SELECT 1 FROM {quote_identifier(table)} WHERE id = ?", (row_id,)).fetchone() is not None
+
+
 def get_origin_row(db, origin_id):
     """The origin row with `origin_id`, or 404."""
-    rows = query_origins(db, origin_id) if UUID_RE.fullmatch(origin_id or "") else []
-    if not rows:
-        raise not_found("origin")
-    return rows[0]
+    return one_or_404(query_origins, db, origin_id, "origin")
 
 
 def seal_private_key(keyring, origin_id, private_raw):
@@ -1102,6 +1224,13 @@ def remove_origin(db, origin_id):
         if row["route_count"]:
             raise conflict(None, f"origin is in use by {row['route_count']} route(s); "
                                  "delete or move them first")
+        policies = [policy["name"] for policy in db.execute(
+            "SELECT name FROM access_policies WHERE forward_origin_id = ? ORDER BY name_key",
+            (origin_id,))]
+        if policies:
+            raise conflict(None, f"origin runs the forward-auth verifier of access "
+                                 f"polic{'y' if len(policies) == 1 else 'ies'} "
+                                 f"{', '.join(policies)}; change them first")
         db.execute("DELETE FROM origins WHERE id = ?", (origin_id,))
 
 
@@ -1129,6 +1258,7 @@ def origin_by_token(db, token):
 # Routes
 
 ROUTE_FIELDS = ("hostname", "origin_id", "target_port")
+ROUTE_EXTRA_FIELDS = ("max_body_size", "buffering", "hsts", "enabled", "access_policy_id")
 MAX_BODY_SIZE_MIB = 1048576        # 1 TiB: "no limit" is 0
 ROUTE_OPTIONS = {"max_body_size": 0, "buffering": True, "hsts": True, "enabled": True}
 
@@ -1138,7 +1268,8 @@ def route_json(row):
     return {
         "id": row["id"], "hostname": row["hostname"], "origin_id": row["origin_id"],
         "origin_name": row["origin_name"], "target_port": row["target_port"],
-        **route_options_of(row), "created_at": row["created_at"],
+        **route_options_of(row), "access_policy_id": row["access_policy_id"],
+        "access_policy_name": row["access_policy_name"], "created_at": row["created_at"],
     }
 
 
@@ -1168,10 +1299,7 @@ def route_options_of(row):
 
 def get_route_row(db, route_id):
     """The route row with `route_id`, or 404."""
-    rows = query_routes(db, route_id) if UUID_RE.fullmatch(route_id or "") else []
-    if not rows:
-        raise not_found("route")
-    return rows[0]
+    return one_or_404(query_routes, db, route_id, "route")
 
 
 def check_origin_exists(db, origin_id):
@@ -1185,28 +1313,29 @@ def check_origin_exists(db, origin_id):
 
 def insert_route(db, body):
     """Validate and insert a route; returns its row."""
-    check_fields(body, ROUTE_FIELDS + tuple(ROUTE_OPTIONS), required=ROUTE_FIELDS)
+    check_fields(body, ROUTE_FIELDS + ROUTE_EXTRA_FIELDS, required=ROUTE_FIELDS)
     hostname = normalize_hostname(body["hostname"])
     port = validate_port(body["target_port"])
     options = validate_route_options(body)
     route_id = new_id()
     with transaction(db):
         origin_id = check_origin_exists(db, body["origin_id"])
+        policy_id = check_policy_exists(db, body.get("access_policy_id"))
         check_unique(db, "routes", "hostname", hostname, "hostname")
         db.execute(
             """
             INSERT INTO routes (id, hostname, origin_id, target_port, created_at,
-                                max_body_size, buffering, hsts, enabled)
+                                max_body_size, buffering, hsts, enabled, access_policy_id)
             VALUES (:id, :hostname, :origin_id, :port, :created_at,
-                    :max_body_size, :buffering, :hsts, :enabled)""",
+                    :max_body_size, :buffering, :hsts, :enabled, :policy_id)""",
             {"id": route_id, "hostname": hostname, "origin_id": origin_id, "port": port,
-             "created_at": utc_now(), **options})
+             "created_at": utc_now(), "policy_id": policy_id, **options})
     return get_route_row(db, route_id)
 
 
 def patch_route(db, route_id, body):
     """Validate and apply a partial update to a route; returns its row."""
-    check_fields(body, ROUTE_FIELDS + tuple(ROUTE_OPTIONS))
+    check_fields(body, ROUTE_FIELDS + ROUTE_EXTRA_FIELDS)
     with transaction(db):
         row = get_route_row(db, route_id)
         options = validate_route_options(body, route_options_of(row))
@@ -1218,16 +1347,19 @@ def patch_route(db, route_id, body):
         origin_id = row["origin_id"]
         if "origin_id" in body:
             origin_id = check_origin_exists(db, body["origin_id"])
+        policy_id = row["access_policy_id"]
+        if "access_policy_id" in body:
+            policy_id = check_policy_exists(db, body["access_policy_id"])
         check_unique(db, "routes", "hostname", hostname, "hostname", route_id)
         db.execute(
             """
             UPDATE routes
                SET hostname = :hostname, origin_id = :origin_id, target_port = :port,
                    max_body_size = :max_body_size, buffering = :buffering, hsts = :hsts,
-                   enabled = :enabled
+                   enabled = :enabled, access_policy_id = :policy_id
              WHERE id = :id""",
             {"hostname": hostname, "origin_id": origin_id, "port": port, "id": route_id,
-             **options})
+             "policy_id": policy_id, **options})
     return get_route_row(db, route_id)
 
 
@@ -1236,6 +1368,319 @@ def remove_route(db, route_id):
     with transaction(db):
         get_route_row(db, route_id)
         db.execute("DELETE FROM routes WHERE id = ?", (route_id,))
+
+
+# Access policies
+
+POLICY_FIELDS = ("name", "users", "allow", "deny", "require", "bypass_paths", "forward_auth",
+                 "pass_authorization")
+USER_FIELDS = ("username", "password", "password_hash")
+FORWARD_AUTH_FIELDS = ("origin_id", "port", "path", "signin_url")
+POLICY_DEFAULTS = {"users": [], "allow": [], "deny": [], "require": "any", "bypass_paths": [],
+                   "forward_auth": None, "pass_authorization": False}
+
+
+def check_list(value, field):
+    """A JSON array of at most POLICY_LIST_LIMITS[field] items."""
+    limit = POLICY_LIST_LIMITS[field]
+    if not isinstance(value, list):
+        raise invalid(field, f"{field} must be a list")
+    if len(value) > limit:
+        raise invalid(field, f"{field} must have at most {limit} entries")
+    return value
+
+
+def validate_username(value, where):
+    """A user name of the edge's password file: 1-64 of A-Z a-z 0-9 . _ @ -."""
+    if not isinstance(value, str) or not USERNAME_RE.fullmatch(value):
+        raise invalid("users", f"{where}.username must be 1-64 letters, digits, '.', '_', '@' "
+                               "or '-'")
+    return value
+
+
+def validate_password(value, where):
+    """A password to hash: 8-1024 characters, no control characters, and (what the edges'
+    crypt(3) accepts) at most 511 bytes in UTF-8. The value is never part of a message."""
+    try:
+        check_text(value, "users", PASSWORD_MAX_LENGTH)
+    except HTTPError:
+        raise invalid("users", f"{where}.password must be text of at most "
+                               f"{PASSWORD_MAX_LENGTH} characters without control "
+                               "characters") from None
+    if len(value) < PASSWORD_MIN_LENGTH:
+        raise invalid("users", f"{where}.password must have at least {PASSWORD_MIN_LENGTH} "
+                               "characters")
+    if len(value.encode("utf-8")) > PASSWORD_MAX_BYTES:
+        raise invalid("users", f"{where}.password must be at most {PASSWORD_MAX_BYTES} bytes "
+                               "in UTF-8 (edges cannot check longer ones)")
+    return value
+
+
+def validate_password_hash(value, where):
+    """A crypt hash the edges can check: SHA-512-crypt ($6$) or bcrypt ($2b$, $2y$)."""
+    if not isinstance(value, str) or not (SHA512_CRYPT_RE.fullmatch(value)
+                                          or BCRYPT_RE.fullmatch(value)):
+        raise invalid("users", f"{where}.password_hash must be a $6$ (SHA-512-crypt), $2b$ or "
+                               "$2y$ (bcrypt) hash")
+    return value
+
+
+def validate_user(entry, index, stored):
+    """One entry of `users` -> (username, hash); a bare username keeps its `stored` hash."""
+    where = f"users[{index}]"
+    if not isinstance(entry, dict) or any(key not in USER_FIELDS for key in entry):
+        raise invalid("users", f"{where} must be an object with username and password or "
+                               "password_hash")
+    username = validate_username(entry.get("username"), where)
+    if "password" in entry:
+        raise invalid("users", f"{where} must have a password or a password_hash, not both")
+    if "password_hash" in entry:
+        return username, validate_password_hash(entry["password_hash"], where)
+    if username not in stored:
+        raise invalid("users", f"{where} ({username}) needs a password or a password_hash")
+    return username, stored[username]
+
+
+def hash_passwords(body):
+    """`body` with each password in `users` replaced by its SHA-512-crypt hash: done before
+    the write transaction, which a hundred slow hashes would hold for seconds."""
+    users = body.get("users")
+    if not isinstance(users, list) or len(users) > POLICY_LIST_LIMITS["users"]:
+        return body
+    hashed = []
+    for index, entry in enumerate(users):
+        username = entry.get("username") if isinstance(entry, dict) else None
+        if isinstance(username, str) and USERNAME_RE.fullmatch(username) \
+                and "password" in entry and "password_hash" not in entry:   # else refused later
+            password = validate_password(entry["password"], f"users[{index}]")
+            entry = {**{k: v for k, v in entry.items() if k != "password"},
+                     "password_hash": sha512_crypt(password)}
+        hashed.append(entry)
+    return {**body, "users": hashed}
+
+
+def validate_users(value, stored=None):
+    """`users` -> [{"username", "hash"}] sorted by username; `stored` maps the policy's
+    current usernames to their hashes (a PATCH may name a user without a password)."""
+    users = {}
+    for index, entry in enumerate(check_list(value, "users")):
+        username, password_hash = validate_user(entry, index, stored or {})
+        if username in users:
+            raise invalid("users", f"users[{index}]: {username} is listed twice")
+        users[username] = password_hash
+    return [{"username": name, "hash": users[name]} for name in sorted(users)]
+
+
+def validate_network(value, field):
+    """A CIDR or a bare address, IPv4 or IPv6, normalised (host bits cleared)."""
+    text = check_text(value, field, 64).strip()
+    try:
+        network = ipaddress.ip_network(text, strict=False)
+    except ValueError:
+        network = None
+    if network is None or "%" in text:          # a zone means nothing to another machine
+        raise invalid(field, f"{field} must list CIDRs or addresses such as 198.51.100.0/24 or "
+                             f"2001:db8::/32 ({text[:64]!r} is not one)")
+    return str(network)
+
+
+def validate_networks(value, field):
+    """`allow` or `deny`: CIDRs, normalised, deduplicated, sorted."""
+    return sorted({validate_network(item, field) for item in check_list(value, field)})
+
+
+def validate_uri_path(value, field, label):
+    """A URI path (prefix): / then A-Z a-z 0-9 . _ ~ / -, no //, no . or .. segment; 400
+    naming `field`, whose message names `label`."""
+    if not isinstance(value, str) or not URI_PATH_RE.fullmatch(value) or "//" in value \
+            or any(segment in (".", "..") for segment in value.split("/")):
+        raise invalid(field, f"{label} must be a path such as /api/: '/' then at most 200 "
+                             "letters, digits or . _ ~ / -, with no '//' and no '.' or '..' "
+                             "segment")
+    return value
+
+
+def validate_bypass_paths(value):
+    """`bypass_paths`: URI path prefixes, deduplicated, sorted."""
+    return sorted({validate_uri_path(item, "bypass_paths", f"bypass_paths[{index}]")
+                   for index, item in enumerate(check_list(value, "bypass_paths"))})
+
+
+def validate_signin_url(value):
+    """None, or an http(s) URL of a host name or IPv4 address, an optional port and a path or
+    query of A-Z a-z 0-9 . _ ~ / ? = & % : + - (at most 512 characters); scheme and host in
+    lower case."""
+    if value is None:
+        return None
+    match = SIGNIN_URL_RE.fullmatch(value) if isinstance(value, str) else None
+    message = ("forward_auth.signin_url must be an http(s) URL such as "
+               "https://auth.example.com/ (at most 512 characters, no spaces or quotes)")
+    if match is None or len(value) > 512:
+        raise invalid("forward_auth", message)
+    host = match["host"].lower()
+    if not is_ip_address(host):
+        try:
+            check_dns_name(host.removesuffix("."), "forward_auth", min_labels=1)
+        except HTTPError:
+            raise invalid("forward_auth", message) from None
+    if match["port"] and not 1 <= int(match["port"][1:]) <= 65535:
+        raise invalid("forward_auth", message)
+    return f"{match['scheme'].lower()}://{host}{match['port'] or ''}{match['rest'] or ''}"
+
+
+def validate_forward_auth(db, value):
+    """None, or {"origin_id", "port", "path", "signin_url"?} with an existing origin."""
+    if value is None:
+        return None
+    if not isinstance(value, dict) or any(key not in FORWARD_AUTH_FIELDS for key in value) \
+            or any(key not in value for key in FORWARD_AUTH_FIELDS[:3]):
+        raise invalid("forward_auth", "forward_auth must be null or an object with origin_id, "
+                                      "port, path and optionally signin_url")
+    origin_id = value["origin_id"]
+    if not row_exists(db, "origins", origin_id):
+        raise invalid("forward_auth", "forward_auth.origin_id must be the id of an origin")
+    port = value["port"]
+    if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
+        raise invalid("forward_auth", "forward_auth.port must be an integer from 1 to 65535")
+    return {"origin_id": origin_id, "port": port,
+            "path": validate_uri_path(value["path"], "forward_auth", "forward_auth.path"),
+            "signin_url": validate_signin_url(value.get("signin_url"))}
+
+
+def validate_policy(db, body, current):
+    """The policy `body` describes, each field validated, the others as in `current`
+    (POLICY_DEFAULTS for a new one, where `name` is required)."""
+    policy = dict(current)
+    if "name" in body:
+        policy["name"] = validate_name(body["name"])
+    if "users" in body:
+        stored = {user["username"]: user["hash"] for user in current["users"]}
+        policy["users"] = validate_users(body["users"], stored)
+    for field in ("allow", "deny"):
+        if field in body:
+            policy[field] = validate_networks(body[field], field)
+    if "require" in body:
+        if body["require"] not in ("any", "all"):
+            raise invalid("require", "require must be \"any\" or \"all\"")
+        policy["require"] = body["require"]
+    if "bypass_paths" in body:
+        policy["bypass_paths"] = validate_bypass_paths(body["bypass_paths"])
+    if "forward_auth" in body:
+        policy["forward_auth"] = validate_forward_auth(db, body["forward_auth"])
+    if "pass_authorization" in body:
+        if not isinstance(body["pass_authorization"], bool):
+            raise invalid("pass_authorization", "pass_authorization must be true or false")
+        policy["pass_authorization"] = body["pass_authorization"]
+    if not any(policy[field] for field in ("users", "allow", "deny", "forward_auth")):
+        raise invalid("users", "a policy needs users, allow, deny or forward_auth: without one "
+                               "it would look protected and protect nothing")
+    return policy
+
+
+def policy_of(row):
+    """The policy stored in a row, in the form validate_policy gives it."""
+    forward = None
+    if row["forward_origin_id"] is not None:
+        forward = {"origin_id": row["forward_origin_id"], "port": row["forward_port"],
+                   "path": row["forward_path"], "signin_url": row["forward_signin_url"]}
+    return {"name": row["name"], "users": json.loads(row["users"]),
+            "allow": json.loads(row["allow"]), "deny": json.loads(row["deny"]),
+            "require": row["require"], "bypass_paths": json.loads(row["bypass_paths"]),
+            "forward_auth": forward, "pass_authorization": bool(row["pass_authorization"])}
+
+
+def policy_json(row, hostnames):
+    """The public JSON of a policy: usernames only, never a password or a hash."""
+    policy = policy_of(row)
+    return {"id": row["id"], **policy,
+            "users": [user["username"] for user in policy["users"]], "routes": hostnames,
+            "created_at": row["created_at"], "updated_at": row["updated_at"]}
+
+
+def policy_columns(policy):
+    """The column values of a validated policy."""
+    forward = policy["forward_auth"] or {}
+    return {"name": policy["name"], "name_key": name_key(policy["name"]),
+            "users": json.dumps(policy["users"]), "allow": json.dumps(policy["allow"]),
+            "deny": json.dumps(policy["deny"]), "require": policy["require"],
+            "bypass_paths": json.dumps(policy["bypass_paths"]),
+            "forward_origin_id": forward.get("origin_id"), "forward_port": forward.get("port"),
+            "forward_path": forward.get("path"),
+            "forward_signin_url": forward.get("signin_url"),
+            "pass_authorization": int(policy["pass_authorization"])}
+
+
+def get_policy(db, policy_id):
+    """(row, hostnames of its routes) of the policy with `policy_id`, or 404."""
+    return one_or_404(query_policies, db, policy_id, "access policy")
+
+
+def insert_policy(db, body):
+    """Validate and insert an access policy; returns (row, hostnames)."""
+    check_fields(body, POLICY_FIELDS, required=("name",))
+    body = hash_passwords(body)
+    policy_id = new_id()
+    with transaction(db):
+        columns = policy_columns(validate_policy(db, body, {"name": None, **POLICY_DEFAULTS}))
+        check_unique(db, "access_policies", "name_key", columns["name_key"], "name")
+        now = utc_now()
+        db.execute(
+            """
+            INSERT INTO access_policies (id, name, name_key, users, allow, deny, require,
+                                         bypass_paths, forward_origin_id, forward_port,
+                                         forward_path, forward_signin_url, pass_authorization,
+                                         created_at, updated_at)
+            VALUES (:id, :name, :name_key, :users, :allow, :deny, :require, :bypass_paths,
+                    :forward_origin_id, :forward_port, :forward_path, :forward_signin_url,
+                    :pass_authorization, :now, :now)""",
+            {"id": policy_id, "now": now, **columns})
+    return get_policy(db, policy_id)
+
+
+def patch_policy(db, policy_id, body):
+    """Validate and apply a partial update to an access policy; returns (row, hostnames)."""
+    check_fields(body, POLICY_FIELDS)
+    body = hash_passwords(body)
+    with transaction(db):
+        row, _ = get_policy(db, policy_id)
+        columns = policy_columns(validate_policy(db, body, policy_of(row)))
+        check_unique(db, "access_policies", "name_key", columns["name_key"], "name", policy_id)
+        db.execute(
+            """
+            UPDATE access_policies
+               SET name = :name, name_key = :name_key, users = :users, allow = :allow,
+                   deny = :deny, require = :require, bypass_paths = :bypass_paths,
+                   forward_origin_id = :forward_origin_id, forward_port = :forward_port,
+                   forward_path = :forward_path, forward_signin_url = :forward_signin_url,
+                   pass_authorization = :pass_authorization, updated_at = :now
+             WHERE id = :id""",
+            {"id": policy_id, "now": utc_now(), **columns})
+    return get_policy(db, policy_id)
+
+
+def remove_policy(db, policy_id):
+    """Delete an access policy; 409 in_use naming the routes while routes use it."""
+    with transaction(db):
+        _, hostnames = get_policy(db, policy_id)
+        if hostnames:
+            shown = ", ".join(hostnames[:10])
+            if len(hostnames) > 10:
+                shown += f" and {len(hostnames) - 10} more"
+            raise HTTPError(409, "in_use", f"the access policy protects {shown}: give "
+                            f"{'that route' if len(hostnames) == 1 else 'those routes'} "
+                            "another policy (or none) first")
+        db.execute("DELETE FROM access_policies WHERE id = ?", (policy_id,))
+
+
+def check_policy_exists(db, policy_id):
+    """None (public), or the id of an existing access policy; else 400 naming
+    access_policy_id."""
+    if policy_id is None:
+        return None
+    if not row_exists(db, "access_policies", policy_id):
+        raise invalid("access_policy_id", "access_policy_id must be null (public) or the id of "
+                                          "an access policy")
+    return policy_id
 
 
 # Edge nodes
@@ -1556,6 +2001,33 @@ def check_route_row(row, network):
     check_id(row["origin_id"], "origin_id")
     as_stored(row["hostname"], normalize_hostname(row["hostname"]), "hostname")
     validate_port(row["target_port"])
+    if "access_policy_id" in row.keys():
+        optional(check_id, row["access_policy_id"], "access_policy_id")
+
+
+def check_access_policy_row(row, network):
+    """Every column as validate_policy would have stored it (the forward-auth origin's
+    existence is the foreign key check's)."""
+    check_id(row["id"])
+    stored = policy_of(row)
+    users = stored["users"]
+    if not isinstance(users, list) or not all(isinstance(user, dict) for user in users):
+        raise invalid("users", "users is not in the form the API stores")
+    request = {**stored, "users": [{"username": user.get("username"),
+                                    "password_hash": user.get("hash")} for user in users]}
+    forward = request.pop("forward_auth")      # checked here: the origin needs no query
+    if forward is not None:
+        check_id(forward["origin_id"], "forward_origin_id")
+        validate_port(forward["port"], "forward_port")
+        as_stored(forward["path"],
+                  validate_uri_path(forward["path"], "forward_path", "forward_path"),
+                  "forward_path")
+        as_stored(forward["signin_url"], validate_signin_url(forward["signin_url"]),
+                  "forward_signin_url")
+    policy = validate_policy(None, request, {**POLICY_DEFAULTS, "forward_auth": forward})
+    for field in ("name", "users", "allow", "deny", "require", "bypass_paths"):
+        as_stored(stored[field], policy[field], field)
+    as_stored(row["name_key"], name_key(row["name"]), "name_key")
 
 
 def check_enrollment_key_row(row, network):
@@ -1579,7 +2051,7 @@ def check_origin_row(row, network):
 
 ROW_CHECKS = {"origins": check_origin_row, "edge_nodes": check_edge_row,
               "routes": check_route_row, "enrollment_keys": check_enrollment_key_row,
-              "settings": check_setting_row}
+              "settings": check_setting_row, "access_policies": check_access_policy_row}
 
 
 def stored_row_problems(db, network):
@@ -1587,7 +2059,11 @@ def stored_row_problems(db, network):
     "table row: message" (empty when the database could have come from the API)."""
     problems = [f"{table} row {rowid}: refers to a missing {parent} row"
                 for table, rowid, parent, _ in db.execute("PRAGMA foreign_key_check")]
+    tables = {name for (name,) in db.execute("SELECT name FROM sqlite_master WHERE type = ?",
+                                             ("table",))}
     for table, check in ROW_CHECKS.items():
+        if table not in tables:         # a backup from before the migration that made it
+            continue
         for row in db.execute(f"SELECT * FROM {quote_identifier(table)}"):
             try:
                 check(row, network)
@@ -1623,22 +2099,53 @@ def wireguard_peers(origins):
 # other key set (a protection the schema's agents cannot enforce) is left out of that schema's
 # payload and listed as unserved: never served without it.
 SCHEMA_ROUTE_KEYS = {1: frozenset({"upstream"}),
-                     2: frozenset({"upstream", "max_body_size", "buffering", "hsts"})}
+                     2: frozenset({"upstream", "max_body_size", "buffering", "hsts", "access"})}
 # Options that a schema without them may leave out: its agents then serve the route as 0.1.0
 # did (a 1 MiB body limit, buffered responses, no HSTS), which protects no less.
 DROPPABLE_ROUTE_KEYS = frozenset({"max_body_size", "buffering", "hsts"})
 
 
+def policy_payload(policy, verifier_wg_ip):
+    """An access policy (as validate_policy gives it) in the payload form: no id, no name;
+    the forward-auth verifier as an upstream inside the tunnel network."""
+    forward = policy["forward_auth"]
+    if forward is not None:
+        forward = {"upstream": upstream_address(verifier_wg_ip, forward["port"]),
+                   "path": forward["path"], "signin_url": forward["signin_url"]}
+    return {"users": policy["users"], "allow": policy["allow"], "deny": policy["deny"],
+            "require": policy["require"], "bypass_paths": policy["bypass_paths"],
+            "forward_auth": forward, "pass_authorization": policy["pass_authorization"]}
+
+
+def policy_key(policy):
+    """The name a payload gives a policy: 16 hex digits of the SHA-256 of its payload form."""
+    return sha256_hex(canonical_json(policy))[:16]
+
+
+def policy_payloads(db):
+    """{policy id: payload form} of every access policy."""
+    return {row["id"]: policy_payload(policy_of(row), row["verifier_wg_ip"])
+            for row in db.execute(
+                """
+                SELECT p.*, o.wg_ip AS verifier_wg_ip
+                  FROM access_policies AS p
+                  LEFT JOIN origins AS o ON o.id = p.forward_origin_id""")}
+
+
 def route_objects(db):
     """{hostname: route object} of every enabled route: the desired state, in the schema-2
-    form (a disabled route is kept in the database but served by no edge)."""
+    form but with `access` the policy itself (None: public), which a payload names by its
+    key (a disabled route is kept in the database but served by no edge)."""
+    policies = policy_payloads(db)
     return {
         row["hostname"]: {"upstream": upstream_address(row["wg_ip"], row["target_port"]),
                           "max_body_size": row["max_body_size"],
-                          "buffering": bool(row["buffering"]), "hsts": bool(row["hsts"])}
+                          "buffering": bool(row["buffering"]), "hsts": bool(row["hsts"]),
+                          "access": policies.get(row["access_policy_id"])}
         for row in db.execute(
             """
-            SELECT r.hostname, r.target_port, r.max_body_size, r.buffering, r.hsts, o.wg_ip
+            SELECT r.hostname, r.target_port, r.max_body_size, r.buffering, r.hsts,
+                   r.access_policy_id, o.wg_ip
               FROM routes AS r
               JOIN origins AS o ON o.id = r.origin_id
              WHERE r.enabled""")
@@ -1669,9 +2176,19 @@ def edge_payload(routes, peers, staging, schema):
     return edge_payloads(routes, peers, staging, (schema,))[schema]
 
 
+def schema_route(route, schema):
+    """A served route's object in a schema-2+ payload (its policy named by its key)."""
+    found = {field: route.get(field, ROUTE_OPTIONS.get(field))
+             for field in SCHEMA_ROUTE_KEYS[schema]}
+    if found.get("access") is not None:
+        found["access"] = policy_key(found["access"])
+    return found
+
+
 def edge_payloads(routes, peers, staging, schemas=SCHEMAS):
     """edge_payload for each schema, rendering the nginx map once per distinct set of served
-    routes: {schema: (payload, unserved)}."""
+    routes: {schema: (payload, unserved)}. A route's `access` is the policy itself (None:
+    public): a payload names it by its policy_key and carries it in its top-level `access`."""
     maps, built = {}, {}
     for schema in schemas:
         unserved, served = {}, {}
@@ -1689,15 +2206,15 @@ def edge_payloads(routes, peers, staging, schemas=SCHEMAS):
         payload = {
             "hostnames": sorted(served),
             "routes": upstreams if schema == 1 else {
-                hostname: {field: route.get(field, ROUTE_OPTIONS.get(field))
-                           for field in SCHEMA_ROUTE_KEYS[schema]}
-                for hostname, route in served.items()},
+                hostname: schema_route(route, schema) for hostname, route in served.items()},
             "acme": {"staging": bool(staging)},
             "nginx_map": maps[key],
             "wireguard": {"peers": peers},
         }
         if schema > 1:
             payload["schema"] = schema
+            payload["access"] = {policy_key(route["access"]): route["access"]
+                                 for route in served.values() if route.get("access")}
         payload["config_hash"] = sha256_hex(canonical_json(payload))
         built[schema] = payload, unserved
     return built
@@ -2149,7 +2666,7 @@ class EdgeConfigCache:
         self._build_lock = threading.Lock()
 
     def invalidate(self):
-        """Called after any committed write to routes, origins or settings."""
+        """Called after any committed write to routes, origins, access policies or settings."""
         with self._lock:
             self.generation += 1
             self.changed_at = time.time()
@@ -2564,6 +3081,33 @@ def update_route(req, id):
 @route("DELETE", "/api/v1/routes/<id>", changes_config=True)
 def delete_route(req, id):
     remove_route(req.db, id)
+    return 204, None
+
+
+@route("GET", "/api/v1/access-policies")
+def list_access_policies(req):
+    return 200, {"access_policies": [policy_json(row, hostnames)
+                                     for row, hostnames in query_policies(req.db)]}
+
+
+@route("POST", "/api/v1/access-policies", changes_config=True)
+def create_access_policy(req):
+    return 201, policy_json(*insert_policy(req.db, req.json()))
+
+
+@route("GET", "/api/v1/access-policies/<id>")
+def get_access_policy(req, id):
+    return 200, policy_json(*get_policy(req.db, id))
+
+
+@route("PATCH", "/api/v1/access-policies/<id>", changes_config=True)
+def update_access_policy(req, id):
+    return 200, policy_json(*patch_policy(req.db, id, req.json()))
+
+
+@route("DELETE", "/api/v1/access-policies/<id>", changes_config=True)
+def delete_access_policy(req, id):
+    remove_policy(req.db, id)
     return 204, None
 
 

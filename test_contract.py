@@ -81,8 +81,8 @@ def test_the_highest_common_schema_is_sent_with_its_own_etag(api):
     status, headers2, body2 = raw_config(api, token, {"X-Kokoa-Agent": "0.2.0; schema=2, 1"})
     assert status == 200
     payload = json.loads(body2)
-    assert payload["schema"] == 2
-    defaults = {"max_body_size": 0, "buffering": True, "hsts": True}
+    assert payload["schema"] == 2 and payload["access"] == {}
+    defaults = {"max_body_size": 0, "buffering": True, "hsts": True, "access": None}
     assert payload["routes"]["a.example.com"] == {"upstream": "10.8.0.2:8080", **defaults}
     assert payload["routes"]["xn--bcher-kva.example.org"] == {
         "upstream": "[fd00:8::3]:3000", **defaults}
@@ -112,17 +112,26 @@ def test_a_malformed_or_unknown_agent_header_is_a_400_naming_it(api, header):
     assert json.loads(body)["error"]["field"] == "X-Kokoa-Agent"
 
 
-def test_a_route_that_a_schema_cannot_carry_is_left_out_never_served_bare():
+def test_a_route_that_a_schema_cannot_carry_is_left_out_never_served_bare(monkeypatch):
     peers = []
+    policy = {"users": [], "allow": ["198.18.0.0/24"], "deny": [], "require": "any",
+              "bypass_paths": [], "forward_auth": None, "pass_authorization": False}
     routes = {"open.example.com": {"upstream": "10.8.0.2:80"},
-              "locked.example.com": {"upstream": "10.8.0.2:81", "access": "0123456789abcdef"}}
-    for schema in kokoa.SCHEMAS:
-        payload, unserved = kokoa.edge_payload(routes, peers, False, schema)
-        assert payload["hostnames"] == ["open.example.com"]
-        assert set(payload["routes"]) == {"open.example.com"}
-        assert "locked" not in payload["nginx_map"] and "10.8.0.2:81" not in payload["nginx_map"]
-        assert set(unserved) == {"locked.example.com"}
-        assert "access" in unserved["locked.example.com"]
+              "locked.example.com": {"upstream": "10.8.0.2:81", "access": policy}}
+    payload, unserved = kokoa.edge_payload(routes, peers, False, 1)
+    assert payload["hostnames"] == ["open.example.com"]
+    assert set(payload["routes"]) == {"open.example.com"}
+    assert "locked" not in payload["nginx_map"] and "10.8.0.2:81" not in payload["nginx_map"]
+    assert unserved == {"locked.example.com": "needs access, which schema 1 agents cannot "
+                                              "enforce: upgrade the edge's agent"}
+    # Schema 2 carries it, protected; a schema that could not would leave it out as well.
+    payload, unserved = kokoa.edge_payload(routes, peers, False, 2)
+    assert unserved == {} and payload["routes"]["locked.example.com"]["access"] in payload[
+        "access"]
+    monkeypatch.setitem(kokoa.SCHEMA_ROUTE_KEYS, 2, kokoa.SCHEMA_ROUTE_KEYS[1])
+    payload, unserved = kokoa.edge_payload(routes, peers, False, 2)
+    assert payload["hostnames"] == ["open.example.com"] and payload["access"] == {}
+    assert "schema 2 agents" in unserved["locked.example.com"]
     # An unset protection (null) is nothing to enforce: the route is served.
     routes["locked.example.com"]["access"] = None
     payload, unserved = kokoa.edge_payload(routes, peers, False, 1)
@@ -209,7 +218,7 @@ def test_an_unknown_auth_kind_is_refused_when_the_route_is_declared():
 
 
 def test_every_write_to_the_desired_state_declares_that_it_changes_the_edge_config():
-    desired_state = re.compile(r"/api/v1/(origins|routes|settings)(/<id>)?")
+    desired_state = re.compile(r"/api/v1/(origins|routes|settings|access-policies)(/<id>)?")
     for entry in kokoa.ROUTES:
         if entry.method in ("POST", "PATCH", "PUT", "DELETE"):
             assert entry.changes_config == bool(desired_state.fullmatch(entry.pattern)), entry
@@ -501,7 +510,8 @@ def test_route_options_reach_schema_2_and_a_disabled_route_no_edge(api):
     _, token = api.register_edge("edge1")
     v2 = json.loads(raw_config(api, token, AGENT_HEADER)[2])
     assert v2["routes"] == {"sse.example.com": {
-        "upstream": "10.8.0.2:8080", "max_body_size": 5, "buffering": False, "hsts": True}}
+        "upstream": "10.8.0.2:8080", "max_body_size": 5, "buffering": False, "hsts": True,
+        "access": None}}
     # schema 1 cannot say "stream" or "5 MiB": its agents serve the route as 0.1.0 did
     v1 = json.loads(raw_config(api, token)[2])
     assert v1["routes"] == {"sse.example.com": "10.8.0.2:8080"}

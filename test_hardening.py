@@ -891,6 +891,21 @@ def secret_workload(client, source_for=None):
                                               "origin_id": origin["id"], "target_port": 80})
     key = client.request("POST", "/api/v1/enrollment-keys", {"uses": 2})[2]["key"]
     secrets_seen.append(key)
+    passwords = ["policy password one", "policy password two", "refused password three"]
+    password_hash = kokoa.sha512_crypt("policy password four")
+    policy = client.request("POST", "/api/v1/access-policies", {"name": "family", "users": [
+        {"username": "alice", "password": passwords[0]},
+        {"username": "bob", "password_hash": password_hash}]})[2]
+    client.request("PATCH", f"/api/v1/access-policies/{policy['id']}", {"users": [
+        {"username": "alice"}, {"username": "carol", "password": passwords[1]}]})
+    client.request("PATCH", f"/api/v1/access-policies/{policy['id']}", {"users": [
+        {"username": "bad name", "password": passwords[2]}]})
+    db = sqlite3.connect(client.db if isinstance(client, KokoaServer) else client.config.db_path)
+    stored = [user["hash"] for (text,) in db.execute("SELECT users FROM access_policies")
+              for user in json.loads(text)]
+    db.close()
+    assert len(stored) == 2          # alice (kept) and carol; bob was dropped
+    secrets_seen += passwords + [password_hash] + stored
     tokens = []
     for name, credential in (("e1", client.bootstrap_token), ("e2", key), ("e3", key)):
         status, _, edge = client.request("POST", "/api/v1/edge-nodes/register", {

@@ -19,6 +19,7 @@ import kokoa
 from conftest import (
     InProcessServer,
     basic_auth,
+    edited_backup,
     make_config,
     run_cli,
     send_request,
@@ -317,13 +318,7 @@ def crafted_backup(tmp_path, *statements):
     origin = server.create_origin()
     server.register_edge("edge1", wg_public_key=wg_keypair()[1], wg_ip="10.8.0.10")
     server.close()
-    backup = tmp_path / "crafted.db"
-    kokoa.backup_database(db_path, str(backup))
-    db = sqlite3.connect(backup, isolation_level=None)
-    for statement in statements:
-        db.execute(statement)
-    db.close()
-    return db_path, backup, origin
+    return db_path, edited_backup(db_path, tmp_path / "crafted.db", *statements), origin
 
 
 @pytest.mark.parametrize("statement, named", [

@@ -6,15 +6,17 @@ under KOKOA_REQUIRE_E2E=1. Screenshots of every page, at 360 px and desktop widt
 each test's tmp_path (run pytest with --basetemp=DIR to keep them somewhere known).
 """
 
+import json
 import re
 import shutil
+import sqlite3
 from pathlib import Path
 from urllib.parse import urlsplit
 
 import pytest
 
 import kokoa
-from conftest import REPO, KokoaServer, require, require_tools
+from conftest import REPO, KokoaServer, remember_secret, require, require_tools
 
 try:
     from playwright.sync_api import expect, sync_playwright
@@ -27,14 +29,16 @@ CHROMIUM_ARGS = [
     "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-quic",
 ]
 PHONE = {"width": 360, "height": 740}
+SMALL_PHONE = {"width": 375, "height": 812}
+SCREENS = Path("/work/screens")     # where the policy screenshots are kept for people to see
 DESKTOP = {"width": 1280, "height": 860}
 TIMEOUT_MS = 10_000
 EDGE_POLL_TIMEOUT_MS = 15_000   # the edge list refreshes every 5 s
-PAGE_BUDGET_BYTES = 100 * 1024
+PAGE_BUDGET_BYTES = 128 * 1024      # uncompressed; 100 KiB until the Policies page (issue 14)
 HOSTILE = "<img src=x onerror=alert(1)>"
 CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
        "connect-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'")
-PAGES = ("origins", "routes", "edges", "settings")
+PAGES = ("origins", "routes", "policies", "edges", "settings")
 ORIGIN_KEY = "8cHeykp4BvaGOmRjnBp0Zd7Qw9ia7DEp3eE+2bV3KUI="  # any 32 bytes, base64
 
 
@@ -792,3 +796,228 @@ def test_route_options_live_in_an_advanced_fold(ui):
     assert route["enabled"] is False and route["buffering"] is False
     make_route(server, origin, hostname="plain.example.com")
     expect(ui.row("routes", "plain.example.com").locator(".badge")).to_have_count(0)
+
+
+# ---------------------------------------------------------------- access policies
+
+def stored_users(server, name):
+    """{username: hash} of a policy, read from the database as a backup would hold it."""
+    db = sqlite3.connect(server.db)
+    try:
+        (text,) = db.execute("SELECT users FROM access_policies WHERE name = ?",
+                             (name,)).fetchone()
+    finally:
+        db.close()
+    return {user["username"]: user["hash"] for user in json.loads(text)}
+
+
+def fill_user(form, index, username, password):
+    rows = form.locator(".user-row")
+    if rows.count() <= index:
+        form.get_by_role("button", name="Add user").click()
+    rows.nth(index).locator(".user-name").fill(username)
+    rows.nth(index).locator(".user-password").fill(password)
+
+
+def test_a_policy_made_in_the_ui_protects_a_route_and_shows_a_lock(ui):
+    server, page = ui.server, ui.page
+    passwords = ["alice's long password", "bob's long password", "carol's long password"]
+    remember_secret(*passwords)
+    make_origin(server)
+    verifier = make_origin(server, name="authelia", wg_ip="10.8.0.5")
+    ui.open("routes")
+    ui.go("policies")
+    expect(page.locator("#policies-empty")).to_contain_text("every route is public")
+
+    form = page.locator("#policy-form")
+    form.get_by_label("Name", exact=True).fill("family")
+    fill_user(form, 0, "alice", passwords[0])
+    fill_user(form, 1, "bob", passwords[1])
+    form.get_by_label("Allowed networks").fill("198.18.0.0/24\n 198.18.0.9 \n\n")
+    # A bad network: the API's 400 sits under its field, the form keeps what was typed.
+    form.get_by_label("Denied networks").fill("10.0.0.0/33")
+    form.get_by_role("button", name="Add policy").click()
+    expect(form.locator("#policy-deny-error")).to_be_visible()
+    expect(form.locator("#policy-deny-error")).to_contain_text("10.0.0.0/33")
+    expect(form.locator(".user-row")).to_have_count(2)
+    assert api(server, "GET", "/access-policies", expected=200)["access_policies"] == []
+    form.get_by_label("Denied networks").fill("198.18.0.66")
+    form.get_by_role("button", name="Add policy").click()
+    row = ui.row("policies", "family")
+    expect(row).to_contain_text("2 users")
+    expect(row).to_contain_text("2 allowed networks")
+    expect(row).to_contain_text("1 denied network")
+    expect(row).to_contain_text("no route uses it yet")
+    expect(form.get_by_label("Name", exact=True)).to_have_value("")      # cleared after success
+    [policy] = api(server, "GET", "/access-policies", expected=200)["access_policies"]
+    assert policy["users"] == ["alice", "bob"]
+    assert policy["allow"] == ["198.18.0.0/24", "198.18.0.9/32"]
+    hashes = stored_users(server, "family")
+    salt = hashes["alice"].split("$")[2]
+    assert hashes["alice"] == kokoa.sha512_crypt(passwords[0], salt)
+
+    # Edit: alice is kept without retyping, bob goes, carol comes, single sign-on is added.
+    row.get_by_role("button", name="Edit").click()
+    dialog = page.locator("#policy-dialog")
+    expect(dialog).to_be_visible()
+    expect(dialog.locator(".user-name").nth(0)).to_have_value("alice")
+    expect(dialog.get_by_label("New password for alice")).to_have_value("")
+    dialog.get_by_role("button", name="Remove user bob").click()
+    fill_user(dialog, 1, "carol", passwords[2])
+    dialog.get_by_label("Verifier origin").select_option(label="authelia (10.8.0.5)")
+    dialog.get_by_label("Verifier port").fill("9091")
+    dialog.get_by_label("Verifier path").fill("/api/authz/auth-request")
+    dialog.get_by_label("Sign-in URL").fill("https://auth.example.com/")
+    dialog.get_by_label("When there is more than one way in").select_option("all")
+    dialog.get_by_label("Paths without sign-in").fill("/api/")
+    ui.shot("policy-edit-dialog")
+    dialog.get_by_role("button", name="Save changes").click()
+    expect(dialog).to_be_hidden()
+    expect(row).to_contain_text("single sign-on: authelia:9091")
+    expect(row).to_contain_text("all must pass")
+    expect(row).to_contain_text("1 path without sign-in")
+    [policy] = api(server, "GET", "/access-policies", expected=200)["access_policies"]
+    assert policy["users"] == ["alice", "carol"] and policy["require"] == "all"
+    assert policy["forward_auth"] == {"origin_id": verifier["id"], "port": 9091,
+                                      "path": "/api/authz/auth-request",
+                                      "signin_url": "https://auth.example.com/"}
+    after = stored_users(server, "family")
+    assert after["alice"] == hashes["alice"] and set(after) == {"alice", "carol"}
+
+    # Pick it for a new route: the routes list shows a lock with the policy's name.
+    ui.go("routes")
+    routes = page.locator("#route-form")
+    routes.get_by_label("Hostname").fill("nas.example.com")
+    routes.get_by_label("Origin", exact=True).select_option(label="home-nas (10.8.0.2)")
+    routes.get_by_label("Port on the origin").fill("5000")
+    routes.get_by_label("Access").select_option(label="Protected: family")
+    routes.get_by_role("button", name="Add route").click()
+    nas = ui.row("routes", "nas.example.com")
+    expect(nas.locator(".lock-badge")).to_have_text("family")
+    expect(nas.locator(".lock")).to_have_attribute("title",
+                                                   "Protected by the access policy “family”")
+    make_route(server, {"id": route_id_of(server, "nas.example.com", "origin_id")},
+               hostname="www.example.com", port=80)
+    page.reload()                           # made through the API: load it now
+    expect(page.locator("body")).to_have_attribute("data-loaded", "true")
+    expect(ui.row("routes", "www.example.com")).to_have_count(1)
+    expect(ui.row("routes", "www.example.com").locator(".lock-badge")).to_have_count(0)
+    [route] = [r for r in api(server, "GET", "/routes", expected=200)["routes"]
+               if r["hostname"] == "nas.example.com"]
+    assert route["access_policy_id"] == policy["id"]
+
+    # Made public in the edit dialog, and protected again.
+    nas.get_by_role("button", name="Edit").click()
+    route_dialog = page.locator("#route-dialog")
+    expect(route_dialog.get_by_label("Access")).to_have_value(policy["id"])
+    route_dialog.get_by_label("Access").select_option(label="Public: no access policy")
+    route_dialog.get_by_role("button", name="Save changes").click()
+    expect(route_dialog).to_be_hidden()
+    expect(nas.locator(".lock-badge")).to_have_count(0)
+    nas.get_by_role("button", name="Edit").click()
+    route_dialog.get_by_label("Access").select_option(label="Protected: family")
+    route_dialog.get_by_role("button", name="Save changes").click()
+    expect(nas.locator(".lock-badge")).to_have_text("family")
+
+    # A policy in use is not deleted, and the dialog says which route holds it.
+    ui.go("policies")
+    expect(row).to_contain_text("nas.example.com")
+    row.get_by_role("button", name="Delete").click()
+    confirm = ui.confirm("Delete policy")
+    alert = confirm.get_by_role("alert")
+    expect(alert).to_contain_text("nas.example.com")
+    expect(confirm.get_by_role("button", name="Delete policy")).to_be_hidden()
+    confirm.get_by_role("button", name="Close").click()
+    assert len(api(server, "GET", "/access-policies", expected=200)["access_policies"]) == 1
+
+    # Nor is the origin that runs its verifier (it has no route: the server says why).
+    ui.go("origins")
+    ui.row("origins", "authelia").get_by_role("button", name="Delete").click()
+    confirm = ui.confirm("Delete origin")
+    expect(confirm.get_by_role("alert")).to_contain_text("forward-auth verifier")
+    expect(confirm.get_by_role("alert")).to_contain_text("family")
+    confirm.get_by_role("button", name="Close").click()
+    assert len(api(server, "GET", "/origins", expected=200)["origins"]) == 2
+    ui.assert_clean()
+
+
+def route_id_of(server, hostname, key="id"):
+    """A field of the route with `hostname`, from the API."""
+    [route] = [r for r in api(server, "GET", "/routes", expected=200)["routes"]
+               if r["hostname"] == hostname]
+    return route[key]
+
+
+def test_a_new_user_needs_a_password_and_hostile_policy_names_are_text(ui):
+    page = ui.page
+    ui.open("policies")
+    form = page.locator("#policy-form")
+    form.get_by_label("Name", exact=True).fill(HOSTILE)
+    form.locator(".user-name").first.fill("dave")
+    sent = len(ui.requests)
+    form.get_by_role("button", name="Add policy").click()
+    expect(form.locator("#policy-users-error")).to_contain_text("Enter a password for dave")
+    assert len(ui.requests) == sent
+    # Nothing to protect with: the server says so, under the users.
+    form.locator(".user-name").first.fill("")
+    form.get_by_role("button", name="Add policy").click()
+    expect(form.locator("#policy-users-error")).to_contain_text("protect nothing")
+    form.get_by_label("Allowed networks").fill("10.0.0.0/8")
+    form.get_by_role("button", name="Add policy").click()
+    expect(ui.row("policies", "onerror").locator("strong.name")).to_have_text(HOSTILE)
+    ui.go("routes")
+    expect(page.locator("#route-policy option", has_text="onerror")).to_have_text(
+        f"Protected: {HOSTILE}")
+    assert page.evaluate("document.querySelectorAll('img, script:not([src])').length") == 0
+    ui.assert_clean()
+
+
+@pytest.mark.parametrize("viewport", [DESKTOP, SMALL_PHONE], ids=["1280px", "375px"])
+def test_policies_page_and_protected_routes_fit_and_are_photographed(browser, kokoa_server,
+                                                                     viewport):
+    server = kokoa_server
+    home = make_origin(server)
+    authelia = make_origin(server, name="authelia", wg_ip="10.8.0.5")
+    family = api(server, "POST", "/access-policies", {
+        "name": "family", "users": [{"username": name, "password": "a long family password"}
+                                    for name in ("alice", "bob", "carol")],
+        "allow": ["198.18.0.0/24"], "deny": ["198.18.0.66"], "bypass_paths": ["/api/"]},
+        expected=201)
+    sso = api(server, "POST", "/access-policies", {
+        "name": "single sign-on for the whole office", "forward_auth": {
+            "origin_id": authelia["id"], "port": 9091, "path": "/api/authz/auth-request",
+            "signin_url": "https://auth.example.com/"}}, expected=201)
+    for hostname, policy in (("nas.example.com", family), ("ha.example.com", family),
+                             ("wiki.example.org", sso),
+                             ("a-very-long-hostname-for-testing.staging.example.com", sso),
+                             ("www.example.com", None)):
+        api(server, "POST", "/routes", {"hostname": hostname, "origin_id": home["id"],
+                                        "target_port": 8080,
+                                        "access_policy_id": policy and policy["id"]},
+            expected=201)
+    SCREENS.mkdir(parents=True, exist_ok=True)
+    ui = UiSession(browser, server, SCREENS, viewport)
+    try:
+        ui.open("routes")
+        expect(ui.page.locator("#routes-body .lock-badge")).to_have_count(4)
+        ui.shot("routes-protected")
+        ui.go("policies")
+        expect(ui.row("policies", "family")).to_contain_text("3 users")
+        ui.shot("policies")
+        ui.page.screenshot(path=str(SCREENS / f"policies-{ui.width}-screenful.png"))
+        for name in ("routes", "policies"):
+            ui.go(name)
+            width = ui.page.evaluate("document.documentElement.scrollWidth")
+            assert width <= viewport["width"], f"{name} scrolls sideways: {width}px"
+            cards = ui.page.evaluate("""[...document.querySelectorAll('.card')]
+                .filter(c => c.offsetParent && c.scrollWidth > c.clientWidth + 1).length""")
+            assert cards == 0, f"a card on {name} scrolls sideways"
+            tops = ui.page.evaluate(
+                "new Set([...document.querySelectorAll('.nav a')].map(a => a.offsetTop)).size")
+            assert tops == 1, "the top bar's sections take more than one line"
+        ui.row("policies", "family").get_by_role("button", name="Edit").click()
+        expect(ui.page.locator("#policy-dialog")).to_be_visible()
+        ui.page.screenshot(path=str(SCREENS / f"policy-edit-{ui.width}.png"))
+        ui.assert_clean()
+    finally:
+        ui.close()

@@ -6,11 +6,11 @@
   const API = "/api/v1";
   const EDGE_POLL_MS = 5000;     // edge status refresh
   const FULL_POLL_MS = 30000;    // everything else (changes made elsewhere)
-  const PAGES = ["origins", "routes", "edges", "settings"];
-  const TITLES = {origins: "Origins", routes: "Routes", edges: "Edge nodes", settings: "Settings"};
+  const PAGES = ["origins", "routes", "policies", "edges", "settings"];
+  const TITLES = {origins: "Origins", routes: "Routes", policies: "Access policies", edges: "Edge nodes", settings: "Settings"};
 
   const state = {
-    origins: null, routes: null, edges: null, configHash: null, version: null, settings: null, enrollKeys: null,
+    origins: null, routes: null, policies: null, edges: null, configHash: null, version: null, settings: null, enrollKeys: null,
     skewMs: 0, offline: false,
   };
 
@@ -223,6 +223,10 @@
     origin_id: "Choose one of your origins.",
     target_port: "For example 8080.",
     uses: "For example 1, or the number of edges you are about to install.",
+    allow: "One network per line, e.g. 198.51.100.0/24, 2001:db8::/32 or a single address.",
+    deny: "One network per line, e.g. 203.0.113.66 or 203.0.113.0/24.",
+    bypass_paths: "One path per line, starting with /, e.g. /api/.",
+    access_policy_id: "Choose Public or one of your access policies.",
   };
 
   const CONFLICT_HINTS = {
@@ -235,12 +239,21 @@
   const LABELS = {
     wg_public_key: "public key", wg_private_key: "private key", wg_endpoint: "endpoint",
     wg_ip: "WireGuard IP", origin_id: "origin", target_port: "port", acme_staging: "staging setting",
-    expires_in: "expiry",
+    expires_in: "expiry", access_policy_id: "access policy", bypass_paths: "paths without sign-in",
+    forward_auth: "single sign-on", pass_authorization: "Authorization setting",
+    allow: "allowed networks", deny: "denied networks",
   };
 
   function humanize(text) {
-    return String(text || "").replace(/\b(wg_public_key|wg_private_key|wg_endpoint|wg_ip|origin_id|target_port|acme_staging|expires_in)\b/g,
-      (name) => LABELS[name]);
+    return String(text || "")
+      .replace(/\busers\[(\d+)\]\.(username|password_hash|password)\b/g,
+        (_, i, part) => `the ${part.replace("_", " ")} of user ${Number(i) + 1}`)
+      .replace(/\busers\[(\d+)\]/g, (_, i) => `user ${Number(i) + 1}`)
+      .replace(/\bbypass_paths\[(\d+)\]/g, (_, i) => `path ${Number(i) + 1} without sign-in`)
+      .replace(/\bforward_auth\.(origin_id|port|path|signin_url)\b/g, (_, part) =>
+        `the single sign-on ${{origin_id: "origin", port: "port", path: "path", signin_url: "sign-in URL"}[part]}`)
+      .replace(/\b(wg_public_key|wg_private_key|wg_endpoint|wg_ip|origin_id|target_port|acme_staging|expires_in|access_policy_id|bypass_paths|forward_auth|pass_authorization)\b/g,
+        (name) => LABELS[name]);
   }
 
   /** Turn an API error into a sentence a person can act on. */
@@ -479,15 +492,17 @@
     $("#count-origins").textContent = String(origins.length);
     fillOriginSelect($("#route-origin"), origins);
     fillOriginSelect($("#edit-origin"), origins);
+    for (const select of $$("select[name=forward_origin]")) fillOriginSelect(select, origins);
   }
 
   function fillOriginSelect(select, origins) {
     const current = select.value;
-    const keepPlaceholder = select.id === "route-origin";
     const options = [];
-    if (keepPlaceholder) {
+    if (select.id === "route-origin") {
       options.push(el("option", {value: ""},
         origins.length ? "Choose an origin…" : "No origins yet: add one first"));
+    } else if (select.dataset.none) {
+      options.push(el("option", {value: ""}, select.dataset.none));
     }
     for (const origin of origins) {
       options.push(el("option", {value: origin.id}, `${origin.name} (${origin.wg_ip})`));
@@ -604,7 +619,7 @@
         try {
           await api("DELETE", `/origins/${encodeURIComponent(origin.id)}`);
         } catch (err) {
-          if (err instanceof ApiError && err.status === 409) {
+          if (err instanceof ApiError && err.status === 409 && inUse) {
             throw new ApiError(409, "conflict",
               `“${origin.name}” is still used by routes, so it was not deleted. Delete those routes or move them to another origin first.`);
           }
@@ -645,7 +660,7 @@
       cell("Hostname", el("a", {
         href: `https://${route.hostname}/`, target: "_blank", rel: "noopener noreferrer",
         class: "host", text: route.hostname,
-      })),
+      }), routeLock(route)),
       cell("Origin", route.origin_name, routeBadges(route)),
       cellWith("Port", "num", String(route.target_port)),
       cell("Certificates", certificatesFor(route.hostname)),
@@ -662,6 +677,14 @@
         }),
       ),
     );
+  }
+
+  /** A lock with the policy's name on a protected route. */
+  function routeLock(route) {
+    if (!route.access_policy_id) return null;
+    return el("span", {class: "lock", title: `Protected by the access policy “${route.access_policy_name}”`},
+      el("span", {class: "sr-only", text: "Protected by "}),
+      el("span", {class: "badge lock-badge", text: route.access_policy_name}));
   }
 
   /** What differs from the defaults, in words, beside the origin's name. */
@@ -742,6 +765,7 @@
         hostname: value(form, "hostname"),
         origin_id: value(form, "origin_id"),
         target_port: portValue(value(form, "target_port")),
+        access_policy_id: value(form, "access_policy_id") || null,
         ...routeOptions(form),
       };
       const checks = {};
@@ -759,7 +783,7 @@
         form.elements.namedItem("target_port").value = "";
         fillRouteOptions(form, ROUTE_OPTIONS);
         banner(`Route ${created.hostname} added. Edges pick it up on their next pull.`, "ok");
-        await Promise.all([loadRoutes(), loadOrigins()]);
+        await Promise.all([loadRoutes(), loadOrigins(), loadPolicies()]);
         form.elements.namedItem("hostname").focus();
       });
     });
@@ -777,6 +801,8 @@
     fillOriginSelect($("#edit-origin"), state.origins || []);
     form.elements.namedItem("origin_id").value = route.origin_id;
     form.elements.namedItem("target_port").value = String(route.target_port);
+    fillPolicySelect($("#edit-policy"), state.policies || []);
+    form.elements.namedItem("access_policy_id").value = route.access_policy_id || "";
     fillRouteOptions(form, route);
     form.querySelector("details.advanced").open = Object.keys(ROUTE_OPTIONS).some((k) => route[k] !== ROUTE_OPTIONS[k]);
     dialog.showModal();
@@ -799,6 +825,8 @@
       if (hostname !== route.hostname) changes.hostname = hostname;
       if (originId !== route.origin_id) changes.origin_id = originId;
       if (port !== route.target_port) changes.target_port = port;
+      const policyId = value(form, "access_policy_id") || null;
+      if (policyId !== (route.access_policy_id || null)) changes.access_policy_id = policyId;
       for (const [name, option] of Object.entries(routeOptions(form))) {
         if (option !== route[name]) changes[name] = option;
       }
@@ -814,7 +842,7 @@
         const updated = await api("PATCH", `/routes/${encodeURIComponent(route.id)}`, changes);
         dialog.close();
         banner(`Route ${updated.hostname} saved.`, "ok");
-        await Promise.all([loadRoutes(), loadOrigins()]);
+        await Promise.all([loadRoutes(), loadOrigins(), loadPolicies()]);
       });
     });
   }
@@ -827,7 +855,321 @@
       action: async () => {
         await api("DELETE", `/routes/${encodeURIComponent(route.id)}`);
         banner(`Route ${route.hostname} deleted.`, "ok");
-        await Promise.all([loadRoutes(), loadOrigins()]);
+        await Promise.all([loadRoutes(), loadOrigins(), loadPolicies()]);
+      },
+    });
+  }
+
+  // ------------------------------------------------------------------ access policies
+
+  const plural = (n, one, many) => `${n} ${n === 1 ? one : many}`;
+
+  function fillPolicySelect(select, policies) {
+    const current = select.value;
+    const options = [el("option", {value: ""}, "Public: no access policy")];
+    const sorted = policies.slice().sort((a, b) => a.name.localeCompare(b.name, undefined, {sensitivity: "base"}));
+    for (const policy of sorted) options.push(el("option", {value: policy.id}, `Protected: ${policy.name}`));
+    const sig = JSON.stringify(options.map((o) => [o.value, o.textContent]));
+    if (select.dataset.sig === sig) return;
+    select.dataset.sig = sig;
+    select.replaceChildren(...options);
+    if (policies.some((p) => p.id === current)) select.value = current;
+  }
+
+  function originName(id) {
+    const origin = (state.origins || []).find((o) => o.id === id);
+    return origin ? origin.name : "an origin";
+  }
+
+  /** The protections of a policy, as badges. */
+  function policySummary(policy) {
+    const parts = [];
+    if (policy.users.length) {
+      parts.push(el("span", {class: "badge ok", title: policy.users.join(", "),
+        text: plural(policy.users.length, "user", "users")}));
+    }
+    if (policy.allow.length) {
+      parts.push(el("span", {class: "badge ok", title: policy.allow.join("\n"),
+        text: plural(policy.allow.length, "allowed network", "allowed networks")}));
+    }
+    if (policy.forward_auth) {
+      parts.push(el("span", {class: "badge ok", title: policy.forward_auth.path,
+        text: `single sign-on: ${originName(policy.forward_auth.origin_id)}:${policy.forward_auth.port}`}));
+    }
+    if (policy.deny.length) {
+      parts.push(el("span", {class: "badge bad", title: policy.deny.join("\n"),
+        text: plural(policy.deny.length, "denied network", "denied networks")}));
+    }
+    const methods = [policy.users.length, policy.allow.length, policy.forward_auth].filter(Boolean).length;
+    if (methods > 1) parts.push(badge("muted", policy.require === "all" ? "all must pass" : "any one lets in"));
+    if (policy.bypass_paths.length) {
+      parts.push(el("span", {class: "badge warn", title: policy.bypass_paths.join("\n"),
+        text: plural(policy.bypass_paths.length, "path without sign-in", "paths without sign-in")}));
+    }
+    if (policy.pass_authorization) parts.push(badge("warn", "passes Authorization"));
+    const names = policy.users.length
+      ? el("span", {class: "sub", text: `Users: ${policy.users.join(", ")}`}) : null;
+    return [el("span", {class: "badges policy-badges"}, parts), names];
+  }
+
+  function policyRow(policy) {
+    const routes = policy.routes.length
+      ? el("ul", {class: "hosts"}, policy.routes.map((host) => el("li", {text: host})))
+      : el("span", {class: "muted", text: "no route uses it yet"});
+    return el("tr", {},
+      cell("Name", el("strong", {class: "name", text: policy.name}),
+        el("span", {class: "sub"}, "changed ", relTime(policy.updated_at))),
+      cell("Protection", policySummary(policy)),
+      cell("Routes", routes),
+      el("td", {class: "row-actions", role: "cell"},
+        el("button", {
+          type: "button", class: "btn small", "data-action": "edit",
+          "aria-label": `Edit access policy ${policy.name}`, text: "Edit",
+          onclick: () => editPolicy(policy),
+        }),
+        el("button", {
+          type: "button", class: "btn small danger", "data-action": "delete",
+          "aria-label": `Delete access policy ${policy.name}`, text: "Delete",
+          onclick: () => deletePolicy(policy),
+        }),
+      ),
+    );
+  }
+
+  function renderPolicies() {
+    if (state.policies === null) return;
+    const policies = state.policies.slice().sort((a, b) =>
+      a.name.localeCompare(b.name, undefined, {sensitivity: "base"}));
+    // The summary names origins: include them in the row signature.
+    const rows = policies.map((p) => ({...p, _origin: p.forward_auth ? originName(p.forward_auth.origin_id) : null}));
+    syncRows($("#policies-body"), rows, policyRow);
+    showList("policies", policies, "No access policies yet: every route is public. Add one below, then choose it for a route.");
+    $("#count-policies").textContent = String(policies.length);
+    fillPolicySelect($("#route-policy"), policies);
+    fillPolicySelect($("#edit-policy"), policies);
+  }
+
+  async function loadPolicies() {
+    const data = await api("GET", "/access-policies");
+    state.policies = data.access_policies || [];
+    renderPolicies();
+  }
+
+  /** One user of the users editor: name, password (empty keeps a stored one), remove. */
+  function userRow(list, username) {
+    const row = el("div", {class: "user-row", "data-existing": username || null});
+    const name = el("input", {class: "user-name", "aria-label": "User name", placeholder: "user name", autocomplete: "off",
+      spellcheck: "false", autocapitalize: "none", maxlength: 64});
+    name.value = username || "";
+    const password = el("input", {type: "password", class: "user-password", autocomplete: "new-password",
+      "aria-label": username ? `New password for ${username}` : "Password",
+      placeholder: username ? "password unchanged" : "password"});
+    row.append(name, password, el("button", {
+      type: "button", class: "btn small danger", text: "Remove",
+      "aria-label": username ? `Remove user ${username}` : "Remove this user",
+      onclick: () => {
+        row.remove();
+        if (!$(".user-row", list)) list.append(userRow(list));
+      },
+    }));
+    return row;
+  }
+
+  function fillUsers(form, usernames) {
+    const list = $(".user-rows", form);
+    list.replaceChildren(...(usernames.length ? usernames : [null]).map((u) => userRow(list, u)));
+  }
+
+  /** The fields of a policy form (add and edit alike), built once per form. */
+  function policyFields(prefix) {
+    const id = (name) => `${prefix}-${name}`;
+    const hint = (name, ...text) => el("p", {class: "hint", id: `${id(name)}-hint`}, ...text);
+    const error = (name, field) => el("p", {class: "error", id: `${id(name)}-error`, "data-error-for": field, hidden: true});
+    const described = (name) => `${id(name)}-hint ${id(name)}-error`;
+    const input = (name, field, label, attrs, ...hintText) => el("div", {class: "field"},
+      el("label", {for: id(name)}, ...label),
+      el("input", {id: id(name), name: field, autocomplete: "off", spellcheck: "false", "aria-describedby": described(name), ...attrs}),
+      hint(name, ...hintText), error(name, field));
+    const lines = (field, label, placeholder, ...hintText) => el("div", {class: "field"},
+      el("label", {for: id(field)}, label, " ", el("span", {class: "optional", text: "(one per line)"})),
+      el("textarea", {id: id(field), name: field, rows: 3, class: "mono", spellcheck: "false", autocomplete: "off",
+        autocapitalize: "none", placeholder, "aria-describedby": described(field)}),
+      hint(field, ...hintText), error(field, field));
+    const list = el("div", {class: "user-rows"});
+    const forward = el("div", {class: "subfields", hidden: true},
+      input("forward-port", "forward_port", ["Verifier port"], {inputmode: "numeric", class: "short"},
+        "Where it listens on the origin's WireGuard IP, e.g. ", el("code", {text: "9091"}), " (Authelia) or ",
+        el("code", {text: "4180"}), " (oauth2-proxy)."),
+      input("forward-path", "forward_path", ["Verifier path"], {class: "mono", placeholder: "/api/authz/auth-request"},
+        "Asked about each request; 2xx lets it in, 401 or 403 refuses. E.g. ", el("code", {text: "/oauth2/auth"}), "."),
+      input("forward-signin", "forward_signin_url", ["Sign-in URL ", el("span", {class: "optional", text: "(optional)"})],
+        {inputmode: "url", autocapitalize: "none", placeholder: "https://auth.example.com/"},
+        "Where a 401 sends the browser, with the page it wanted in ", el("code", {text: "rd"}), ". Empty: the 401 is shown."));
+    const origin = el("select", {id: id("forward-origin"), name: "forward_origin", "data-none": "None",
+      "aria-describedby": described("forward-origin"),
+      onchange: () => { forward.hidden = !origin.value; }});
+    return [
+      input("name", "name", ["Name"], {maxlength: 64}, "A short name, e.g. ", el("code", {text: "family"}), " or ",
+        el("code", {text: "office network"}), "."),
+      el("fieldset", {class: "field users"},
+        el("legend", {text: "Users"}),
+        el("p", {class: "hint intro", text: "People who sign in with a name and password. Passwords are stored only as hashes; leave one empty to keep it."}),
+        list,
+        el("button", {type: "button", class: "btn small", text: "Add user", onclick: () => {
+          list.append(userRow(list));
+          $(".user-row:last-child .user-name", list).focus();
+        }}),
+        error("users", "users")),
+      lines("allow", "Allowed networks", "198.51.100.0/24",
+        "Clients from these addresses get in without a password. CIDRs or single addresses, IPv4 or IPv6."),
+      lines("deny", "Denied networks", "203.0.113.66",
+        "Always refused with 403, even with the right password or sign-on."),
+      el("fieldset", {class: "field"},
+        el("legend", {text: "Single sign-on (forward auth)"}),
+        el("div", {class: "field"},
+          el("label", {for: id("forward-origin"), text: "Verifier origin"}),
+          origin,
+          hint("forward-origin", "The origin that runs Authelia, an Authentik outpost or oauth2-proxy; the edge asks it about every request."),
+          error("forward-origin", "forward_auth")),
+        forward),
+      el("div", {class: "field"},
+        el("label", {for: id("require"), text: "When there is more than one way in"}),
+        el("select", {id: id("require"), name: "require", "aria-describedby": described("require")},
+          el("option", {value: "any", text: "Any one of them lets a request in"}),
+          el("option", {value: "all", text: "All of them must pass"})),
+        hint("require", "Users, allowed networks and single sign-on: whether one suffices or each is needed."),
+        error("require", "require")),
+      lines("bypass_paths", "Paths without sign-in", "/api/",
+        "Path prefixes served to anyone not denied, e.g. ", el("code", {text: "/api/"}), " for an app's own mobile clients. Leave empty to protect every path."),
+      el("div", {class: "field toggle"},
+        el("input", {type: "checkbox", id: id("pass-authorization"), name: "pass_authorization",
+          "aria-describedby": described("pass-authorization")}),
+        el("label", {for: id("pass-authorization"), text: "Pass the Authorization header on to the origin"}),
+        hint("pass-authorization", "Off: the edge strips the users' passwords before a request reaches the origin. Turn on only for an app that checks the same Basic credentials itself."),
+        error("pass-authorization", "pass_authorization")),
+    ];
+  }
+
+  function fillPolicyForm(form, policy) {
+    form.elements.namedItem("name").value = policy.name || "";
+    fillUsers(form, policy.users || []);
+    for (const field of ["allow", "deny", "bypass_paths"]) form.elements.namedItem(field).value = (policy[field] || []).join("\n");
+    form.elements.namedItem("require").value = policy.require || "any";
+    const forward = policy.forward_auth;
+    const origin = form.elements.namedItem("forward_origin");
+    fillOriginSelect(origin, state.origins || []);
+    origin.value = forward ? forward.origin_id : "";
+    form.elements.namedItem("forward_port").value = forward ? String(forward.port) : "";
+    form.elements.namedItem("forward_path").value = forward ? forward.path : "";
+    form.elements.namedItem("forward_signin_url").value = forward ? forward.signin_url || "" : "";
+    $(".subfields", form).hidden = !forward;
+    form.elements.namedItem("pass_authorization").checked = Boolean(policy.pass_authorization);
+  }
+
+  /** The policy as the form has it, and the local checks that failed. */
+  function policyBody(form) {
+    const lines = (field) => form.elements.namedItem(field).value.split("\n").map((l) => l.trim()).filter(Boolean);
+    const checks = {};
+    const users = [];
+    for (const row of $$(".user-row", form)) {
+      const username = $(".user-name", row).value.trim();
+      const password = $(".user-password", row).value;
+      if (!username && !password) continue;
+      if (!username) checks.users = "Enter a user name for each password, or remove the row.";
+      else if (password) users.push({username, password});
+      else if (row.dataset.existing === username) users.push({username});
+      else checks.users = `Enter a password for ${username}.`;
+    }
+    const originId = value(form, "forward_origin");
+    const forward = originId ? {
+      origin_id: originId, port: portValue(value(form, "forward_port")), path: value(form, "forward_path"),
+      signin_url: value(form, "forward_signin_url") || null,
+    } : null;
+    if (forward && forward.port === "") checks.forward_port = "Enter the port the verifier listens on, e.g. 9091.";
+    if (forward && !forward.path) checks.forward_path = "Enter the verifier's path, e.g. /api/authz/auth-request.";
+    const body = {
+      name: value(form, "name"), users, allow: lines("allow"), deny: lines("deny"),
+      require: value(form, "require"), bypass_paths: lines("bypass_paths"), forward_auth: forward,
+      pass_authorization: form.elements.namedItem("pass_authorization").checked,
+    };
+    if (!body.name) checks.name = "Enter a name for this policy.";
+    return {body, checks};
+  }
+
+  /** A field of the policy form that takes an error the API names (users, forward_auth). */
+  function reportPolicyLocal(form, checks) {
+    const mapped = {};
+    for (const [field, message] of Object.entries(checks)) {
+      mapped[field === "forward_port" || field === "forward_path" ? "forward_auth" : field] = message;
+    }
+    return reportLocal(form, mapped);
+  }
+
+  const EMPTY_POLICY = {name: "", users: [], allow: [], deny: [], require: "any", bypass_paths: [],
+    forward_auth: null, pass_authorization: false};
+
+  function setupPolicyForm() {
+    const form = $("#policy-form");
+    form.querySelector(".actions").before(...policyFields("policy"));
+    fillPolicyForm(form, EMPTY_POLICY);
+    form.addEventListener("submit", (event) => {
+      event.preventDefault();
+      clearErrors(form);
+      const {body, checks} = policyBody(form);
+      if (reportPolicyLocal(form, checks)) return;
+      runForm(form, async () => {
+        const created = await api("POST", "/access-policies", body);
+        fillPolicyForm(form, EMPTY_POLICY);
+        banner(`Access policy “${created.name}” added. Choose it for a route on the Routes page.`, "ok");
+        await loadPolicies();
+        form.elements.namedItem("name").focus();
+      });
+    });
+  }
+
+  let editingPolicy = null;
+
+  function editPolicy(policy) {
+    const form = $("#policy-edit-form");
+    editingPolicy = policy;
+    clearErrors(form);
+    $("#policy-dialog-title").textContent = `Edit access policy ${policy.name}`;
+    fillPolicyForm(form, policy);
+    $("#policy-dialog").showModal();
+    form.elements.namedItem("name").focus();
+  }
+
+  function setupPolicyEdit() {
+    const dialog = $("#policy-dialog");
+    const form = $("#policy-edit-form");
+    form.querySelector(".actions").before(...policyFields("edit-policy"));
+    $("[data-close]", form).addEventListener("click", () => dialog.close());
+    form.addEventListener("submit", (event) => {
+      event.preventDefault();
+      clearErrors(form);
+      const {body, checks} = policyBody(form);
+      if (reportPolicyLocal(form, checks)) return;
+      runForm(form, async () => {
+        const updated = await api("PATCH", `/access-policies/${encodeURIComponent(editingPolicy.id)}`, body);
+        dialog.close();
+        banner(`Access policy “${updated.name}” saved. Edges apply it on their next pull.`, "ok");
+        await Promise.all([loadPolicies(), loadRoutes()]);
+      });
+    });
+  }
+
+  function deletePolicy(policy) {
+    const used = policy.routes.length;
+    confirmAction({
+      title: `Delete access policy “${policy.name}”?`,
+      text: used
+        ? `It protects ${plural(used, "route", "routes")}: the control plane will refuse until ${used === 1 ? "it uses" : "they use"} another policy or none.`
+        : "No route uses it. Its users and their password hashes are deleted.",
+      button: "Delete policy",
+      action: async () => {
+        await api("DELETE", `/access-policies/${encodeURIComponent(policy.id)}`);
+        banner(`Access policy “${policy.name}” deleted.`, "ok");
+        await loadPolicies();
       },
     });
   }
@@ -1138,7 +1480,7 @@
 
   async function refreshAll() {
     const results = await Promise.allSettled([
-      loadOrigins(), loadRoutes(), loadEdges(), loadSettings(), loadEnrollKeys()]);
+      loadOrigins(), loadRoutes(), loadPolicies(), loadEdges(), loadSettings(), loadEnrollKeys()]);
     const failed = results.find((r) => r.status === "rejected");
     if (failed) connectionLost(failed.reason);
     else connectionOk();
@@ -1164,6 +1506,8 @@
     setupOriginEdit();
     setupRouteForm();
     setupRouteEdit();
+    setupPolicyForm();
+    setupPolicyEdit();
     setupSettings();
     setupEdgeHelp();
     setupEnrollKeys();
