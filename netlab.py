@@ -425,18 +425,50 @@ class Pebble:
 def make_payload(routes, staging=False, nginx_map=None, hostnames=None, schema=1, peers=()):
     """kokoa.edge_payload of {hostname: "ip:port" or a route object}, with a correct config_hash.
 
-    `nginx_map` / `hostnames` replace what kokoa rendered (for hostile payloads); config_hash
-    is then computed again, so that only the content is wrong.
+    A route object of schema 2 may hold "access": an access policy in its payload form (see
+    access_policy), which goes to the payload's top-level "access" under its key, the route then
+    naming the key (policy-contract.md). `nginx_map` / `hostnames` replace what kokoa rendered
+    (for hostile payloads); config_hash is then computed again, so that only the content is
+    wrong.
     """
-    routes = {hostname: address if isinstance(address, dict) else {"upstream": address}
+    routes = {hostname: dict(address) if isinstance(address, dict) else {"upstream": address}
               for hostname, address in routes.items()}
+    policies = {hostname: route.pop("access", None) for hostname, route in routes.items()}
     payload, unserved = kokoa.edge_payload(routes, list(peers), staging, schema)
     assert not unserved, unserved
+    if schema > 1:
+        keys = {hostname: policy_key(policy) for hostname, policy in policies.items()
+                if policy is not None}
+        payload["access"] = {keys[hostname]: policy for hostname, policy in policies.items()
+                             if policy is not None}
+        for hostname, route in payload["routes"].items():
+            route["access"] = keys.get(hostname)
     if nginx_map is not None:
         payload["nginx_map"] = nginx_map
     if hostnames is not None:
         payload["hostnames"] = hostnames
     return rehash(payload)
+
+
+def access_policy(users=(), allow=(), deny=(), require="any", bypass_paths=(),
+                  forward_auth=None, pass_authorization=False):
+    """An access policy in its payload form (all seven keys): `users` as (name, crypt hash)
+    pairs, lists sorted and deduplicated as the control plane sends them."""
+    return {"users": [{"username": name, "hash": hashed} for name, hashed in sorted(users)],
+            "allow": sorted(set(allow)), "deny": sorted(set(deny)), "require": require,
+            "bypass_paths": sorted(set(bypass_paths)), "forward_auth": forward_auth,
+            "pass_authorization": pass_authorization}
+
+
+def policy_key(policy):
+    """The payload key of an access policy: the first 16 hex digits of the SHA-256 of its
+    canonical JSON, by kokoa's own functions."""
+    return kokoa.sha256_hex(kokoa.canonical_json(policy))[:16]
+
+
+def sha512_crypt(password):
+    """A $6$ crypt hash of `password` from `openssl passwd -6` (password on stdin)."""
+    return sh("openssl", "passwd", "-6", "-stdin", input=password + "\n").stdout.strip()
 
 
 def rehash(payload):
@@ -571,14 +603,12 @@ class BackendNet:
         subprocess.run(["ip", "link", "del", self.veth + "a"], capture_output=True, timeout=30)
 
 
-class Backend:
-    """An HTTP backend answering `<name> <path>` and recording request headers, listening in
-    `net` (a started BackendNet) at its private address."""
+class NetnsService:
+    """A threaded stdlib HTTP server in `net` (a started BackendNet) at its private address
+    (`addr`, ip:port): GET and POST go to the subclass's answer(handler, body)."""
 
-    def __init__(self, name, net):
-        self.name = name
-        self.seen = []
-        backend = self
+    def __init__(self, net):
+        service = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
@@ -587,12 +617,10 @@ class Backend:
                 pass
 
             def do_GET(self):  # noqa: N802 (http.server API)
-                backend.seen.append(dict(self.headers))
-                body = f"{backend.name} {self.path}".encode()
-                self.send_response(200)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
+                length = int(self.headers.get("Content-Length") or 0)
+                service.answer(self, self.rfile.read(length) if length else b"")
+
+            do_POST = do_GET  # noqa: N815 (http.server API)
 
         with in_netns(net.ns):
             self.server = http.server.ThreadingHTTPServer((net.address, 0), Handler)
@@ -600,9 +628,70 @@ class Backend:
         self.addr = f"{net.address}:{self.server.server_address[1]}"
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
+    def answer(self, handler, body):
+        raise NotImplementedError
+
     def close(self):
         self.server.shutdown()
         self.server.server_close()
+
+
+class Backend(NetnsService):
+    """An HTTP backend answering `<name> <path>` and recording request headers in `seen`
+    (http.client messages: names match in any case, as HTTP/2 lower-cases them) and the raw
+    paths in `paths`, listening in `net` (a started BackendNet) at its private address. A
+    WebSocket handshake gets 101."""
+
+    def __init__(self, name, net):
+        self.name = name
+        self.seen = []
+        self.paths = []
+        super().__init__(net)
+
+    def answer(self, handler, body):
+        self.seen.append(handler.headers)
+        self.paths.append(handler.path)
+        if handler.headers.get("Upgrade", "").lower() == "websocket":
+            handler.send_response(101)              # the handshake, then hang up
+            handler.send_header("Upgrade", "websocket")
+            handler.send_header("Connection", "Upgrade")
+            handler.end_headers()
+            handler.close_connection = True
+            return
+        reply = f"{self.name} {handler.path}".encode()
+        handler.send_response(200)
+        handler.send_header("Content-Length", str(len(reply)))
+        handler.end_headers()
+        handler.wfile.write(reply)
+
+
+class ForwardAuthVerifier(NetnsService):
+    """A forward-auth verifier as nginx's auth_request meets one (Authelia, oauth2-proxy), in
+    `net` (a started BackendNet) at its private address: the cookie `session=good` gets 200 and
+    the USER headers, `session=forbidden` 403, anything else 401. `seen` records each request's
+    method, path, headers (an http.client message) and the body bytes it carried."""
+
+    USER = {"Remote-User": "alice", "Remote-Groups": "admins,dev", "Remote-Name": "Alice",
+            "Remote-Email": "alice@example.test"}
+
+    def __init__(self, net):
+        self.seen = []
+        super().__init__(net)
+
+    def answer(self, handler, body):
+        self.seen.append({"method": handler.command, "path": handler.path,
+                          "headers": handler.headers, "body": body})
+        cookie = handler.headers.get("Cookie", "")
+        status, headers = 401, {}
+        if "session=good" in cookie:
+            status, headers = 200, self.USER
+        elif "session=forbidden" in cookie:
+            status = 403
+        handler.send_response(status)
+        for name, value in headers.items():
+            handler.send_header(name, value)
+        handler.send_header("Content-Length", "0")
+        handler.end_headers()
 
 
 class Edge:
@@ -672,18 +761,30 @@ class Edge:
 
     def get(self, host, path="/", tls=False, cacert=None, extra=()):
         """curl HOST over http or https (SNI = host) via 127.0.0.1; return (code, body)."""
+        code, _, body = self.request(host, path, tls=tls, cacert=cacert, extra=extra)
+        return code, body
+
+    def request(self, host, path="/", tls=False, cacert=None, extra=()):
+        """curl HOST as get() does, the path sent as it is (dot segments and all); return
+        (code, headers with lower-case names, body), or (None, {}, curl's error)."""
         port = self.https_port if tls else self.http_port
         scheme = "https" if tls else "http"
-        cmd = ["curl", "-sS", "--max-time", "10", "-o", "-", "-w", "\n%{http_code}",
-               "--resolve", f"{host}:{port}:127.0.0.1", f"{scheme}://{host}:{port}{path}"]
+        cmd = ["curl", "-sS", "--max-time", "10", "--path-as-is", "-D", "-", "-o", "-", "-w",
+               "\n%{http_code}", "--resolve", f"{host}:{port}:127.0.0.1",
+               f"{scheme}://{host}:{port}{path}"]
         if tls:
             cmd[1:1] = ["--cacert", str(cacert)] if cacert else ["-k"]
         cmd[1:1] = list(extra)
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=20)
         if proc.returncode != 0:
-            return None, proc.stderr.strip()
-        body, _, code = proc.stdout.rpartition("\n")
-        return int(code), body
+            return None, {}, proc.stderr.strip()
+        head, _, rest = proc.stdout.partition("\n\n")     # text mode: CRLF is read as LF
+        body, _, code = rest.rpartition("\n")
+        headers = {}
+        for line in head.split("\n")[1:]:
+            name, _, value = line.partition(":")
+            headers[name.strip().lower()] = value.strip()
+        return int(code), headers, body
 
 
 class NetnsBackends:

@@ -27,7 +27,9 @@ from netlab import (
     NetnsBackends,
     Nginx,
     Pebble,
+    access_policy,
     make_payload,
+    policy_key,
     rehash,
 )
 
@@ -468,6 +470,25 @@ def hostile_payloads():
     p = make_payload(good)
     p["config_hash"] = "0" * 64
     cases["wrong-hash"] = p
+    # Access policies (schema 2): a fault in their shape refuses the whole payload (a fault in a
+    # value takes only the policy's routes out: test_access.py).
+    policy = access_policy(users=[("alice", "$6$salt$" + "h" * 86)])
+    key = policy_key(policy)
+    for label, damage in (
+            ("unknown-key", lambda p: p["access"][key].update(note="x")),
+            ("missing-key", lambda p: p["access"][key].pop("require")),
+            ("user-with-password", lambda p: p["access"][key]["users"][0].update(password="x")),
+            ("forward-auth-keys", lambda p: p["access"][key].update(
+                forward_auth={"upstream": "10.8.0.2:9091"})),
+            ("key-not-hex", lambda p: p["access"].update({"include /etc/passwd": policy})),
+            ("not-an-object", lambda p: p["access"].update({key: [policy]})),
+            ("route-access-not-a-key", lambda p: p["routes"]["a.example.com"].update(
+                access="../../etc/passwd")),
+            ("access-not-an-object", lambda p: p.update(access=[]))):
+        p = json.loads(json.dumps(make_payload({"a.example.com": {
+            "upstream": "10.8.0.2:8080", "access": policy}}, schema=2)))
+        damage(p)
+        cases[f"access-{label}"] = rehash(p)
     cases["not-json"] = b"<html>oops</html>"
     cases["not-an-object"] = b"[1, 2, 3]"
     return cases

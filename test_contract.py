@@ -297,8 +297,10 @@ def test_an_agent_limited_to_schema_1_applies_the_0_1_0_payload(edge, double):
 
 @pytest.mark.parametrize("case, change, fragment", [
     ("top-level key", lambda p: p.update(spare=1), "unknown key 'spare' in the payload"),
-    ("route key", lambda p: p["routes"]["a.example.com"].update(access="0123456789abcdef"),
-     "unknown key 'access' in the route for a.example.com"),
+    ("route key", lambda p: p["routes"]["a.example.com"].update(auth="basic"),
+     "unknown key 'auth' in the route for a.example.com"),
+    ("route's policy missing", lambda p: p["routes"]["a.example.com"].update(
+        access="0123456789abcdef"), "names access policy 0123456789abcdef, which the payload"),
     ("acme key", lambda p: p["acme"].update(dns=True), "unknown key 'dns' in acme"),
     ("wireguard key", lambda p: p["wireguard"].update(mtu=1280),
      "unknown key 'mtu' in wireguard"),
@@ -307,7 +309,8 @@ def test_an_agent_limited_to_schema_1_applies_the_0_1_0_payload(edge, double):
     ("missing key", lambda p: p.pop("acme"), "the payload lacks acme"),
     ("future schema", lambda p: p.update(schema=3), "payload schema 3 is not one this agent"),
     ("schema as text", lambda p: p.update(schema="2"), "is not one this agent knows"),
-    ("schema 1 spelt out", lambda p: p.update(schema=1), "unknown key 'schema'"),
+    ("schema 1 spelt out", lambda p: [p.update(schema=1), p.pop("access")],
+     "unknown key 'schema'"),
     ("schema-1 route in schema 2", lambda p: p["routes"].update({"a.example.com": "1.2.3.4:80"}),
      "route for a.example.com is not an object"),
 ])
@@ -387,8 +390,8 @@ def test_every_file_the_agent_writes_is_one_it_owns_and_the_list_is_written_once
                                                                                  backend):
     text = AGENT.read_text()
     owned = re.search(r"^RE_OWNED='(.+)'$", text, re.M).group(1)
-    assert text.count("(map|default|servers/") == 1      # one definition, used everywhere
-    assert re.search(r"^OWNED_SUBDIRS=\((.+)\)$", text, re.M).group(1) == "servers"
+    assert text.count("(map|default|policies|servers/") == 1    # one definition, used everywhere
+    assert re.search(r"^OWNED_SUBDIRS=\((.+)\)$", text, re.M).group(1) == "servers htpasswd"
     double.payload = make_payload({"a.example.com": backend.addr, "b.example.com": backend.addr})
     edge.once(env={"EDGE_FQDN": "edge1.example.net"})
     written = [str(p.relative_to(edge.config_dir)) for p in edge.config_dir.rglob("*")
