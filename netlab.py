@@ -433,16 +433,8 @@ def make_payload(routes, staging=False, nginx_map=None, hostnames=None, schema=1
     """
     routes = {hostname: dict(address) if isinstance(address, dict) else {"upstream": address}
               for hostname, address in routes.items()}
-    policies = {hostname: route.pop("access", None) for hostname, route in routes.items()}
     payload, unserved = kokoa.edge_payload(routes, list(peers), staging, schema)
     assert not unserved, unserved
-    if schema > 1:
-        keys = {hostname: policy_key(policy) for hostname, policy in policies.items()
-                if policy is not None}
-        payload["access"] = {keys[hostname]: policy for hostname, policy in policies.items()
-                             if policy is not None}
-        for hostname, route in payload["routes"].items():
-            route["access"] = keys.get(hostname)
     if nginx_map is not None:
         payload["nginx_map"] = nginx_map
     if hostnames is not None:
@@ -458,12 +450,6 @@ def access_policy(users=(), allow=(), deny=(), require="any", bypass_paths=(),
             "allow": sorted(set(allow)), "deny": sorted(set(deny)), "require": require,
             "bypass_paths": sorted(set(bypass_paths)), "forward_auth": forward_auth,
             "pass_authorization": pass_authorization}
-
-
-def policy_key(policy):
-    """The payload key of an access policy: the first 16 hex digits of the SHA-256 of its
-    canonical JSON, by kokoa's own functions."""
-    return kokoa.sha256_hex(kokoa.canonical_json(policy))[:16]
 
 
 def sha512_crypt(password):

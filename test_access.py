@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from conftest import agent_common_jq, require, require_tools
+from kokoa import policy_key
 from netlab import (
     Backend,
     Edge,
@@ -27,7 +28,6 @@ from netlab import (
     Nginx,
     access_policy,
     make_payload,
-    policy_key,
     rehash,
     sha512_crypt,
 )

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO, KokoaServer, free_port, require, require_tools, stop_process, wait_until
-from kokoa import UPSTREAM_KEEPALIVE, render_nginx_map, upstream_name
+from kokoa import UPSTREAM_KEEPALIVE, policy_key, render_nginx_map, upstream_name
 from netlab import (
     AGENT,
     TOKEN,
@@ -29,7 +29,6 @@ from netlab import (
     Pebble,
     access_policy,
     make_payload,
-    policy_key,
     rehash,
 )
 

@@ -503,3 +503,50 @@ def test_route_options_hold_on_the_real_edge_a_body_limit_and_a_disabled_route(
     assert curl(world, limited, "/healthz", "-o", "/dev/null", "-w", "%{http_code}",
                 scheme="http").stdout == "404"
     assert limited not in (Path(world.agent_env["CONFIG_DIR"]) / "map.conf").read_text()
+
+
+def test_an_access_policy_from_the_control_plane_protects_the_route_on_the_real_edge(
+        world, origin):
+    """Issue 14 end to end: the policy made in the API, the edge's agent enforcing it for a
+    client in its own namespace, and an edge whose agent knows only schema 1 dropping it."""
+    locked = "locked.example.test"
+    password = "a family password " + os.urandom(4).hex()
+    status, _, policy = world.kokoa.request("POST", "/api/v1/access-policies", {
+        "name": "family", "users": [{"username": "alice", "password": password}]})
+    assert status == 201, policy
+    route = world.route(locked, world.origin_a, ORIGIN_PORT)
+    status, _, _ = world.kokoa.request("PATCH", f"/api/v1/routes/{route['id']}",
+                                       {"access_policy_id": policy["id"]})
+    assert status == 200
+    assert f"certificate for {locked} obtained" in world.agent_once().stdout
+
+    status, headers, _ = fetch(world, locked, "/headers")
+    assert status == 401 and headers["www-authenticate"] == [f'Basic realm="{locked}"']
+    status, _, _ = fetch(world, locked, "/headers", "-u", "alice:wrong password")
+    assert status == 401
+    status, _, body = fetch(world, locked, "/headers", "-u", f"alice:{password}")
+    assert status == 200
+    seen = {name.lower() for name, _ in json.loads(body)["headers"]}
+    assert "authorization" not in seen and "host" in seen
+
+    client = world.lab.address("client")           # its own address: no password needed
+    status, _, _ = world.kokoa.request("PATCH", f"/api/v1/access-policies/{policy['id']}",
+                                       {"allow": [f"{client}/32"]})
+    assert status == 200
+    world.agent_once()
+    assert fetch(world, locked, "/healthz")[0] == 200
+
+    normal_env = world.agent_env                    # an agent that knows only schema 1
+    world.agent_env = {**normal_env, "AGENT_SCHEMAS": "1"}
+    try:
+        world.agent_once()
+        assert curl(world, locked, "/healthz").returncode == 35     # not served at all
+        assert fetch(world, HOST, "/healthz")[0] == 200              # the rest still is
+        _, _, edges = world.kokoa.request("GET", "/api/v1/edge-nodes")
+        (edge,) = edges["edge_nodes"]
+        assert edge["schema"] == 1
+        assert [item["hostname"] for item in edge["unserved_routes"]] == [locked]
+    finally:
+        world.agent_env = normal_env
+    world.agent_once()
+    assert fetch(world, locked, "/healthz")[0] == 200
