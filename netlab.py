@@ -10,6 +10,7 @@ Payloads for the double are built by kokoa.py's own generator (make_payload), ne
 
 import contextlib
 import ctypes
+import hashlib
 import http.server
 import json
 import os
@@ -1175,6 +1176,17 @@ class Server(ThreadingHTTPServer):
 
 Server((sys.argv[1], int(sys.argv[2])), Handler).serve_forever()
 '''
+
+
+def write_random_file(path, size):
+    """Fill `path` with `size` bytes (a multiple of 1 MiB) of random data; its SHA-256."""
+    digest = hashlib.sha256()
+    with Path(path).open("wb") as out:
+        for _ in range(size // (1 << 20)):
+            piece = os.urandom(1 << 20)
+            digest.update(piece)
+            out.write(piece)
+    return digest.hexdigest()
 
 
 def upload_speed(result):

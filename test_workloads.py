@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 
 from conftest import require_root, require_tools, wait_until
-from netlab import TOOLS, WorkloadOrigin, built_world, upload_speed
+from netlab import TOOLS, WorkloadOrigin, built_world, upload_speed, write_random_file
 
 HOST = "apps.example.test"              # routed to the workload origin, real certificate
 NOCERT = "nocert.example.test"          # same origin, its certificate cannot be had
@@ -93,13 +93,7 @@ def origin(world):
 def payload(tmp_path_factory):
     """A file of UPLOAD_BYTES random bytes and its SHA-256."""
     path = tmp_path_factory.mktemp("payload") / "upload.bin"
-    digest = hashlib.sha256()
-    with path.open("wb") as out:
-        for _ in range(UPLOAD_BYTES // (1 << 20)):
-            piece = os.urandom(1 << 20)
-            digest.update(piece)
-            out.write(piece)
-    yield path, digest.hexdigest()
+    yield path, write_random_file(path, UPLOAD_BYTES)
     path.unlink()
 
 
@@ -327,12 +321,7 @@ def files(world, origin):
     docroot = world.dir / "files-docroot"
     docroot.mkdir()
     big = docroot / "big.bin"
-    digest = hashlib.sha256()
-    with big.open("wb") as out:
-        for _ in range(DOWNLOAD_BYTES // (1 << 20)):
-            piece = os.urandom(1 << 20)
-            digest.update(piece)
-            out.write(piece)
+    sha256 = write_random_file(big, DOWNLOAD_BYTES)
     big.chmod(0o644)
     (docroot / "small.txt").write_text("small file\n")
     server = world.static_origin("nginx-files", "origin-a", "10.8.0.2", FILES_PORT, docroot)
@@ -341,7 +330,7 @@ def files(world, origin):
     assert f"certificate for {FILES} obtained" in run.stdout, run.stdout
     wait_until(lambda: curl(world, FILES, "/small.txt", "-f").returncode == 0, timeout=40,
                interval=0.5, what=f"{FILES} to answer")
-    yield big, digest.hexdigest(), server
+    yield big, sha256, server
     big.unlink()
 
 

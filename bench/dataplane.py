@@ -48,7 +48,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from netlab import TOOLS, WorkloadOrigin, World, upload_speed  # noqa: E402
+from netlab import TOOLS, WorkloadOrigin, World, upload_speed, write_random_file  # noqa: E402
 
 HOST = "app.example.test"
 UPLOAD_HOST = "upload.example.test"
@@ -137,9 +137,7 @@ class BenchWorld(World):
         if f"certificate for {UPLOAD_HOST} obtained" not in run.stdout:
             raise RuntimeError(f"agent did not obtain the certificate:\n{run.stdout}")
         self.upload_file = self.dir / "upload.bin"
-        with self.upload_file.open("wb") as out:
-            for _ in range(upload_mib):
-                out.write(os.urandom(1 << 20))
+        write_random_file(self.upload_file, upload_mib << 20)
         self.upload_urls = {
             "edge h1": ("client", f"https://{UPLOAD_HOST}/upload", "--http1.1"),
             "edge h2": ("client", f"https://{UPLOAD_HOST}/upload", "--http2"),
