@@ -260,7 +260,10 @@ def test_forward_auth_allows_redirects_denies_and_fails_closed(edge, double, ori
     apply(edge, double, {HOST: route(origin, sso(SIGNIN)),
                          "plain.example.com": route(origin, sso(None))})
     authority = f"{HOST}:{edge.https_port}"
-    good, spoof = ["-b", "session=good"], ["-H", "Remote-User: mallory", "-H", "Remote-Email: m@x"]
+    good = ["-b", "session=good"]
+    spoof = ["-H", "Remote-User: mallory", "-H", "Remote-Email: m@x",
+             "-H", "X-Auth-Request-User: mallory", "-H", "X-Forwarded-User: mallory",
+             "-H", "X-authentik-username: mallory"]
     assert page(edge, "/app?a=1&b=2", *good, *spoof) == (200, "origin /app?a=1&b=2")
     asked = verifier.seen[-1]
     assert asked["path"] == "/api/authz/auth-request" and asked["body"] == b""
@@ -287,7 +290,16 @@ def test_forward_auth_allows_redirects_denies_and_fails_closed(edge, double, ori
     # A bypass path asks no verifier and carries no identity a client made up.
     asked = len(verifier.seen)
     assert fetch(edge, "/api/x", *spoof)[0] == 200
-    assert "Remote-User" not in origin.seen[-1] and "Remote-Email" not in origin.seen[-1]
+    for name in ("Remote-User", "Remote-Email", "X-Auth-Request-User", "X-Forwarded-User",
+                 "X-authentik-username"):
+        assert name not in origin.seen[-1], name
+    # Only a WebSocket is upgraded: an h2c upgrade on an open path must not reach the origin,
+    # which could then serve any path over the raw pipe.
+    assert fetch(edge, "/api/x", "--http1.1", "-H", "Upgrade: h2c",
+                 "-H", "Connection: Upgrade, HTTP2-Settings",
+                 "-H", "HTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA")[0] == 200
+    assert "Upgrade" not in origin.seen[-1] and "HTTP2-Settings" in origin.seen[-1]
+    assert origin.seen[-1].get("Connection", "").lower() != "upgrade"
     assert len(verifier.seen) == asked
     # The verifier is down: a 5xx, never the app.
     reached = len(origin.seen)
@@ -454,6 +466,32 @@ def test_a_policy_the_edge_cannot_render_takes_its_routes_out_and_they_come_back
     assert report["ok"] is True and "error" not in report
 
 
+def test_a_config_nginx_refuses_leaves_no_protected_route_on_its_old_public_files(
+        edge, double, origin, verifier, workdir):
+    """An nginx built without auth_request (as a plain source build is) refuses a forward-auth
+    policy. The rollback would bring back the route's old, public server file: the agent then
+    applies the config again without the protected routes, and says so."""
+    apply(edge, double, {HOST: route(origin), "open.example.com": route(origin)})
+    assert page(edge, "/")[0] == 200                  # public, before its policy
+    wrapper = workdir / "nginx-without-auth-request"
+    wrapper.write_text(
+        "#!/bin/sh\n"
+        f"if [ \"$1\" = -t ] && grep -rqs auth_request {edge.config_dir}; then\n"
+        "    echo 'nginx: [emerg] unknown directive \"auth_request\"' >&2; exit 1\n"
+        f"fi\nexec {edge.nginx.wrapper} \"$@\"\n")
+    wrapper.chmod(0o755)
+    edge.env["NGINX_BIN"] = str(wrapper)
+    sso = access_policy(forward_auth={"upstream": verifier.addr, "path": "/auth",
+                                      "signin_url": None})
+    apply(edge, double, {HOST: route(origin, sso), "open.example.com": route(origin)}, rc=1)
+    assert edge.server_files() == ["open.example.com.conf"]
+    assert page(edge, "/", host="open.example.com")[0] == 200
+    assert fetch(edge, "/", tls=False)[0] == 404      # the name is unknown to the edge now
+    error = double.reports[-1]["error"]
+    assert "unknown directive 'auth_request'" in error
+    assert "applied without its protected routes" in error and f"not serving {HOST}" in error
+
+
 def test_a_schema_2_payload_from_before_access_policies_is_still_applied(edge, double, origin):
     payload = make_payload({HOST: route(origin)}, schema=2)
     del payload["access"]
@@ -548,6 +586,10 @@ PATTERN_CASES = [
     ({"users": [{"username": "u", "hash": "$6$" + "s" * 17 + "$" + "h" * 86}]}, "hash"),
     ({"users": [{"username": "u", "hash": "$6$s$" + "h" * 85}]}, "hash"),
     ({"users": [{"username": "u", "hash": "$2a$05$" + "h" * 53}]}, "hash"),
+    ({"users": [{"username": "u", "hash": "$6$rounds=100001$s$" + "h" * 86}]}, "hash"),
+    ({"users": [{"username": "u", "hash": "$6$rounds=100000$s$" + "h" * 86}]}, None),
+    ({"users": [{"username": "u", "hash": "$2b$13$" + "h" * 53}]}, "hash"),
+    ({"users": [{"username": "u", "hash": "$2y$12$" + "h" * 53}]}, None),
     ({"users": [{"username": "u", "hash": None}]}, "hash"),
     ({"users": "alice"}, "users"),
     ({"allow": ["198.18.0.0/24", "2001:db8::/32", "::/0", "0.0.0.0/0", "10.1.2.3/32"]}, None),
