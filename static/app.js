@@ -1040,7 +1040,7 @@
         hint("require", "Users, allowed networks and single sign-on: whether one suffices or each is needed."),
         error("require", "require")),
       lines("bypass_paths", "Paths without sign-in", "/api/",
-        "Path prefixes served to anyone not denied, e.g. ", el("code", {text: "/api/"}), " for an app's own mobile clients. Leave empty to protect every path."),
+        "Path prefixes served to anyone not denied, e.g. ", el("code", {text: "/api/"}), " for an app's own mobile clients. End each with / (", el("code", {text: "/api"}), " would open /apikeys too). Leave empty to protect every path."),
       el("div", {class: "field toggle"},
         el("input", {type: "checkbox", id: id("pass-authorization"), name: "pass_authorization",
           "aria-describedby": described("pass-authorization")}),
