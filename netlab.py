@@ -592,7 +592,7 @@ class BackendNet:
 
 class NetnsService:
     """A threaded stdlib HTTP server in `net` (a started BackendNet) at its private address
-    (`addr`, ip:port): GET and POST go to the subclass's answer(handler, body)."""
+    (`addr`, ip:port): GET and POST go to answer(handler, body), which each subclass defines."""
 
     def __init__(self, net):
         service = self
@@ -614,9 +614,6 @@ class NetnsService:
         self.server.block_on_close = False
         self.addr = f"{net.address}:{self.server.server_address[1]}"
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def answer(self, handler, body):
-        raise NotImplementedError
 
     def close(self):
         self.server.shutdown()
@@ -990,6 +987,13 @@ class World:
         origin like a media or file server's downloads."""
         return self.extra_nginx_in(name, host, STATIC_ORIGIN.format(
             address=address, port=port, docroot=docroot))
+
+    def accepted_connections(self, address, port):
+        """Connections a static_origin at address:port has accepted so far (its stub_status,
+        asked from the edge; the asking adds one)."""
+        status = self.lab.run("edge", "curl", "-sSf", "--max-time", "5",
+                              f"http://{address}:{port}/stub_status")
+        return int(status.stdout.splitlines()[2].split()[0])
 
     def client_resolves(self, *hostnames):
         """Tools without curl's --resolve (h2load, wrk, testssl.sh) find `hostnames` at the

@@ -404,13 +404,6 @@ def h2load(world, url, *args):
                                                      codes.groups(), strict=True)})
 
 
-def origin_accepts(world):
-    """Connections the file server on origin A has accepted so far (its stub_status)."""
-    status = world.lab.run("edge", "curl", "-sSf", "--max-time", "5",
-                           f"http://10.8.0.2:{FILES_PORT}/stub_status")
-    return int(status.stdout.splitlines()[2].split()[0])
-
-
 def test_http2_bursts_all_succeed_and_reuse_the_tunnel_connections(world, files):
     world.client_resolves(HOST, FILES)
     figures = h2load(world, f"https://{HOST}/healthz", "-n", "2000", "-c", "20", "-m", "10")
@@ -421,9 +414,9 @@ def test_http2_bursts_all_succeed_and_reuse_the_tunnel_connections(world, files)
     # burst rather than closing all but a few.
     burst = ("-n", "1800", "-c", "2", "-m", "50")
     h2load(world, f"https://{FILES}/small.txt", *burst)
-    before = origin_accepts(world)
+    before = world.accepted_connections("10.8.0.2", FILES_PORT)
     figures = h2load(world, f"https://{FILES}/small.txt", *burst)
-    opened = origin_accepts(world) - before - 1      # minus the stub_status request itself
+    opened = world.accepted_connections("10.8.0.2", FILES_PORT) - before - 1  # minus its own
     assert figures["succeeded"] == 1800 and figures["2xx"] == 1800, figures
     print(f"\n1800 requests, 100 at a time over HTTP/2: {opened} new upstream connections")
     assert opened <= 50, f"{opened} new tunnel connections for 1800 requests"

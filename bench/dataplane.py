@@ -161,12 +161,6 @@ class BenchWorld(World):
         if getattr(self, "workload", None) is not None:
             self.workload.stop()
 
-    def origin_accepts(self):
-        """Connections the origin nginx has accepted so far (from its stub_status)."""
-        status = self.lab.run("edge", "curl", "-sSf", "--max-time", "5",
-                              f"http://{self.origin_a['wg_ip']}:{ORIGIN_PORT}/stub_status")
-        return int(status.stdout.splitlines()[2].split()[0])
-
 
 def cpu_ticks(pids):
     """utime + stime (clock ticks) of the given processes, summed."""
@@ -184,13 +178,14 @@ def wrk(world, name, args, duration):
     host, url = world.urls[name]
     edge = world.edges.get(name)
     workers = edge.workers() if edge else set()
-    before = world.origin_accepts()
+    before = world.accepted_connections(world.origin_a["wg_ip"], ORIGIN_PORT)
     ticks = cpu_ticks(workers)
     result = world.lab.run(host, "wrk", f"-t{args.threads}", f"-c{args.connections}",
                            f"-d{duration}s", "--timeout", "5s", url,
                            timeout=duration + 30)
     ticks = cpu_ticks(workers) - ticks
-    accepts = world.origin_accepts() - before - 1        # minus the stub_status request itself
+    accepts = (world.accepted_connections(world.origin_a["wg_ip"], ORIGIN_PORT)
+               - before - 1)                            # minus the stub_status request itself
     out = result.stdout
     rps = re.search(r"Requests/sec:\s+([0-9.]+)", out)
     requests = re.search(r"(\d+) requests in", out)
