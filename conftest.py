@@ -479,3 +479,17 @@ def edge(workdir, double):
     e.nginx.start()
     yield e
     e.nginx.stop()
+
+
+@pytest.fixture(scope="session")
+def debian_tarball(tmp_path_factory):
+    """A fresh Debian 12 root file system (`mmdebstrap --variant=apt`, from the Debian
+    registry) as a tarball: built once per test run, shared by the tests that need a new
+    machine (the journey, the container base). Never kept between runs."""
+    require_root()
+    require_tools("mmdebstrap")
+    target = tmp_path_factory.mktemp("debian") / "bookworm.tar"
+    result = subprocess.run(["mmdebstrap", "--variant=apt", "--quiet", "bookworm", str(target)],
+                            capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return target
