@@ -46,6 +46,7 @@ import math
 import os
 import re
 import secrets
+import signal
 import sqlite3
 import sys
 import tempfile
@@ -3573,9 +3574,18 @@ def cmd_serve(args):
                     "(e.g. %s) to have addresses assigned", DEFAULT_WG_NETWORK)
     log.info("kokoa %s serving on http://%s:%d/ (database %s, schema v%d)",
              __version__, host, port, config.db_path, version)
+    # As a container's PID 1, SIGTERM has no default action: without a handler `podman stop`
+    # waits its 10 s and kills. SystemExit ends waitress's loop, which closes the server.
+    signal.signal(signal.SIGTERM, stop_serving)
     make_server(make_app(config), host, port, args.threads, config.trusted_proxy,
                 **WAITRESS_SETTINGS).run()
+    log.info("kokoa stopped")
     return 0
+
+
+def stop_serving(signum, frame):
+    """SIGTERM handler for serve: leave waitress's loop as on Ctrl-C."""
+    raise SystemExit(0)
 
 
 def cmd_migrate(args):
