@@ -33,9 +33,9 @@ def readme_litestream_config(db, replica):
     text = (REPO / "README.md").read_text()
     section = text.split("\n### Continuous replication with Litestream\n", 1)[1]
     config = re.search(r"```yaml\n(.*?)\n```", section, re.S).group(1)
-    assert "/var/lib/kokoa/kokoa.db" in config and "/var/backups/kokoa-litestream" in config
+    assert "/var/lib/kokoa/kokoa.db" in config and "/var/lib/kokoa-litestream" in config
     return (config.replace("/var/lib/kokoa/kokoa.db", str(db))
-            .replace("/var/backups/kokoa-litestream", str(replica)) + "\n")
+            .replace("/var/lib/kokoa-litestream", str(replica)) + "\n")
 
 
 class Machine:
@@ -245,3 +245,26 @@ def test_the_readmes_s3_config_is_one_litestream_reads(tmp_path):
                             capture_output=True, text=True, timeout=30)
     assert listed.returncode == 0, listed.stderr
     assert str(tmp_path / "kokoa.db") in listed.stdout and "s3" in listed.stdout
+
+
+def test_the_readmes_systemd_drop_in_verifies_with_the_unit(tmp_path):
+    """contrib/kokoa.service plus the README's litestream.conf drop-in: systemd reads both
+    without a warning, and the unit stays as hardened."""
+    require_tools(LITESTREAM, "systemd-analyze")
+    text = (REPO / "README.md").read_text()
+    section = text.split("\n### Continuous replication with Litestream\n", 1)[1]
+    drop_in = re.search(r"```\n(\[Service\]\n.*?)\n```", section, re.S).group(1)
+    python = os.path.realpath(sys.executable)
+    unit = tmp_path / "kokoa.service"
+    unit.write_text((REPO / "contrib" / "kokoa.service").read_text()
+                    .replace("/opt/kokoa/.venv/bin/python", python))
+    (tmp_path / "kokoa.service.d").mkdir()
+    (tmp_path / "kokoa.service.d" / "litestream.conf").write_text(
+        drop_in.replace("/opt/kokoa/.venv/bin/litestream", LITESTREAM) + "\n")
+    verify = subprocess.run(["systemd-analyze", "verify", str(unit)], capture_output=True,
+                            text=True, timeout=60)
+    assert verify.returncode == 0 and not verify.stderr.strip(), verify.stderr
+    security = subprocess.run(["systemd-analyze", "security", "--offline=yes", str(unit)],
+                              capture_output=True, text=True, timeout=60)
+    level = re.search(r"Overall exposure level for kokoa.service: ([\d.]+)", security.stdout)
+    assert level and float(level.group(1)) <= 2.0, security.stdout[-2000:]
