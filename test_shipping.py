@@ -27,6 +27,7 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -216,13 +217,17 @@ def image(debian_tarball, tmp_path_factory):
     work = tmp_path_factory.mktemp("container")
     podman = Podman(tempfile.mkdtemp(prefix="kokoa-podman-", dir="/tmp"))  # runroot: <= 50 chars
     try:
+        started = time.monotonic()
         podman("import", "--change", 'CMD ["/bin/bash"]', debian_tarball, DEBIAN_IMAGE,
                timeout=300)
         (work / "python").mkdir()
         (work / "python" / "Containerfile").write_text(PYTHON_BASE)
         podman.build(work / "python", PYTHON_IMAGE, DEBIAN_IMAGE)
+        based = time.monotonic()
         decoys = build_context(work / "context")
         podman.build(work / "context", KOKOA_IMAGE, PYTHON_IMAGE, build_mounts())
+        print(f"\ncontainer: import + python base {based - started:.0f} s, "
+              f"kokoa image {time.monotonic() - based:.0f} s")
         root = Path(podman("image", "mount", KOKOA_IMAGE).stdout.strip())
         [inspect] = json.loads(podman("image", "inspect", KOKOA_IMAGE).stdout)
         [base] = json.loads(podman("image", "inspect", PYTHON_IMAGE).stdout)
@@ -345,6 +350,8 @@ def test_podman_builds_a_non_root_image_with_healthcheck_and_volume(image):
     assert not [item for item in config["Env"] if item.split("=", 1)[0] in SECRET_NAMES]
     assert sorted(p.name for p in (image.root / "app").iterdir()) == [
         "kokoa.py", "requirements.txt", "static"]
+    assert sorted(p.name for p in (image.root / "app/static").iterdir()) == sorted(
+        p.name for p in (REPO / "static").iterdir())           # .dockerignore kept them
     data = image.root / "data"
     assert list(data.iterdir()) == [] and data.stat().st_uid == uid
     assert stat.S_IMODE(data.stat().st_mode) == 0o700
