@@ -46,6 +46,7 @@ import math
 import os
 import re
 import secrets
+import signal
 import sqlite3
 import sys
 import tempfile
@@ -745,19 +746,31 @@ def schema_objects(db):
         "ESCAPE '\\'")}
 
 
+# Litestream (README, "Continuous replication") keeps these two tables in the database it
+# replicates; they are allowed with exactly this shape, never required.
+LITESTREAM_TABLES = (
+    "CREATE TABLE _litestream_seq (id INTEGER PRIMARY KEY, seq INTEGER)",
+    "CREATE TABLE _litestream_lock (id INTEGER)",
+)
+
+
 def unexpected_schema(db, version):
     """What differs from the schema that MIGRATIONS[:version] make (e.g. a trigger a crafted
     backup brought along): a list of "extra trigger x" / "missing table y" / "changed ...";
-    empty when the database is as Kokoa made it."""
+    empty when the database is as Kokoa made it (Litestream's own tables aside)."""
     reference = sqlite3.connect(":memory:")
     try:
         for statements in MIGRATIONS[:version]:
             for statement in statements:
                 reference.execute(statement)
         expected = schema_objects(reference)
+        for statement in LITESTREAM_TABLES:
+            reference.execute(statement)
+        tolerated = schema_objects(reference).items() - expected.items()
     finally:
         reference.close()
     found = schema_objects(db)
+    expected.update((key, sql) for key, sql in tolerated if found.get(key) == sql)
     return ([f"extra {kind} {name}" for kind, name in sorted(found.keys() - expected.keys())]
             + [f"missing {kind} {name}" for kind, name in sorted(expected.keys() - found.keys())]
             + [f"changed {kind} {name}" for kind, name in sorted(found.keys() & expected.keys())
@@ -3573,9 +3586,18 @@ def cmd_serve(args):
                     "(e.g. %s) to have addresses assigned", DEFAULT_WG_NETWORK)
     log.info("kokoa %s serving on http://%s:%d/ (database %s, schema v%d)",
              __version__, host, port, config.db_path, version)
+    # As a container's PID 1, SIGTERM has no default action: without a handler `podman stop`
+    # waits its 10 s and kills. SystemExit ends waitress's loop, which closes the server.
+    signal.signal(signal.SIGTERM, stop_serving)
     make_server(make_app(config), host, port, args.threads, config.trusted_proxy,
                 **WAITRESS_SETTINGS).run()
+    log.info("kokoa stopped")
     return 0
+
+
+def stop_serving(signum, frame):
+    """SIGTERM handler for serve: leave waitress's loop as on Ctrl-C."""
+    raise SystemExit(0)
 
 
 def cmd_migrate(args):
