@@ -1213,10 +1213,21 @@
       (outdated || left) ? el("span", {class: "badges"}, outdated, left) : null];
   }
 
+  /** The control plane's warnings about an edge (e.g. no tunnel address or key: origins
+   *  leave it out of their wireguard.conf), one badge each with the words in full. */
+  function edgeWarnings(edge) {
+    const warnings = edge.warnings || [];
+    if (!warnings.length) return null;
+    return el("span", {class: "badges"}, ...warnings.map((text) =>
+      el("span", {class: "badge bad", "data-warning": "edge", text: "not in origins' tunnels", title: text})),
+    el("span", {class: "sub error-text", text: warnings.join(" ")}));
+  }
+
   function edgeRow(edge) {
     const wg = cell("WireGuard",
       edge.wg_ip ? el("code", {text: edge.wg_ip}) : el("span", {class: "muted", text: "—"}),
-      edge.wg_endpoint ? el("span", {class: "sub", text: edge.wg_endpoint}) : null);
+      edge.wg_endpoint ? el("span", {class: "sub", text: edge.wg_endpoint}) : null,
+      edgeWarnings(edge));
     const error = edge.last_error
       ? el("span", {class: "error-text", text: edge.last_error})
       : el("span", {class: "muted", text: "none"});
