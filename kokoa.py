@@ -46,6 +46,7 @@ import math
 import os
 import re
 import secrets
+import shlex
 import sqlite3
 import sys
 import tempfile
@@ -3251,6 +3252,65 @@ def post_my_status(req):
     negotiate_schema(req.header("X-Kokoa-Agent"))
     record_edge_status(req.db, req.edge_id, req.json())
     return 204, None
+
+
+# Served installers: one paste per machine (issue 17). Public (they hold no secret): the edge
+# and origin scripts of this checkout with its URL, and agent.sh's SHA-256, filled in.
+
+INSTALLERS = {"edge.sh": "install-edge.sh", "origin.sh": "install-origin.sh",
+              "agent.sh": "agent.sh"}
+INSTALLER_DIR = Path(__file__).resolve().parent
+# What a served script may name as its control plane: nothing a shell could read as code.
+INSTALLER_URL_RE = re.compile(
+    r"https?://(?:[a-z0-9](?:[a-z0-9.-]{0,251}[a-z0-9])?|\[[0-9a-f:.]{2,45}\])(?::[0-9]{1,5})?")
+
+
+def installer_url(config):
+    """KOKOA_PUBLIC_URL when it can go into a served script (plain http(s)://HOST[:PORT]),
+    else "" (the script then needs --control-plane)."""
+    url = config.public_url
+    if url and not INSTALLER_URL_RE.fullmatch(url):
+        log.warning("KOKOA_PUBLIC_URL %r is left out of the served installers: only "
+                    "http(s)://HOST[:PORT] of letters, digits, dots and dashes goes in", url)
+        return ""
+    return url or ""
+
+
+def installer_text(name):
+    """The text of a served file from this checkout; 404 when it was installed without it."""
+    try:
+        return (INSTALLER_DIR / INSTALLERS[name]).read_text(encoding="utf-8")
+    except OSError:
+        raise not_found(f"installer (this control plane has no {INSTALLERS[name]})") from None
+
+
+def fill_served(text, values):
+    """`text` with each `NAME=''` line of `values` set to the value, validated by the caller
+    and shell-quoted here all the same."""
+    for name, value in values.items():
+        text = re.sub(rf"^{name}=''$", lambda _, v=value, n=name: f"{n}={shlex.quote(v)}",
+                      text, count=1, flags=re.M)
+    return text
+
+
+def served_installer(config, name):
+    """(body, sha256) of /install/<name>."""
+    text = installer_text(name)
+    if name != "agent.sh":
+        agent_sha256 = sha256_hex(installer_text("agent.sh").encode())
+        text = fill_served(text, {"SERVED_CONTROL_PLANE": installer_url(config),
+                                  "SERVED_AGENT_SHA256": agent_sha256})
+    body = text.encode()
+    return body, sha256_hex(body)
+
+
+@route("GET", "/install/<name>", auth="none")
+def get_installer(req, name):
+    if name not in INSTALLERS:
+        raise not_found("installer")
+    body, digest = served_installer(req.app.config, name)
+    return Response(200, body, "text/x-shellscript; charset=utf-8",
+                    [("Cache-Control", "no-cache"), ("X-Kokoa-Sha256", digest)])
 
 
 # Static UI ###################################################################################

@@ -1,13 +1,17 @@
 """What a new user trips over, and the installers the control plane serves (issue 17)."""
 
+import hashlib
+import os
 import re
 import subprocess
 import time
+import urllib.request
 
 import pytest
 
 import kokoa
-from conftest import REPO, run_cli, wg_keypair
+from conftest import REPO, InProcessServer, KokoaServer, make_config, require_tools, run_cli, \
+    wg_keypair
 
 
 def register(api, key, name, **fields):
@@ -157,3 +161,135 @@ def test_shell_scripts_pass_shellcheck():
     result = subprocess.run(["shellcheck", "-x", "-o", "check-set-e-suppressed", *paths],
                             capture_output=True, text=True)
     assert result.returncode == 0, result.stdout
+
+
+# The control plane serves its installers (one paste per machine) #############################
+
+def fetch(url):
+    with urllib.request.urlopen(url, timeout=30) as resp:
+        return resp.status, resp.headers, resp.read()
+
+
+def served_value(script, name):
+    """What bash makes of the served script's `NAME=...` line."""
+    line = next(line for line in script.splitlines() if line.startswith(f"{name}="))
+    return subprocess.run(["bash", "-c", f'{line}\nprintf %s "${name}"'], capture_output=True,
+                          text=True, check=True).stdout
+
+
+@pytest.fixture
+def public_api(tmp_path):
+    server = InProcessServer(make_config(tmp_path / "kokoa.db",
+                                         public_url="https://kokoa.example.test"))
+    yield server
+    server.close()
+
+
+def test_the_installers_are_public_and_know_the_control_plane(public_api):
+    status, headers, agent = fetch(public_api.url + "/install/agent.sh")
+    assert status == 200 and agent == (REPO / "agent.sh").read_bytes()
+    assert headers["X-Kokoa-Sha256"] == hashlib.sha256(agent).hexdigest()
+    for name in ("edge.sh", "origin.sh"):
+        status, headers, body = fetch(public_api.url + f"/install/{name}")
+        assert status == 200 and headers["Content-Type"].startswith("text/x-shellscript")
+        script = body.decode()
+        assert served_value(script, "SERVED_CONTROL_PLANE") == "https://kokoa.example.test"
+        assert subprocess.run(["bash", "-n"], input=body).returncode == 0
+        assert public_api.bootstrap_token not in script
+    edge = fetch(public_api.url + "/install/edge.sh")[2].decode()
+    assert served_value(edge, "SERVED_AGENT_SHA256") == hashlib.sha256(agent).hexdigest()
+    assert public_api.request("GET", "/install/install-edge.sh", auth=None)[0] == 404
+    assert public_api.request("GET", "/install/..%2fkokoa.py", auth=None)[0] == 404
+
+
+@pytest.mark.parametrize("url", [
+    "https://[fe80::1%25$(touch${IFS}/tmp/kokoa-pwned)]",
+    "https://kokoa.example.test:443'$(id)'",
+    "https://kokoa.example.test/`id`",
+    "https://kokoa.example.test\nid",
+])
+def test_a_crafted_public_url_never_becomes_shell(tmp_path, url):
+    config = make_config(tmp_path / "kokoa.db", public_url=url)
+    assert kokoa.installer_url(config) == ""
+    body, _ = kokoa.served_installer(config, "edge.sh")
+    assert served_value(body.decode(), "SERVED_CONTROL_PLANE") == ""
+
+
+@pytest.mark.parametrize("value", ["a'b", "$(id)", "`id`", "x\ny", "\\'\"", ""])
+def test_served_values_are_shell_quoted_whatever_they_hold(value):
+    text = kokoa.fill_served("A=''\nB=''\n", {"A": value})
+    shell = subprocess.run(["bash", "-c", text + 'printf %s "$A"'], capture_output=True,
+                           text=True, check=True)
+    assert shell.stdout == value and "\nB=''\n" in text
+
+
+def test_the_served_edge_installer_fetches_the_agent_and_checks_its_hash(workdir):
+    require_tools("jq", "curl", "openssl", "wg", "flock")
+    (workdir / "kokoa").mkdir()
+    port_server = KokoaServer(workdir / "kokoa")
+    port_server.env["KOKOA_PUBLIC_URL"] = f"http://127.0.0.1:{port_server.port}"
+    server = port_server.start()
+    try:
+        script = fetch(server.url + "/install/edge.sh")[2]
+        env = {"PATH": os.environ["PATH"], "KOKOA_ENROLL_KEY": server.bootstrap_token}
+
+        def install(text, root):
+            (root / "etc/nginx").mkdir(parents=True)
+            (root / "etc/nginx/nginx.conf").write_text("events {}\nhttp {\n}\n")
+            return subprocess.run(
+                ["bash", "-s", "--", "--root", str(root), "--no-packages", "--no-run",
+                 "--email", "ops@example.com", "--name", root.name], input=text, cwd=workdir,
+                env=env, capture_output=True, timeout=120)
+        tampered = script.replace(b"SERVED_AGENT_SHA256=", b"SERVED_AGENT_SHA256=0", 1)
+        bad = install(tampered, workdir / "bad")
+        assert bad.returncode == 1 and b"nothing installed" in bad.stderr
+        assert not (workdir / "bad/usr/local/bin/kokoa-edge-agent").exists()
+        assert server.request("GET", "/api/v1/edge-nodes")[2]["edge_nodes"] == []
+        good = install(script, workdir / "good")
+        assert good.returncode == 0, good.stdout + good.stderr
+        agent = workdir / "good/usr/local/bin/kokoa-edge-agent"
+        assert agent.read_bytes() == (REPO / "agent.sh").read_bytes()
+        settings = (workdir / "good/etc/kokoa/edge.env").read_text()
+        assert f"CONTROL_PLANE_URL={server.url}\n" in settings
+        assert server.bootstrap_token not in good.stdout.decode() + good.stderr.decode()
+    finally:
+        server.stop()
+
+
+def test_the_served_origin_installer_uses_the_origin_token_and_keeps_fresh(workdir):
+    require_tools("curl", "wg")
+    (workdir / "kokoa").mkdir()
+    port_server = KokoaServer(workdir / "kokoa", {"KOKOA_WG_NETWORK": "10.77.0.0/24"})
+    port_server.env["KOKOA_PUBLIC_URL"] = f"http://127.0.0.1:{port_server.port}"
+    server = port_server.start()
+    try:
+        origin = server.request("POST", "/api/v1/origins", {"name": "home"})[2]
+        token = server.request("POST", f"/api/v1/origins/{origin['id']}/token", {})[2]["token"]
+        _, public = wg_keypair()
+        server.register_edge("edge1", wg_public_key=public)
+        script = fetch(server.url + "/install/origin.sh")[2]
+        root = workdir / "root"
+        result = subprocess.run(
+            ["bash", "-s", "--", "--root", str(root), "--no-packages"], input=script,
+            cwd=workdir, env={"PATH": os.environ["PATH"], "KOKOA_ORIGIN_TOKEN": token},
+            capture_output=True, timeout=120)
+        assert result.returncode == 0, result.stdout + result.stderr
+        conf = (root / "etc/wireguard/kokoa0.conf").read_text()
+        assert f"PublicKey = {public}" in conf and "Address = 10.77.0.1/32" in conf
+        stored = (root / "etc/kokoa/origin.env").read_text()
+        assert f"KOKOA_ORIGIN_TOKEN={token}" in stored and f"CONTROL_PLANE_URL={server.url}" in stored
+        assert (root / "etc/kokoa/origin.env").stat().st_mode & 0o077 == 0
+        assert (root / "usr/local/sbin/kokoa-install-origin").read_bytes() == script
+        assert (root / "etc/systemd/system/kokoa-origin-refresh.timer").exists()
+        assert token.encode() not in result.stdout + result.stderr
+    finally:
+        server.stop()
+
+
+def test_the_ui_shows_both_one_line_commands_with_secrets_only_in_the_environment():
+    app = (REPO / "static/app.js").read_text()
+    assert "/install/edge.sh | sudo --preserve-env=KOKOA_ENROLL_KEY bash -s -- --email" in app
+    assert "/install/origin.sh | sudo --preserve-env=KOKOA_ORIGIN_TOKEN bash -s" in app
+    assert "read -rsp" in app and not re.search(r"KOKOA_(ENROLL_KEY|ORIGIN_TOKEN)=\$", app)
+    assert "#origin-command" in app and 'id="origin-command"' in (
+        REPO / "static/index.html").read_text()
