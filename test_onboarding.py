@@ -10,8 +10,15 @@ import urllib.request
 import pytest
 
 import kokoa
-from conftest import REPO, InProcessServer, KokoaServer, make_config, require_tools, run_cli, \
-    wg_keypair
+from conftest import (
+    REPO,
+    InProcessServer,
+    KokoaServer,
+    make_config,
+    require_tools,
+    run_cli,
+    wg_keypair,
+)
 
 
 def register(api, key, name, **fields):
@@ -277,7 +284,8 @@ def test_the_served_origin_installer_uses_the_origin_token_and_keeps_fresh(workd
         conf = (root / "etc/wireguard/kokoa0.conf").read_text()
         assert f"PublicKey = {public}" in conf and "Address = 10.77.0.1/32" in conf
         stored = (root / "etc/kokoa/origin.env").read_text()
-        assert f"KOKOA_ORIGIN_TOKEN={token}" in stored and f"CONTROL_PLANE_URL={server.url}" in stored
+        assert f"KOKOA_ORIGIN_TOKEN={token}" in stored
+        assert f"CONTROL_PLANE_URL={server.url}" in stored
         assert (root / "etc/kokoa/origin.env").stat().st_mode & 0o077 == 0
         assert (root / "usr/local/sbin/kokoa-install-origin").read_bytes() == script
         assert (root / "etc/systemd/system/kokoa-origin-refresh.timer").exists()
