@@ -576,6 +576,25 @@ bring_up_wireguard() {
   changed "brought up WireGuard interface $WG_INTERFACE"
 }
 
+# The agent reloads nginx, so nginx must run. Debian starts it when the package is installed,
+# except where no init system runs (a container, a chroot: invoke-rc.d refuses to): start it
+# here then (and it is not started again at boot: the same goes for the agent's loop).
+start_nginx() {
+  local pid=""
+  if [[ -n $ROOT || -d /run/systemd/system ]]; then
+    return 0
+  fi
+  if [[ -s /run/nginx.pid ]]; then
+    IFS= read -r pid </run/nginx.pid || true
+  fi
+  if [[ $pid =~ ^[0-9]+$ ]] && kill -0 "$pid" 2>/dev/null; then
+    return 0
+  fi
+  # shellcheck disable=SC2310  # cmd runs one command; its status is that command's
+  cmd nginx || die "nginx does not start (see above); the agent is installed but cannot apply"
+  changed "started nginx (no init system runs here)"
+}
+
 run_agent() {
   local rc=0
   if ((RUN_AGENT)); then
@@ -612,6 +631,7 @@ main() {
   hook_nginx_conf
   install_schedule
   bring_up_wireguard
+  start_nginx
   if ((${#CHANGES[@]})); then
     log "done: ${#CHANGES[@]} change(s)"
     if [[ -n ${WG_PUBLIC_KEY:-} ]]; then

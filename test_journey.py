@@ -150,13 +150,14 @@ class Machine:
         subprocess.run(["tar", "-C", str(self.root), "--numeric-owner", "-xf", str(tarball)],
                        check=True, timeout=300)
         self.address = lab.add_host(name, index)
-        boot = ('set -e; r=$1; mount -t proc proc "$r/proc"; mount --rbind /dev "$r/dev"; '
-                'mount -t tmpfs -o mode=755 tmpfs "$r/run"; mount -t tmpfs tmpfs "$r/tmp"; '
+        boot = ('set -e; r=$1; hostname "$2"; mount -t proc proc "$r/proc"; '
+                'mount --rbind /dev "$r/dev"; mount -t tmpfs -o mode=755 tmpfs "$r/run"; '
+                'mount -t tmpfs tmpfs "$r/tmp"; '
                 'chmod 1777 "$r/tmp"; exec chroot "$r" /bin/sh -c '
                 '"trap \'exit 0\' TERM; while :; do sleep 3600 & wait; done"')
         self.unshare = subprocess.Popen(lab.exec_args(
-            name, "unshare", "--mount", "--pid", "--fork", "--propagation", "private",
-            "/bin/sh", "-c", boot, "boot", str(self.root)))
+            name, "unshare", "--mount", "--pid", "--uts", "--fork", "--propagation", "private",
+            "/bin/sh", "-c", boot, "boot", str(self.root), name))
         self.pid = None
         wait_until(self._booted, timeout=20, what=f"{name} to boot")
 
@@ -316,7 +317,7 @@ def test_from_nothing_to_https_in_four_pastes(world, debian_tarball, capsys):
     machines.extend([cp, edge, origin])
     acme_ip, client_ip = lab.add_host("acme", 4), lab.add_host("client", 5)
     assert client_ip
-    hosts = (f"127.0.0.1 localhost\n{cp.address} kokoa.{DOMAIN}\n"
+    hosts = (f"127.0.0.1 localhost cp edge origin\n{cp.address} kokoa.{DOMAIN}\n"
              f"{edge.address} edge1.{DOMAIN} app.{DOMAIN}\n{acme_ip} acme.{DOMAIN}\n")
     ca = make_ca(tmp / "ca", [f"kokoa.{DOMAIN}"])
     setup_started = time.monotonic()
