@@ -10,6 +10,7 @@ pebble (in its own namespace) is the ACME server; a client namespace does
 sudo, curl and CA store, /etc/hosts, the proxy, the ACME directory) is machine setup, not typed.
 """
 
+import functools
 import http.server
 import json
 import os
@@ -174,7 +175,7 @@ class Machine:
         return True
 
     def argv(self, command):
-        return ["nsenter", "-t", str(self.pid), "-m", "-p", "-n", "-r", "-w", "--",
+        return ["nsenter", "-t", str(self.pid), "-m", "-p", "-n", "-u", "-r", "-w", "--",
                 "/usr/bin/env", "-i", f"PATH={PATH}", "HOME=/root", "LANG=C.UTF-8",
                 "TERM=dumb", "/bin/bash", "-c", command]
 
@@ -253,9 +254,29 @@ class Clock:
         self.marks.append((what, time.monotonic() - self.start))
 
 
-def typed(machine, line, clock, what, secret=None, timeout=900):
-    """The user pastes `line` (and, when asked, the secret); returns the output."""
-    out = machine.sh(line, input=(secret + "\n") if secret else None, timeout=timeout)
+def typed(machine, line, clock, what, secret=None, milestones=(), timeout=900):
+    """The user pastes `line` (and, when asked, the secret); returns the output. The clock
+    marks each (pattern, label) of `milestones` when the first output line matches it."""
+    proc = subprocess.Popen(machine.argv(line), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    watchdog = threading.Timer(timeout, proc.kill)
+    watchdog.start()
+    pending = list(milestones)
+    lines = []
+    try:
+        proc.stdin.write((secret + "\n") if secret else "")
+        proc.stdin.close()
+        for output_line in proc.stdout:
+            lines.append(output_line)
+            for pattern, label in list(pending):
+                if pattern in output_line:
+                    clock.mark(label)
+                    pending.remove((pattern, label))
+        proc.wait()
+    finally:
+        watchdog.cancel()
+    out = "".join(lines)
+    assert proc.returncode == 0, f"{machine.name}$ {line}\n{out[-6000:]}"
     clock.mark(what)
     return out
 
@@ -402,9 +423,11 @@ def test_from_nothing_to_https_in_four_pastes(world, debian_tarball, capsys):
 
     def cp_up():
         assert serve.poll() is None, (tmp / "control-plane.log").read_text()[-4000:]
+        if not clock.marks and (checkout / "kokoa.env").exists():
+            clock.mark("control plane: apt python3-venv, venv, pip install, init")
         return "ok" in edge.sh(f"curl -sf https://kokoa.{DOMAIN}/healthz", check=False)
     wait_until(cp_up, timeout=900, interval=1, what="the control plane over verified https")
-    clock.mark("control plane up (python3-venv, pip)")
+    clock.mark("control plane serving over verified https")
     env_text = (checkout / "kokoa.env").read_text()
     password = re.search(r"^KOKOA_ADMIN_PASSWORD=(.*)$", env_text, re.M).group(1)
     assert f"KOKOA_PUBLIC_URL=https://kokoa.{DOMAIN}" in env_text
@@ -412,15 +435,19 @@ def test_from_nothing_to_https_in_four_pastes(world, debian_tarball, capsys):
     clicks = 0
     key = admin(cp, password, "POST", "/enrollment-keys", {"description": "edge1"})["key"]
     clicks += 1
-    edge_out = typed(edge, edge_line, clock, "edge installed (apt, register, first poll)",
-                     secret=key)
+    edge_out = typed(edge, edge_line, clock, "edge: first poll applied, edge1's certificate, "
+                     "installer done", secret=key, milestones=[
+                         ("installed packages:", "edge: apt (nginx, certbot, wireguard, jq)"),
+                         ("registered this edge", "edge: agent fetched and checked, registered"),
+                         ("started nginx", "edge: wireguard up, nginx started")])
     commands += 1
     assert key not in edge_out
     home = admin(cp, password, "POST", "/origins", {"name": "home"})
     token = admin(cp, password, "POST", f"/origins/{home['id']}/token", {})["token"]
     clicks += 2
-    origin_out = typed(origin, origin_line, clock, "origin installed (apt, wireguard.conf)",
-                       secret=token)
+    origin_out = typed(origin, origin_line, clock, "origin: tunnel up, refresh scheduled",
+                       secret=token, milestones=[
+                           ("wrote /etc/wireguard", "origin: apt (wireguard-tools), config")])
     commands += 1
     assert token not in origin_out
     admin(cp, password, "POST", "/routes", {"hostname": f"app.{DOMAIN}",
@@ -428,12 +455,16 @@ def test_from_nothing_to_https_in_four_pastes(world, debian_tarball, capsys):
     clicks += 1
     clock.mark("route added")
 
-    def served():
+    def served(*trust):
         proc = subprocess.run(lab.exec_args(
-            "client", "curl", "-sS", "--max-time", "5", "--cacert", str(tmp / "acme-root.pem"),
+            "client", "curl", "-sS", "--max-time", "5", *trust,
             "--resolve", f"app.{DOMAIN}:443:{edge.address}", f"https://app.{DOMAIN}/"),
             capture_output=True, text=True, timeout=15)
         return proc.returncode == 0 and proc.stdout == "hello from home\n"
+    wait_until(lambda: served("--insecure"), timeout=300, interval=0.5,
+               what="the route through the tunnel (fallback certificate)")
+    clock.mark("edge polled: route served through the tunnel (fallback certificate)")
+    served = functools.partial(served, "--cacert", str(tmp / "acme-root.pem"))
     wait_until(served, timeout=300, interval=1, what="https://app.example.test/ with its cert")
     clock.mark("first 200 over https with a real certificate")
 
