@@ -54,7 +54,7 @@ usage() {
 Usage: KOKOA_ENROLL_KEY=... $PROGRAM --control-plane URL --email E [--edge-fqdn F] [--name N]
                 [--staging] [--wg-ip IP] [--wg-endpoint HOST:PORT] [--root DIR] [--no-packages]
                 [--no-run] [--init auto|systemd|cron|loop]
-       curl -fsSL https://CP/install/edge.sh | sudo --preserve-env=KOKOA_ENROLL_KEY bash -s -- \
+       curl -fsSL https://CP/install/edge.sh | sudo --preserve-env=KOKOA_ENROLL_KEY bash -s --
                 --email E [--edge-fqdn F]     (the served copy knows CP and fetches agent.sh)
 
   --control-plane URL    the control plane (https; http only for loopback)${SERVED_CONTROL_PLANE:+;
