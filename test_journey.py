@@ -8,6 +8,15 @@ Debian and Python registries, through a small allow-listing proxy on the host si
 pebble (in its own namespace) is the ACME server; a client namespace does
 `curl https://app.example.test/`. What the test does to the machines beforehand (a cloud image's
 sudo, curl and CA store, /etc/hosts, the proxy, the ACME directory) is machine setup, not typed.
+
+Found on these machines (checked when this test was written): kernel WireGuard is absent inside
+the roots too (`ip link add ... type wireguard`: "Unknown device type"), so wg-quick falls back
+to wireguard-go (the host's binary, copied into the roots as machine setup); systemd does not
+run (PID 1 is not systemd, no /run/systemd/system), so the installers take their loop mode (no
+cron daemon in a fresh root either); `systemd-nspawn` is not installed (systemd-container) and
+would need systemd's cgroup hierarchy; `podman run` of the same root (`podman import`) fails in
+crun: "setrlimit RLIMIT_NOFILE: Operation not permitted", also with `--ulimit host
+--cgroups=disabled`. Hence `unshare` + `chroot`.
 """
 
 import functools
