@@ -1749,7 +1749,9 @@ render_wg_conf() {
 peer_summary() {
   local key ips
   while IFS=$'\t' read -r key ips _; do
-    [[ -n $key ]] && printf '%s\t%s\n' "$key" "${ips//,/ }"
+    if [[ -n $key ]]; then      # (a bare `&&` here made the loop fail on no peers at all)
+      printf '%s\t%s\n' "$key" "${ips//,/ }"
+    fi
   done <<<"$1" | sort
 }
 

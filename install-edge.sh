@@ -8,12 +8,17 @@ export LC_ALL=C
 umask 022
 
 PROGRAM=install-edge
-SELF_DIR=$(cd -- "$(dirname -- "${BASH_SOURCE[0]}")" && pwd)
+SELF_DIR=$(cd -- "$(dirname -- "${BASH_SOURCE[0]:-$0}")" && pwd)
 PACKAGES=(wireguard-tools nginx certbot jq curl openssl util-linux)
+# Filled in (validated, shell-quoted) by the control plane that serves this script
+# (GET /install/edge.sh): its URL and the SHA-256 of the agent.sh it serves. Empty in a checkout,
+# where agent.sh is taken from next to this file.
+SERVED_CONTROL_PLANE=''
+SERVED_AGENT_SHA256=''
 
 ROOT=""
-CONTROL_PLANE=""
-BOOTSTRAP_TOKEN=${KOKOA_BOOTSTRAP_TOKEN:-}
+CONTROL_PLANE=$SERVED_CONTROL_PLANE
+BOOTSTRAP_TOKEN=${KOKOA_ENROLL_KEY:-${KOKOA_BOOTSTRAP_TOKEN:-}}
 EMAIL=""
 EDGE_FQDN=""
 NAME=""
@@ -46,13 +51,17 @@ TMP=""
 
 usage() {
   cat <<EOF
-Usage: $PROGRAM --control-plane URL --bootstrap-token T --email E [--edge-fqdn F] [--name N]
+Usage: KOKOA_ENROLL_KEY=... $PROGRAM --control-plane URL --email E [--edge-fqdn F] [--name N]
                 [--staging] [--wg-ip IP] [--wg-endpoint HOST:PORT] [--root DIR] [--no-packages]
-                [--no-run] [--init auto|systemd|cron]
+                [--no-run] [--init auto|systemd|cron|loop]
+       curl -fsSL https://CP/install/edge.sh | sudo --preserve-env=KOKOA_ENROLL_KEY bash -s --
+                --email E [--edge-fqdn F]     (the served copy knows CP and fetches agent.sh)
 
-  --control-plane URL    the control plane (https; http only for loopback)
-  --bootstrap-token T    the control plane's KOKOA_BOOTSTRAP_TOKEN (or set KOKOA_BOOTSTRAP_TOKEN
-                         in the environment, which keeps it off the process list)
+  --control-plane URL    the control plane (https; http only for loopback)${SERVED_CONTROL_PLANE:+;
+                         default $SERVED_CONTROL_PLANE}
+  KOKOA_ENROLL_KEY       (environment) an enrollment key from the UI, or the control plane's
+                         KOKOA_BOOTSTRAP_TOKEN (also read from KOKOA_BOOTSTRAP_TOKEN)
+  --bootstrap-token T    the same on the command line (every local user can read it there)
   --email E              ACME account e-mail
   --edge-fqdn F          this edge's own name (it gets a certificate)
   --name N               edge name at the control plane (default: the host name)
@@ -62,8 +71,9 @@ Usage: $PROGRAM --control-plane URL --bootstrap-token T --email E [--edge-fqdn F
   --root DIR             install under DIR instead of / (for tests and images)
   --no-packages          do not run apt-get
   --no-run               do not run the agent at the end
-  --init KIND            schedule the agent with a systemd timer or a cron job (default: auto,
-                         systemd when it runs)
+  --init KIND            schedule the agent with a systemd timer, a cron job, or a loop started
+                         now (no reboot survives it) (default: auto: systemd when it runs, else
+                         cron when a cron daemon is installed, else loop)
 
 Agent settings found in the environment (${PASS_THROUGH[*]})
 are recorded in edge.env too. Re-running is safe: what is already right is left alone.
@@ -188,10 +198,14 @@ parse_args() {
   [[ -n $EMAIL ]] || die "--email is required"
   [[ $EMAIL =~ ^[^[:space:]@]+@[^[:space:]@]+$ ]] || die "--email does not look like an address"
   [[ -z $ROOT || $ROOT == /* ]] || die "--root must be an absolute path"
-  [[ $INIT =~ ^(auto|systemd|cron)$ ]] || die "--init must be auto, systemd or cron"
+  [[ $INIT =~ ^(auto|systemd|cron|loop)$ ]] || die "--init must be auto, systemd, cron or loop"
   if [[ $INIT == auto ]]; then
-    INIT=cron
-    [[ -d /run/systemd/system ]] && INIT=systemd
+    INIT=loop
+    if [[ -d /run/systemd/system ]]; then
+      INIT=systemd
+    elif [[ -x $ROOT/usr/sbin/cron || -n $ROOT ]]; then
+      INIT=cron
+    fi
   fi
   [[ $WG_INTERFACE =~ ^[A-Za-z0-9_=+.-]{1,15}$ ]] || die "bad WG_INTERFACE: $WG_INTERFACE"
   if [[ -n $EDGE_FQDN ]]; then
@@ -232,7 +246,9 @@ install_packages() {
   done
   if ((${#missing[@]})); then
     cmd apt-get update -q
-    DEBIAN_FRONTEND=noninteractive cmd apt-get install -y -q "${missing[@]}"
+    # No recommends: wireguard-tools would pull in a kernel image where none is installed.
+    DEBIAN_FRONTEND=noninteractive cmd apt-get install -y -q --no-install-recommends \
+      "${missing[@]}"
     changed "installed packages: ${missing[*]}"
   fi
 }
@@ -242,12 +258,37 @@ check_dependencies() {
   for tool in curl jq openssl wg flock install mktemp; do
     command -v "$tool" >/dev/null 2>&1 || die "$tool is required (apt-get install ${PACKAGES[*]})"
   done
-  [[ -f $SELF_DIR/agent.sh ]] || die "agent.sh not found next to $PROGRAM ($SELF_DIR)"
+  if [[ -z $SERVED_AGENT_SHA256 ]]; then
+    [[ -f $SELF_DIR/agent.sh ]] || die "agent.sh not found next to $PROGRAM ($SELF_DIR)"
+  fi
 }
 
 install_agent() {
+  local source=$SELF_DIR/agent.sh
   ensure_dir 0755 "$ROOT/usr/local/bin"
-  put_file "$AGENT_BIN" 0755 "the agent" <"$SELF_DIR/agent.sh"
+  if [[ -n $SERVED_AGENT_SHA256 ]]; then
+    # shellcheck disable=SC2310  # each step in fetch_agent ends in || return
+    fetch_agent || return
+    source=$TMP
+  fi
+  put_file "$AGENT_BIN" 0755 "the agent" <"$source"
+}
+
+# The served installer takes agent.sh from the control plane that served it, over verified TLS
+# (curl's system CAs, or CONTROL_PLANE_CA), and installs it only if its SHA-256 is the one the
+# control plane put into this script.
+fetch_agent() {
+  local url=$CONTROL_PLANE/install/agent.sh sum out
+  # shellcheck disable=SC2310  # returns mktemp's status
+  make_tmp "$AGENT_BIN" || return
+  log "[#] curl $url"
+  if ! out=$(curl --fail --silent --show-error --max-time 60 --retry 2 --proto =https,http \
+      ${CONTROL_PLANE_CA:+--cacert "$CONTROL_PLANE_CA"} -o "$TMP" -- "$url" 2>&1); then
+    die "cannot fetch the agent from $url: ${out##*$'\n'}; nothing installed"
+  fi
+  sum=$(sha256sum <"$TMP") || return
+  [[ ${sum%% *} == "$SERVED_AGENT_SHA256" ]] || die "the agent from $url has SHA-256" \
+    "${sum%% *}, not the $SERVED_AGENT_SHA256 this installer was served with; nothing installed"
 }
 
 make_fallback_cert() {
@@ -492,6 +533,8 @@ EOF
       cmd systemctl enable --now kokoa-edge-agent.timer
       changed "enabled kokoa-edge-agent.timer"
     fi
+  elif [[ $INIT == loop ]]; then
+    return 0                            # started by run_agent, once WireGuard is up
   else
     ensure_dir 0755 "$ROOT/etc/cron.d"
     put_file "$ROOT/etc/cron.d/kokoa-edge-agent" 0644 "the agent cron job" <<EOF
@@ -501,6 +544,20 @@ PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
 * * * * * root $agent --env-file $env once >/dev/null 2>&1
 EOF
   fi
+}
+
+# Neither systemd nor cron (a container, a chroot): the agent's own loop (`run`), started now in
+# its own session under a lock, so that a second install finds it running. It does not survive
+# a reboot: start it again from the boot scripts, or install cron.
+start_loop() {
+  local lock=$ROOT/run/kokoa-edge-agent.loop.lock log=$ROOT/var/log/kokoa-edge-agent.log
+  if ! flock -n "$lock" true; then
+    log "the agent loop is running already (lock $lock)"
+    return 0
+  fi
+  log "[#] setsid flock -n $lock $AGENT_BIN --env-file $ENV_FILE run >>$log &"
+  setsid flock -n "$lock" "$AGENT_BIN" --env-file "$ENV_FILE" run </dev/null >>"$log" 2>&1 &
+  changed "started the agent loop (no systemd, no cron; log $log; not kept over a reboot)"
 }
 
 # Brings the edge's interface up now and at boot; the agent then keeps its peers in step.
@@ -519,14 +576,35 @@ bring_up_wireguard() {
   changed "brought up WireGuard interface $WG_INTERFACE"
 }
 
-run_agent() {
-  if ((!RUN_AGENT)); then
+# The agent reloads nginx, so nginx must run. Debian starts it when the package is installed,
+# except where no init system runs (a container, a chroot: invoke-rc.d refuses to): start it
+# here then (and it is not started again at boot: the same goes for the agent's loop).
+start_nginx() {
+  local pid=""
+  if [[ -n $ROOT || -d /run/systemd/system ]]; then
     return 0
   fi
-  log "[#] $AGENT_BIN --env-file $ENV_FILE once"
-  if ! "$AGENT_BIN" --env-file "$ENV_FILE" once; then
-    die "installed, but the first agent run failed (see above); the timer will retry"
+  if [[ -s /run/nginx.pid ]]; then
+    IFS= read -r pid </run/nginx.pid || true
   fi
+  if [[ $pid =~ ^[0-9]+$ ]] && kill -0 "$pid" 2>/dev/null; then
+    return 0
+  fi
+  # shellcheck disable=SC2310  # cmd runs one command; its status is that command's
+  cmd nginx || die "nginx does not start (see above); the agent is installed but cannot apply"
+  changed "started nginx (no init system runs here)"
+}
+
+run_agent() {
+  local rc=0
+  if ((RUN_AGENT)); then
+    log "[#] $AGENT_BIN --env-file $ENV_FILE once"
+    "$AGENT_BIN" --env-file "$ENV_FILE" once || rc=$?
+  fi
+  if [[ $INIT == loop ]]; then
+    start_loop
+  fi
+  ((rc == 0)) || die "installed, but the first agent run failed (see above); the $INIT will retry"
 }
 
 main() {
@@ -553,6 +631,7 @@ main() {
   hook_nginx_conf
   install_schedule
   bring_up_wireguard
+  start_nginx
   if ((${#CHANGES[@]})); then
     log "done: ${#CHANGES[@]} change(s)"
     if [[ -n ${WG_PUBLIC_KEY:-} ]]; then

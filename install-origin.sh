@@ -7,7 +7,10 @@ shopt -s inherit_errexit
 export LC_ALL=C
 umask 077
 
-PROGRAM=${0##*/}
+PROGRAM=install-origin
+# Filled in (validated, shell-quoted) by the control plane that serves this script
+# (GET /install/origin.sh): its URL, the default for --control-plane. Empty in a checkout.
+SERVED_CONTROL_PLANE=''
 ROOT=""
 CONFIG_FILE=""
 CONTROL_PLANE_URL=""
@@ -20,8 +23,10 @@ ENV_FILE=""
 INTERFACE="kokoa0"
 NO_PACKAGES=0
 REFRESH_TIMER=0
+NO_REFRESH=0
 TMP_DIR=""
 CHANGES=()
+REFRESH_COMMAND="/usr/local/sbin/kokoa-install-origin --env-file /etc/kokoa/origin.env --no-packages"
 # Without a tunnel network (a control plane from before 0.2), peers must be private.
 PRIVATE_RANGES=(10.0.0.0/8 172.16.0.0/12 192.168.0.0/16 100.64.0.0/10 fc00::/7)
 
@@ -29,6 +34,8 @@ usage() {
   cat <<EOF
 Usage: $PROGRAM --config FILE [options]
        KOKOA_ORIGIN_TOKEN=... $PROGRAM --control-plane URL [--refresh-timer] [options]
+       curl -fsSL https://CP/install/origin.sh | sudo --preserve-env=KOKOA_ORIGIN_TOKEN bash -s
+                 (the served copy knows CP and keeps the config fresh: --refresh-timer)
        $PROGRAM --control-plane URL --origin-id ID [--admin-user U] [--password-file F] [options]
        $PROGRAM --env-file /etc/kokoa/origin.env        (what the refresh timer runs)
 
@@ -50,10 +57,12 @@ dropping tunnels). Re-running it changes nothing that is already right.
   --env-file F           read CONTROL_PLANE_URL, KOKOA_ORIGIN_TOKEN, ORIGIN_ID,
                          KOKOA_ADMIN_USER, KOKOA_ADMIN_PASSWORD, WG_INTERFACE, WG_NETWORK
                          from F (KEY=VALUE)
-  --refresh-timer        also install a systemd timer that re-fetches the config every 5
-                         minutes, so new or revoked edges reach this origin by themselves
-                         (needs the origin token, stored in /etc/kokoa/origin.env, mode 0600;
-                         the admin password is never stored on an origin)
+  --refresh-timer        also re-fetch the config every 5 minutes, so new or revoked edges
+                         reach this origin by themselves: a systemd timer, else a cron job
+                         (with a cron daemon), else a loop started now (needs the origin
+                         token, stored in /etc/kokoa/origin.env, mode 0600; the admin password
+                         is never stored on an origin). The served copy does this by default
+  --no-refresh           do not (the served copy's default is --refresh-timer)
   --wg-network CIDR      accept peers only inside this tunnel network (default: the network
                          the control plane names in the config; without one, private ranges)
   --interface NAME       WireGuard interface (default kokoa0)
@@ -93,6 +102,7 @@ parse_args() {
       --root) ROOT=${2:?--root needs a directory}; shift 2 ;;
       --no-packages) NO_PACKAGES=1; shift ;;
       --refresh-timer) REFRESH_TIMER=1; shift ;;
+      --no-refresh) NO_REFRESH=1; shift ;;
       -h|--help) usage; exit 0 ;;
       *) usage >&2; die "unknown argument: $1" ;;
     esac
@@ -247,6 +257,17 @@ check_addresses() {
   done < <(grep -E '^(Address|AllowedIPs) = ' "$file")
 }
 
+# The served copy: its control plane by default, and a refresh schedule with the origin token.
+served_defaults() {
+  if [[ -z $SERVED_CONTROL_PLANE || -n $CONFIG_FILE || -n $ENV_FILE ]]; then
+    return 0
+  fi
+  CONTROL_PLANE_URL=${CONTROL_PLANE_URL:-$SERVED_CONTROL_PLANE}
+  if [[ -n ${KOKOA_ORIGIN_TOKEN:-} || -n $TOKEN_FILE ]] && ((!NO_REFRESH)); then
+    REFRESH_TIMER=1
+  fi
+}
+
 validate_args() {
   [[ $INTERFACE =~ ^[A-Za-z0-9_=+.-]{1,15}$ ]] || die "invalid interface name: $INTERFACE"
   if [[ -n $CONFIG_FILE && -n $CONTROL_PLANE_URL ]]; then
@@ -287,17 +308,19 @@ validate_args() {
 }
 
 install_packages() {
-  local needed=(wireguard-tools)
+  local needed=(wireguard-tools iproute2)
   [[ -n $CONTROL_PLANE_URL ]] && needed+=(curl)
   if [[ $NO_PACKAGES -eq 1 ]]; then
     return 0
   fi
-  if command -v wg >/dev/null && { [[ -z $CONTROL_PLANE_URL ]] || command -v curl >/dev/null; }
-  then
+  if command -v wg >/dev/null && command -v ip >/dev/null \
+      && { [[ -z $CONTROL_PLANE_URL ]] || command -v curl >/dev/null; }; then
     return 0
   fi
   command -v apt-get >/dev/null || die "install ${needed[*]} first (no apt-get here)"
-  cmd apt-get install -y -q "${needed[@]}"
+  cmd apt-get update -q
+  # No recommends: wireguard-tools would pull in a kernel image where none is installed.
+  DEBIAN_FRONTEND=noninteractive cmd apt-get install -y -q --no-install-recommends "${needed[@]}"
 }
 
 check_dependencies() {
@@ -444,10 +467,24 @@ write_if_changed() {
   log "wrote $target"
 }
 
+# This script's own text, for the refresh job: the file it runs from, or (piped into bash from
+# the control plane) the control plane's copy again, over the same verified TLS.
+own_copy() {
+  local out=$1 self=${BASH_SOURCE[0]:-}
+  if [[ -n $self && -f $self ]]; then
+    cat -- "$self" >"$out"
+    return
+  fi
+  curl --fail --silent --show-error --max-time 30 --retry 2 -o "$out" \
+    -- "${CONTROL_PLANE_URL%/}/install/origin.sh" || die "could not fetch" \
+    "${CONTROL_PLANE_URL%/}/install/origin.sh for the refresh job; the config is installed"
+}
+
 install_refresh_timer() {
   local self
   [[ -n $CONTROL_PLANE_URL ]] || die "--refresh-timer needs --control-plane and the origin token"
-  self=$(readlink -f "$0")
+  self=$TMP_DIR/kokoa-install-origin
+  own_copy "$self"
   if ! cmp -s "$self" "$ROOT/usr/local/sbin/kokoa-install-origin"; then
     install -D -m 0755 "$self" "$ROOT/usr/local/sbin/kokoa-install-origin"
     CHANGES+=("installed $ROOT/usr/local/sbin/kokoa-install-origin")
@@ -465,7 +502,7 @@ Wants=network-online.target
 
 [Service]
 Type=oneshot
-ExecStart=/usr/local/sbin/kokoa-install-origin --env-file /etc/kokoa/origin.env --no-packages
+ExecStart=$REFRESH_COMMAND
 EOF
 )"
   write_if_changed "$ROOT/etc/systemd/system/kokoa-origin-refresh.timer" 0644 "$(cat <<EOF
@@ -481,10 +518,33 @@ RandomizedDelaySec=30s
 WantedBy=timers.target
 EOF
 )"
-  if [[ -z $ROOT ]] && command -v systemctl >/dev/null && [[ -d /run/systemd/system ]]; then
+  if [[ -n $ROOT ]]; then
+    return 0
+  elif command -v systemctl >/dev/null && [[ -d /run/systemd/system ]]; then
     cmd systemctl daemon-reload
     cmd systemctl enable --now kokoa-origin-refresh.timer
+  elif [[ -x /usr/sbin/cron ]]; then
+    write_if_changed /etc/cron.d/kokoa-origin-refresh 0644 "$(printf '%s\n' \
+      "# Kokoa origin: refresh the WireGuard peers every 5 minutes (install-origin.sh)." \
+      "*/5 * * * * root $REFRESH_COMMAND >/dev/null 2>&1")"
+  else
+    start_refresh_loop
   fi
+}
+
+# Neither systemd nor cron (a container, a chroot): a loop started now in its own session under
+# a lock, so that a second install finds it running. It does not survive a reboot.
+start_refresh_loop() {
+  local lock=/run/kokoa-origin-refresh.lock log=/var/log/kokoa-origin-refresh.log
+  if ! flock -n "$lock" true; then
+    log "the refresh loop is running already (lock $lock)"
+    return 0
+  fi
+  log "[#] setsid flock -n $lock: every 300 s $REFRESH_COMMAND >>$log &"
+  # shellcheck disable=SC2016  # $0 is expanded by the loop's own shell
+  setsid flock -n "$lock" bash -c 'while sleep 300; do "$0" --env-file /etc/kokoa/origin.env \
+    --no-packages || true; done' /usr/local/sbin/kokoa-install-origin </dev/null >>"$log" 2>&1 &
+  CHANGES+=("started the refresh loop (no systemd, no cron; log $log; not kept over a reboot)")
 }
 
 summary() {
@@ -508,6 +568,7 @@ main() {
   if [[ -n $ENV_FILE ]]; then
     read_env_file "$ENV_FILE"
   fi
+  served_defaults
   validate_args
   trap cleanup EXIT
   trap 'exit 130' INT

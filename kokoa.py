@@ -46,6 +46,7 @@ import math
 import os
 import re
 import secrets
+import shlex
 import signal
 import sqlite3
 import sys
@@ -1117,6 +1118,17 @@ def check_unique(db, table, column, value, field, exclude_id=None):
         raise conflict(field, f"{field} is already in use")
 
 
+def check_wg_key_free(db, public_key, exclude_id=None):
+    """409 if an origin or an edge already has `public_key` (two peers with one key would
+    take each other's tunnel)."""
+    for table, what in (("origins", "an origin"), ("edge_nodes", "an edge")):
+        row = db.execute(
+            f"SELECT 1 FROM {quote_identifier(table)} WHERE wg_public_key = ? AND id IS NOT ?",
+            (public_key, exclude_id)).fetchone()
+        if row:
+            raise conflict("wg_public_key", f"wg_public_key is already used by {what}")
+
+
 def check_wg_ip_free(db, wg_ip, exclude_id=None):
     """409 if an origin or an edge already has `wg_ip`."""
     owner = wg_ip_owner(db, wg_ip, exclude_id)
@@ -1177,7 +1189,7 @@ def insert_origin(db, config, body):
         check_unique(db, "origins", "name_key", name_key(name), "name")
         wg_ip = wg_ip_or_assigned(db, config, body.get("wg_ip"))
         check_wg_ip_free(db, wg_ip)
-        check_unique(db, "origins", "wg_public_key", public, "wg_public_key")
+        check_wg_key_free(db, public)
         db.execute(
             """
             INSERT INTO origins (id, name, name_key, wg_ip, wg_public_key,
@@ -1222,7 +1234,7 @@ def patch_origin(db, config, origin_id, body):
         public, sealed = origin_key_changes(config, row, body)
         check_unique(db, "origins", "name_key", name_key(name), "name", origin_id)
         check_wg_ip_free(db, wg_ip, origin_id)
-        check_unique(db, "origins", "wg_public_key", public, "wg_public_key", origin_id)
+        check_wg_key_free(db, public, origin_id)
         db.execute(
             """
             UPDATE origins
@@ -1744,7 +1756,21 @@ def edge_json(row, configs, last_seen=None):
         "agent_outdated": agent_outdated(row, last_seen),
         "unserved_routes": [{"hostname": hostname, "reason": reason}
                             for hostname, reason in sorted(unserved.items())],
+        "warnings": edge_warnings(row),
     }
+
+
+def edge_warnings(row):
+    """What is wrong with an edge that no poll can fix, in words (render_origin_wireguard
+    skips an edge without a tunnel address or key)."""
+    missing = [what for what, value in (("WireGuard address (wg_ip)", row["wg_ip"]),
+                                        ("WireGuard public key", row["wg_public_key"]))
+               if not value]
+    if not missing:
+        return []
+    return [f"registered without a {' or a '.join(missing)}: origins leave this edge out of "
+            "their wireguard.conf, so it cannot reach them; revoke it and install it again "
+            "(install-edge.sh makes both)"]
 
 
 def insert_edge(db, config, body, enrollment_key=None):
@@ -1762,7 +1788,7 @@ def insert_edge(db, config, body, enrollment_key=None):
     edge_id = new_id()
     with transaction(db):
         if enrollment_key is not None and not spend_enrollment_key(db, enrollment_key):
-            raise HTTPError(401, "unauthorized", "wrong, expired or used-up enrollment key",
+            raise HTTPError(401, "unauthorized", enrollment_key_refusal(db, enrollment_key),
                             field="bootstrap_token")
         check_unique(db, "edge_nodes", "name_key", name_key(name), "name")
         wg_ip = None
@@ -1770,7 +1796,7 @@ def insert_edge(db, config, body, enrollment_key=None):
             wg_ip = wg_ip_or_assigned(db, config, body.get("wg_ip"))
             check_wg_ip_free(db, wg_ip)
         if public is not None:
-            check_unique(db, "edge_nodes", "wg_public_key", public, "wg_public_key")
+            check_wg_key_free(db, public)
         db.execute(
             """
             INSERT INTO edge_nodes (id, name, name_key, token_hash, wg_ip, wg_public_key,
@@ -1931,6 +1957,20 @@ def enrollment_key_usable(db, key):
          WHERE key_hash = ? AND uses_left > 0 AND expires_at > ?""",
         (hash_token(key), utc_now())).fetchone()
     return row is not None and hmac.compare_digest(row["key_hash"], hash_token(key))
+
+
+def enrollment_key_refusal(db, key):
+    """Why `key` cannot register an edge, in words. Only a key whose hash is stored can be
+    told apart (used up, expired): a guess learns nothing but "wrong"."""
+    row = None
+    if key.startswith(ENROLLMENT_KEY_PREFIX):
+        row = db.execute("SELECT key_hash, uses_left, expires_at FROM enrollment_keys "
+                         "WHERE key_hash = ?", (hash_token(key),)).fetchone()
+    if row is None or not hmac.compare_digest(row["key_hash"], hash_token(key)):
+        return "wrong bootstrap token or enrollment key"
+    if row["uses_left"] <= 0:
+        return "this enrollment key is used up: make a new one (Edge nodes, Enrollment keys)"
+    return "this enrollment key has expired: make a new one (Edge nodes, Enrollment keys)"
 
 
 def spend_enrollment_key(db, key):
@@ -3193,7 +3233,7 @@ def register_edge_node(req):
     if not expected or not tokens_equal(given, expected):
         if not enrollment_key_usable(req.db, given):
             fail()
-            raise HTTPError(401, "unauthorized", "wrong bootstrap token or enrollment key",
+            raise HTTPError(401, "unauthorized", enrollment_key_refusal(req.db, given),
                             field="bootstrap_token")
         enrollment_key = given          # spent inside the insert transaction
     try:
@@ -3225,6 +3265,65 @@ def post_my_status(req):
     negotiate_schema(req.header("X-Kokoa-Agent"))
     record_edge_status(req.db, req.edge_id, req.json())
     return 204, None
+
+
+# Served installers: one paste per machine (issue 17). Public (they hold no secret): the edge
+# and origin scripts of this checkout with its URL, and agent.sh's SHA-256, filled in.
+
+INSTALLERS = {"edge.sh": "install-edge.sh", "origin.sh": "install-origin.sh",
+              "agent.sh": "agent.sh"}
+INSTALLER_DIR = Path(__file__).resolve().parent
+# What a served script may name as its control plane: nothing a shell could read as code.
+INSTALLER_URL_RE = re.compile(
+    r"https?://(?:[a-z0-9](?:[a-z0-9.-]{0,251}[a-z0-9])?|\[[0-9a-f:.]{2,45}\])(?::[0-9]{1,5})?")
+
+
+def installer_url(config):
+    """KOKOA_PUBLIC_URL when it can go into a served script (plain http(s)://HOST[:PORT]),
+    else "" (the script then needs --control-plane)."""
+    url = config.public_url
+    if url and not INSTALLER_URL_RE.fullmatch(url):
+        log.warning("KOKOA_PUBLIC_URL %r is left out of the served installers: only "
+                    "http(s)://HOST[:PORT] of letters, digits, dots and dashes goes in", url)
+        return ""
+    return url or ""
+
+
+def installer_text(name):
+    """The text of a served file from this checkout; 404 when it was installed without it."""
+    try:
+        return (INSTALLER_DIR / INSTALLERS[name]).read_text(encoding="utf-8")
+    except OSError:
+        raise not_found(f"installer (this control plane has no {INSTALLERS[name]})") from None
+
+
+def fill_served(text, values):
+    """`text` with each `NAME=''` line of `values` set to the value, validated by the caller
+    and shell-quoted here all the same."""
+    for name, value in values.items():
+        text = re.sub(rf"^{name}=''$", lambda _, v=value, n=name: f"{n}={shlex.quote(v)}",
+                      text, count=1, flags=re.M)
+    return text
+
+
+def served_installer(config, name):
+    """(body, sha256) of /install/<name>."""
+    text = installer_text(name)
+    if name != "agent.sh":
+        agent_sha256 = sha256_hex(installer_text("agent.sh").encode())
+        text = fill_served(text, {"SERVED_CONTROL_PLANE": installer_url(config),
+                                  "SERVED_AGENT_SHA256": agent_sha256})
+    body = text.encode()
+    return body, sha256_hex(body)
+
+
+@route("GET", "/install/<name>", auth="none")
+def get_installer(req, name):
+    if name not in INSTALLERS:
+        raise not_found("installer")
+    body, digest = served_installer(req.app.config, name)
+    return Response(200, body, "text/x-shellscript; charset=utf-8",
+                    [("Cache-Control", "no-cache"), ("X-Kokoa-Sha256", digest)])
 
 
 # Static UI ###################################################################################
@@ -3294,8 +3393,8 @@ def load_keyring(env):
         current = decode_key(env.get("WIREGUARD_KEY_ENC_SECRET") or "")
     except ValueError as err:
         state = "is missing" if not env.get("WIREGUARD_KEY_ENC_SECRET") else str(err)
-        raise CLIError(f"WIREGUARD_KEY_ENC_SECRET {state}; run `python kokoa.py init` or set "
-                       "it to 64 hex characters (e.g. `openssl rand -hex 32`)") from None
+        raise CLIError(f"WIREGUARD_KEY_ENC_SECRET {state}; run `{python_command()} init` or "
+                       "set it to 64 hex characters (e.g. `openssl rand -hex 32`)") from None
     old = []
     if env.get("WIREGUARD_KEY_ENC_SECRET_OLD"):
         try:
@@ -3360,11 +3459,12 @@ def cmd_init(args):
         raise CLIError(f"--wg-network must be a private CIDR such as {DEFAULT_WG_NETWORK}: "
                        f"{err}") from None
     public_url = "https://kokoa.example.com"
-    if args.public_url:
+    given = args.public_url or os.environ.get("KOKOA_PUBLIC_URL")
+    if given:
         try:
-            public_url = parse_public_url(args.public_url)[0]
+            public_url = parse_public_url(given)[0]
         except ValueError as err:
-            raise CLIError(f"--public-url {err}") from None
+            raise CLIError(f"--public-url (or KOKOA_PUBLIC_URL) {err}") from None
     lines = [
         "# kokoa control plane secrets: keep this file private (mode 0600) and backed up.",
         "# Losing WIREGUARD_KEY_ENC_SECRET makes stored WireGuard private keys unreadable.",
@@ -3375,7 +3475,7 @@ def cmd_init(args):
         "# The WireGuard tunnel network: origins and edges get their addresses from it.",
         f"KOKOA_WG_NETWORK={network}",
         "# The URL edges and browsers use; other Host names get 421 (loopback names always pass).",
-        f"{'' if args.public_url else '# '}KOKOA_PUBLIC_URL={public_url}",
+        f"{'' if given else '# '}KOKOA_PUBLIC_URL={public_url}",
         "# Behind a reverse proxy: its address (see README, Security).",
         "# KOKOA_TRUSTED_PROXY=127.0.0.1",
     ]
@@ -3386,7 +3486,7 @@ def cmd_init(args):
     with os.fdopen(fd, "w", encoding="utf-8") as handle:
         handle.write("\n".join(lines) + "\n")
     print(f"wrote {path.resolve()} (mode 0600)")
-    print("start the control plane:  python kokoa.py serve")
+    print(f"start the control plane:  {python_command()} serve")
     print("log in at http://127.0.0.1:8080/ as 'admin' with KOKOA_ADMIN_PASSWORD from that file")
     return 0
 
@@ -3715,24 +3815,34 @@ def cmd_rotate_key(args):
     return 0
 
 
+def python_command():
+    """How to run this kokoa.py again with the interpreter running it now (the venv's, which
+    has the packages), relative to the working directory where that is shorter."""
+    def short(path):
+        relative = os.path.relpath(path)
+        return relative if not relative.startswith("..") else str(path)
+    script = short(Path(__file__).resolve())
+    return f"{short(sys.executable)} {script}"
+
+
 def build_parser():
     """The argparse parser with every subcommand."""
     parser = argparse.ArgumentParser(prog="kokoa.py", description=__doc__.split("\n")[0])
     parser.add_argument("--version", action="version", version=f"kokoa {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    def add(name, func, help_text):
+    def add(name, func, help_text, env_help="KEY=VALUE file to read (default ./kokoa.env)"):
         sub = commands.add_parser(name, help=help_text, description=help_text)
-        sub.add_argument("--env-file", default=DEFAULT_ENV_FILE,
-                         help="KEY=VALUE file to read (default ./kokoa.env)")
+        sub.add_argument("--env-file", default=DEFAULT_ENV_FILE, help=env_help)
         sub.set_defaults(func=func)
         return sub
 
-    init = add("init", cmd_init, "write kokoa.env with fresh secrets (never overwrites)")
+    init = add("init", cmd_init, "write kokoa.env with fresh secrets (never overwrites)",
+               "the KEY=VALUE file to write (default ./kokoa.env); it must not exist")
     init.add_argument("--wg-network", default=DEFAULT_WG_NETWORK,
                       help=f"the tunnel network, a private CIDR (default {DEFAULT_WG_NETWORK})")
     init.add_argument("--public-url", help="the URL edges and browsers will use, e.g. "
-                      "https://kokoa.example.com (KOKOA_PUBLIC_URL)")
+                      "https://kokoa.example.com (default: $KOKOA_PUBLIC_URL when set)")
     serve = add("serve", cmd_serve, "serve the API and UI with waitress")
     serve.add_argument("--listen", help=f"HOST:PORT (default {DEFAULT_LISTEN})")
     serve.add_argument("--db", help=f"database path (default ./{DEFAULT_DB})")

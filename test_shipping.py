@@ -28,6 +28,7 @@ import sys
 import tarfile
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -74,8 +75,9 @@ def parse_env(args):
 def test_containerfile_is_small_pinned_and_non_root():
     [base] = instructions("FROM")
     assert re.fullmatch(r"\S+/python:3\.\d+\.\d+-slim-\w+", base), base
-    copies = [arg.split()[0] for arg in instructions("COPY")]
-    assert sorted(copies) == ["kokoa.py", "requirements.txt", "static/"]
+    copies = [source for arg in instructions("COPY") for source in arg.split()[:-1]]
+    assert sorted(copies) == ["agent.sh", "install-edge.sh", "install-origin.sh", "kokoa.py",
+                              "requirements.txt", "static/"]   # /install/* serves the scripts
     context = [line for line in (REPO / ".dockerignore").read_text().splitlines()
                if line and not line.startswith("#")]
     assert context == ["*", *(f"!{name}" for name in sorted(copies))]   # nothing else to copy
@@ -349,7 +351,8 @@ def test_podman_builds_a_non_root_image_with_healthcheck_and_volume(image):
     assert "/healthz" in " ".join(image.healthcheck["Test"])
     assert not [item for item in config["Env"] if item.split("=", 1)[0] in SECRET_NAMES]
     assert sorted(p.name for p in (image.root / "app").iterdir()) == [
-        "kokoa.py", "requirements.txt", "static"]
+        "agent.sh", "install-edge.sh", "install-origin.sh", "kokoa.py", "requirements.txt",
+        "static"]
     assert sorted(p.name for p in (image.root / "app/static").iterdir()) == sorted(
         p.name for p in (REPO / "static").iterdir())           # .dockerignore kept them
     data = image.root / "data"
@@ -372,6 +375,8 @@ def test_image_inits_serves_as_non_root_and_keeps_its_volume(image, tmp_path):
         health = image.healthcheck["Test"][1:]
         checked = first.run(health, timeout=30)
         assert checked.returncode == 0, checked.stderr
+        with urllib.request.urlopen(f"{url}/install/agent.sh", timeout=10) as served:
+            assert served.status == 200 and served.read().startswith(b"#!")   # COPY'd in
         values = kokoa.read_env_file(volume / "kokoa.env")
         info = (volume / "kokoa.env").stat()
         assert (info.st_uid, stat.S_IMODE(info.st_mode)) == (first.uid, 0o600)

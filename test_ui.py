@@ -425,6 +425,46 @@ def test_deleting_an_origin_in_use_explains_why_it_was_refused(ui):
     ui.assert_clean()
 
 
+def test_installing_an_origin_shows_its_token_once_and_the_one_line_command(ui):
+    server, page = ui.server, ui.page
+    ui.context.grant_permissions(["clipboard-read", "clipboard-write"], origin=server.url)
+    make_origin(server)
+    ui.open("origins")
+    ui.row("origins", "home-nas").get_by_role("button", name="Install origin home-nas").click()
+    card = page.locator("#origin-install")
+    expect(card).to_be_visible()
+    token = page.locator("#origin-token").text_content()
+    assert re.fullmatch(r"kokoa-ot-[A-Za-z0-9_-]{40,}", token), token
+    command = page.locator("#origin-command").text_content()
+    assert token not in command
+    assert command == (
+        "read -rsp 'Origin token: ' KOKOA_ORIGIN_TOKEN && export KOKOA_ORIGIN_TOKEN && "
+        f"curl -fsSL {server.url}/install/origin.sh | "
+        "sudo --preserve-env=KOKOA_ORIGIN_TOKEN bash -s")
+    card.get_by_role("button", name="Copy the origin install command").click()
+    assert page.evaluate("navigator.clipboard.readText()") == command
+    status, _, conf = server.request("GET", "/api/v1/origins/me/wireguard.conf", auth=token)
+    assert status == 200 and b"[Interface]" in conf
+    # A second Install asks first: the old token stops working.
+    ui.row("origins", "home-nas").get_by_role("button", name="Install origin home-nas").click()
+    ui.confirm("Make a new token")
+    expect(page.locator("#origin-token")).not_to_have_text(token)
+    assert server.request("GET", "/api/v1/origins/me/wireguard.conf", auth=token)[0] == 401
+    card.get_by_role("button", name="Done, hide the token").click()
+    expect(card).to_be_hidden()
+    ui.assert_clean()
+
+
+def test_an_edge_left_out_of_the_tunnels_is_flagged(ui):
+    server = ui.server
+    server.register_edge("bare-edge")
+    ui.open("edges")
+    row = ui.row("edges", "bare-edge")
+    expect(row).to_contain_text("not in origins' tunnels", timeout=EDGE_POLL_TIMEOUT_MS)
+    expect(row).to_contain_text("leave this edge out of their wireguard.conf")
+    ui.assert_clean()
+
+
 def test_hostile_names_are_rendered_as_text(ui):
     server, page = ui.server, ui.page
     origin = make_origin(server, name=HOSTILE)
@@ -462,9 +502,9 @@ def test_edge_list_shows_registered_edges_their_state_and_revokes(ui):
     # The install command carries this control plane's URL, never the bootstrap token.
     command = page.locator("#edge-command")
     expect(command).to_have_text(
-        "read -rsp 'Bootstrap token: ' KOKOA_BOOTSTRAP_TOKEN && export KOKOA_BOOTSTRAP_TOKEN\n"
-        f"sudo --preserve-env=KOKOA_BOOTSTRAP_TOKEN bash install-edge.sh --control-plane "
-        f"{server.url} --email you@example.com --edge-fqdn edge1.example.com --name edge1")
+        "read -rsp 'Bootstrap token: ' KOKOA_ENROLL_KEY && export KOKOA_ENROLL_KEY && "
+        f"curl -fsSL {server.url}/install/edge.sh | sudo --preserve-env=KOKOA_ENROLL_KEY "
+        "bash -s -- --email you@example.com --edge-fqdn edge1.example.com")
     expect(page.locator("#add-edge")).to_contain_text("kokoa.env")
     assert server.bootstrap_token not in page.content()
 
@@ -576,9 +616,9 @@ def test_enrollment_key_is_shown_once_registers_an_edge_and_can_be_revoked(ui):
     # the key is never on a command line (/proc/*/cmdline): the shell asks for it
     assert key not in command
     assert command == (
-        "read -rsp 'Enrollment key: ' KOKOA_BOOTSTRAP_TOKEN && export KOKOA_BOOTSTRAP_TOKEN\n"
-        f"sudo --preserve-env=KOKOA_BOOTSTRAP_TOKEN bash install-edge.sh --control-plane "
-        f"{server.url} --email you@example.com --edge-fqdn edge1.example.com --name edge1")
+        "read -rsp 'Enrollment key: ' KOKOA_ENROLL_KEY && export KOKOA_ENROLL_KEY && "
+        f"curl -fsSL {server.url}/install/edge.sh | sudo --preserve-env=KOKOA_ENROLL_KEY "
+        "bash -s -- --email you@example.com --edge-fqdn edge1.example.com")
     reveal.get_by_role("button", name="Copy the command with this enrollment key").click()
     assert page.evaluate("navigator.clipboard.readText()") == command
     reveal.get_by_role("button", name="Copy the enrollment key").click()
@@ -725,8 +765,8 @@ def test_every_page_fits_stays_small_and_stays_on_the_control_plane(
         ui.go("edges")
         ui.page.get_by_role("button", name="Copy the install command").click()
         command = ui.page.evaluate("navigator.clipboard.readText()")
-        assert f"\nsudo --preserve-env=KOKOA_BOOTSTRAP_TOKEN bash install-edge.sh " \
-               f"--control-plane {server.url} " in command
+        assert f"curl -fsSL {server.url}/install/edge.sh | sudo " \
+               "--preserve-env=KOKOA_ENROLL_KEY bash -s -- " in command
 
         off_site = [u for u in ui.requests
                     if not (u.startswith(server.url + "/") or u.startswith("data:"))]

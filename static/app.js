@@ -471,6 +471,11 @@
       cellWith("Routes", "num", el("span", {title: routes, text: String(origin.route_count)})),
       el("td", {class: "row-actions", role: "cell"},
         el("button", {
+          type: "button", class: "btn small", "data-action": "install",
+          "aria-label": `Install origin ${origin.name}`, text: "Install",
+          onclick: () => installOrigin(origin),
+        }),
+        el("button", {
           type: "button", class: "btn small", "data-action": "edit",
           "aria-label": `Edit origin ${origin.name}`, text: "Edit",
           onclick: () => editOrigin(origin),
@@ -1213,10 +1218,21 @@
       (outdated || left) ? el("span", {class: "badges"}, outdated, left) : null];
   }
 
+  /** The control plane's warnings about an edge (e.g. no tunnel address or key: origins
+   *  leave it out of their wireguard.conf), one badge each with the words in full. */
+  function edgeWarnings(edge) {
+    const warnings = edge.warnings || [];
+    if (!warnings.length) return null;
+    return el("span", {class: "badges"}, ...warnings.map((text) =>
+      el("span", {class: "badge bad", "data-warning": "edge", text: "not in origins' tunnels", title: text})),
+    el("span", {class: "sub error-text", text: warnings.join(" ")}));
+  }
+
   function edgeRow(edge) {
     const wg = cell("WireGuard",
       edge.wg_ip ? el("code", {text: edge.wg_ip}) : el("span", {class: "muted", text: "—"}),
-      edge.wg_endpoint ? el("span", {class: "sub", text: edge.wg_endpoint}) : null);
+      edge.wg_endpoint ? el("span", {class: "sub", text: edge.wg_endpoint}) : null,
+      edgeWarnings(edge));
     const error = edge.last_error
       ? el("span", {class: "error-text", text: edge.last_error})
       : el("span", {class: "muted", text: "none"});
@@ -1283,8 +1299,45 @@
   /** The secret is read by the shell (not echoed, not in history) and handed over in the
    *  environment: on a command line every local user could read it in /proc. */
   function installCommand(prompt) {
-    return `read -rsp '${prompt}: ' KOKOA_BOOTSTRAP_TOKEN && export KOKOA_BOOTSTRAP_TOKEN\n` +
-      `sudo --preserve-env=KOKOA_BOOTSTRAP_TOKEN bash install-edge.sh --control-plane ${controlPlaneUrl()} --email you@example.com --edge-fqdn edge1.example.com --name edge1`;
+    return `read -rsp '${prompt}: ' KOKOA_ENROLL_KEY && export KOKOA_ENROLL_KEY && ` +
+      `curl -fsSL ${controlPlaneUrl()}/install/edge.sh | sudo --preserve-env=KOKOA_ENROLL_KEY bash -s -- --email you@example.com --edge-fqdn edge1.example.com`;
+  }
+
+  /** The origin's one paste: the control plane's origin.sh, with the origin's own token read
+   *  into the environment (never argv); it fetches wireguard.conf and keeps it fresh. */
+  function originInstallCommand() {
+    return "read -rsp 'Origin token: ' KOKOA_ORIGIN_TOKEN && export KOKOA_ORIGIN_TOKEN && " +
+      `curl -fsSL ${controlPlaneUrl()}/install/origin.sh | sudo --preserve-env=KOKOA_ORIGIN_TOKEN bash -s`;
+  }
+
+  /** "Install": make the origin's token (replacing an earlier one) and show it once, with the
+   *  command that installs the origin. */
+  function installOrigin(origin) {
+    const show = async () => {
+      const made = await api("POST", `/origins/${encodeURIComponent(origin.id)}/token`, {});
+      $("#origin-install-name").textContent = origin.name;
+      $("#origin-token").textContent = made.token;
+      $("#origin-command").textContent = originInstallCommand();
+      $("#origin-install").hidden = false;
+      $("#origin-install-title").focus();
+      await loadOrigins();
+    };
+    if (!origin.has_token) return show().catch((err) => banner(err.message, "error"));
+    confirmAction({
+      title: `New token for ${origin.name}?`,
+      text: "The origin's current token stops working at once: an origin installed with it stops refreshing its peers until it is installed again with the new one.",
+      button: "Make a new token",
+      action: show,
+    });
+  }
+
+  function setupOriginInstall() {
+    $("#copy-origin-token").addEventListener("click", (event) => copyText($("#origin-token").textContent, event.currentTarget));
+    $("#copy-origin-command").addEventListener("click", (event) => copyText($("#origin-command").textContent, event.currentTarget));
+    $("#origin-install-done").addEventListener("click", () => {
+      for (const id of ["#origin-token", "#origin-command", "#origin-install-name"]) $(id).textContent = "";
+      $("#origin-install").hidden = true;
+    });
   }
 
   function renderEdgeHelp() {
@@ -1510,6 +1563,7 @@
     setupPolicyEdit();
     setupSettings();
     setupEdgeHelp();
+    setupOriginInstall();
     setupEnrollKeys();
     $("#confirm-cancel").addEventListener("click", () => $("#confirm-dialog").close());
     $(".skip-link").addEventListener("click", (event) => {
