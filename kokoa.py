@@ -122,6 +122,14 @@ PASSWORD_MAX_LENGTH = 1024
 PASSWORD_MAX_BYTES = 511            # crypt(3) of the edges (libxcrypt) refuses longer passphrases
 SHA512_CRYPT_ROUNDS = 5000
 CRYPT_ALPHABET = "./0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+# Admin sessions (issue 16): the UI's login. Only the SHA-256 of a cookie is stored.
+SESSION_IDLE_SECONDS = 12 * 3600
+SESSION_MAX_SECONDS = 7 * 86400
+SESSION_LIMIT = 32                # sessions at once; a login past it ends the least recently used
+SESSION_TOUCH_SECONDS = 60.0      # how stale a session's stored last use may get
+SESSION_COOKIE = "kokoa_session"                  # over plain http on loopback
+SESSION_COOKIE_SECURE = "__Host-kokoa_session"    # everywhere else: Secure, so the __Host- prefix
+SESSION_TOKEN_RE = re.compile(r"[A-Za-z0-9_-]{43}")
 
 
 @dataclasses.dataclass
@@ -650,6 +658,18 @@ MIGRATIONS = [
         "ALTER TABLE routes ADD COLUMN access_policy_id TEXT "
         "REFERENCES access_policies (id) ON DELETE RESTRICT",
         "CREATE INDEX routes_access_policy_id ON routes (access_policy_id)",
+    ],
+    [
+        # Admin sessions (issue 16): a cookie is stored only as its SHA-256; password_mac, a
+        # keyed MAC of the admin credentials it was opened with, ends it when they change.
+        f"""
+        CREATE TABLE admin_sessions (
+            id           TEXT PRIMARY KEY CHECK (length(id) = 36),
+            token_hash   TEXT NOT NULL UNIQUE CHECK (length(token_hash) = 64),
+            password_mac TEXT NOT NULL CHECK (length(password_mac) = 64),
+            created_at   TEXT NOT NULL DEFAULT {NOW_SQL},
+            last_used_at TEXT NOT NULL DEFAULT {NOW_SQL}
+        )""",
     ],
 ]
 
@@ -1948,6 +1968,77 @@ def store_settings(db, body):
     return read_settings(db)
 
 
+# Admin sessions
+
+def admin_fingerprint(config):
+    """A MAC of the admin user and password, kept with each session: a session opened with
+    other credentials (the password changed since) is over. Keyed with the encryption key,
+    so that a copy of the database tests no password guesses."""
+    key = hmac.new(config.keyring.current, b"kokoa:admin-session", hashlib.sha256).digest()
+    message = f"{config.admin_user}\0{config.admin_password}".encode("utf-8", "surrogatepass")
+    return hmac.new(key, message, hashlib.sha256).hexdigest()
+
+
+def session_expires_at(row):
+    """When a session ends unless it is used again: idle 12 h, at most 7 days after login."""
+    return min(parse_iso_time(row["created_at"]) + SESSION_MAX_SECONDS,
+               parse_iso_time(row["last_used_at"]) + SESSION_IDLE_SECONDS)
+
+
+def open_session(db, config, ended_tokens=()):
+    """A fresh session: (cookie token, row). Ends the sessions of `ended_tokens` (what the
+    browser held: a login never keeps a cookie it did not make), expired ones, ones of other
+    credentials and, past SESSION_LIMIT, the least recently used."""
+    token, session_id, now = new_token(), new_id(), time.time()
+    fingerprint = admin_fingerprint(config)
+    with transaction(db):
+        for old in ended_tokens:
+            db.execute("DELETE FROM admin_sessions WHERE token_hash = ?", (hash_token(old),))
+        db.execute(
+            """
+            DELETE FROM admin_sessions
+             WHERE created_at <= ? OR last_used_at <= ? OR password_mac != ?""",
+            (iso_time(now - SESSION_MAX_SECONDS), iso_time(now - SESSION_IDLE_SECONDS),
+             fingerprint))
+        db.execute(
+            """
+            DELETE FROM admin_sessions
+             WHERE rowid IN (SELECT rowid FROM admin_sessions
+                              ORDER BY last_used_at DESC, rowid DESC
+                              LIMIT -1 OFFSET ?)""", (SESSION_LIMIT - 1,))
+        db.execute(
+            """
+            INSERT INTO admin_sessions (id, token_hash, password_mac, created_at, last_used_at)
+            VALUES (?, ?, ?, ?, ?)""",
+            (session_id, hash_token(token), fingerprint, iso_time(now), iso_time(now)))
+    return token, db.execute("SELECT * FROM admin_sessions WHERE id = ?",
+                             (session_id,)).fetchone()
+
+
+def session_of(db, config, token):
+    """The live session `token` opens, or None: unknown, expired, or opened with other admin
+    credentials (such a row is deleted). Its last use is stored at most once a minute."""
+    digest = hash_token(token)
+    row = db.execute("SELECT * FROM admin_sessions WHERE token_hash = ?", (digest,)).fetchone()
+    if row is None or not hmac.compare_digest(row["token_hash"], digest):
+        return None
+    now = time.time()
+    over = now >= session_expires_at(row) or not hmac.compare_digest(
+        row["password_mac"], admin_fingerprint(config))
+    with contextlib.suppress(sqlite3.OperationalError):    # read-only storage: reads go on
+        if over:
+            db.execute("DELETE FROM admin_sessions WHERE id = ?", (row["id"],))
+        elif now - parse_iso_time(row["last_used_at"]) >= SESSION_TOUCH_SECONDS:
+            db.execute("UPDATE admin_sessions SET last_used_at = ? WHERE id = ?",
+                       (iso_time(now), row["id"]))
+    return None if over else row
+
+
+def close_session(db, session_id):
+    """End a session (logout): its cookie opens nothing from now on."""
+    db.execute("DELETE FROM admin_sessions WHERE id = ?", (session_id,))
+
+
 # Stored rows, checked again (a backup to restore may have been crafted)
 
 def as_stored(value, normalised, field):
@@ -2052,9 +2143,21 @@ def check_origin_row(row, network):
         optional(check_hex64, row["token_hash"], "token_hash")
 
 
+def check_admin_session_row(row, network):
+    check_id(row["id"])
+    check_hex64(row["token_hash"], "token_hash")
+    check_hex64(row["password_mac"], "password_mac")
+    for field in ("created_at", "last_used_at"):
+        try:
+            as_stored(row[field], iso_time(parse_iso_time(row[field])), field)
+        except (TypeError, ValueError):
+            raise invalid(field, f"{field} is not an ISO 8601 UTC time") from None
+
+
 ROW_CHECKS = {"origins": check_origin_row, "edge_nodes": check_edge_row,
               "routes": check_route_row, "enrollment_keys": check_enrollment_key_row,
-              "settings": check_setting_row, "access_policies": check_access_policy_row}
+              "settings": check_setting_row, "access_policies": check_access_policy_row,
+              "admin_sessions": check_admin_session_row}
 
 
 def stored_row_problems(db, network):
@@ -2518,6 +2621,52 @@ def origin_allowed(origin, public_host):
     return is_own_host(host, public_host)
 
 
+def session_secure(req):
+    """Whether a session cookie is marked Secure: always, but over plain http on loopback."""
+    return not (req.local and req.environ.get("wsgi.url_scheme", "http") == "http")
+
+
+def session_cookie_name(req):
+    """The cookie name for this transport (the Secure one carries the __Host- prefix)."""
+    return SESSION_COOKIE_SECURE if session_secure(req) else SESSION_COOKIE
+
+
+def session_tokens(req):
+    """Every well-formed session token the Cookie header carries (a sibling site may have
+    set one of the same name beside ours: each is tried, none is trusted for being there)."""
+    name, tokens = session_cookie_name(req), []
+    for part in req.header("Cookie").split(";")[:64]:
+        key, sep, value = part.strip().partition("=")
+        if sep and key == name and SESSION_TOKEN_RE.fullmatch(value.strip()):
+            tokens.append(value.strip())
+    return tokens[:4]
+
+
+def session_cookie(req, token, max_age=SESSION_MAX_SECONDS):
+    """A Set-Cookie header for `token` ("" with max_age 0 clears the cookie)."""
+    secure = "; Secure" if session_secure(req) else ""
+    return ("Set-Cookie", f"{session_cookie_name(req)}={token}; Path=/; Max-Age={max_age}; "
+                          f"HttpOnly; SameSite=Strict{secure}")
+
+
+def same_origin(req):
+    """A browser request from this control plane's own page: Sec-Fetch-Site says so, or Origin
+    is exactly this request's scheme://Host (another port of localhost is another origin, and
+    SameSite would still send it our cookie)."""
+    if req.header("Sec-Fetch-Site") == "same-origin":
+        return True
+    scheme = "https" if session_secure(req) else "http"
+    default = {"https": ":443", "http": ":80"}[scheme]
+    expected = f"{scheme}://{req.header('Host').strip().lower()}".removesuffix(default)
+    return req.header("Origin").strip().lower().removesuffix(default) == expected
+
+
+def ui_request(req):
+    """A fetch of the UI (its X-Requested-With marker, or a session cookie): a 401 then carries
+    no Basic challenge, so that the browser shows the login page, not its own prompt."""
+    return bool(req.header("X-Requested-With") or session_tokens(req))
+
+
 def bearer_token(req):
     """The token of an `Authorization: Bearer` header ("" without one)."""
     scheme, _, token = req.header("Authorization").partition(" ")
@@ -2569,6 +2718,8 @@ class Request:
         self.request_id = given_id if REQUEST_ID_RE.fullmatch(given_id) else new_request_id()
         self.edge_id = None
         self.origin = None          # the origin row an origin token opened
+        self.session = None         # the admin session row a cookie opened
+        self.admin_via = None       # how the admin got in: "basic", "session" or "loopback"
         self.route_pattern = "unmatched"      # labels for metrics: bounded, never raw input
         self.metrics_method = "other"
         self._db = None
@@ -2869,29 +3020,54 @@ class App:
             self.authenticate_origin(req)
 
     def authenticate_admin(self, req):
-        """HTTP Basic with the admin credentials; loopback only when no password is set."""
-        challenge = [("WWW-Authenticate", 'Basic realm="kokoa", charset="UTF-8"')]
+        """HTTP Basic or a session cookie; loopback only when no password is set."""
+        challenge = [] if ui_request(req) else [
+            ("WWW-Authenticate", 'Basic realm="kokoa", charset="UTF-8"')]
         if not self.config.admin_password:
             if req.local:
+                req.admin_via = "loopback"
                 return
             raise HTTPError(401, "unauthorized", "no admin password is set: the admin API "
                             "answers loopback clients only", headers=challenge)
         scheme, _, encoded = req.header("Authorization").partition(" ")
         if scheme.lower() != "basic":
-            raise HTTPError(401, "unauthorized", "admin credentials required",
-                            headers=challenge)
-        fail = self.rate_limited("admin", req)
-        self.admin_slowdown.check()
+            self.authenticate_session(req, challenge)
+            return
         try:
             user, _, password = base64.b64decode(encoded.strip(), validate=True) \
                 .decode("utf-8").partition(":")
         except (binascii.Error, ValueError):
             user, password = "", ""
+        self.check_admin_login(req, user, password, challenge)
+        req.admin_via = "basic"
+
+    def check_admin_login(self, req, user, password, challenge=()):
+        """401 unless these are the admin credentials; failures are rate-limited per client
+        and, past a threshold, slowed down for everyone (Basic and the login page alike)."""
+        fail = self.rate_limited("admin", req)
+        self.admin_slowdown.check()
         user_ok = tokens_equal(user, self.config.admin_user)
         if not (tokens_equal(password, self.config.admin_password) and user_ok):
             fail()
             self.admin_slowdown.fail()
-            raise HTTPError(401, "unauthorized", "wrong admin credentials", headers=challenge)
+            raise HTTPError(401, "unauthorized", "wrong admin credentials",
+                            headers=list(challenge))
+
+    def authenticate_session(self, req, challenge):
+        """A live session cookie; a write with it must come from our own page (403)."""
+        tokens = session_tokens(req)
+        for token in tokens:
+            req.session = session_of(req.db, self.config, token)
+            if req.session is not None:
+                break
+        if req.session is None:
+            message = ("your session has ended (expired, logged out, or the admin password "
+                       "changed): log in again") if tokens else "admin credentials required"
+            raise HTTPError(401, "unauthorized", message, headers=challenge)
+        if req.method not in ("GET", "HEAD") and not same_origin(req):
+            raise HTTPError(403, "forbidden", "a change made with a session cookie must come "
+                            "from this control plane's own page (same-origin Origin)")
+        req.admin_via = "session"
 
     def authenticate_edge(self, req):
         """Bearer node token, looked up by its hash; revoked or unknown tokens fail."""
@@ -3132,6 +3308,43 @@ def delete_edge_node(req, id):
     return 204, None
 
 
+@route("POST", "/api/v1/session", auth="none")
+def create_session(req):
+    app = req.app
+    if not app.config.admin_password:
+        raise HTTPError(403, "forbidden", "no admin password is set: there is no login; the "
+                        "admin API answers this machine's own clients without one")
+    if req.header("Origin") and not same_origin(req):     # no login from another page
+        raise HTTPError(403, "forbidden", "log in from this control plane's own page")
+    body = req.json()
+    check_fields(body, ("username", "password"), required=("username", "password"))
+    for field in ("username", "password"):
+        if not isinstance(body[field], str) or len(body[field]) > PASSWORD_MAX_LENGTH:
+            raise invalid(field, f"{field} must be a string of at most "
+                                 f"{PASSWORD_MAX_LENGTH} characters")
+    app.check_admin_login(req, body["username"], body["password"])
+    token, row = open_session(req.db, app.config, session_tokens(req))
+    log.info("admin logged in: session %s", row["id"])
+    return Response(204, headers=[session_cookie(req, token)])
+
+
+@route("GET", "/api/v1/session")
+def get_session(req):
+    session = req.session
+    return 200, {"username": req.app.config.admin_user if req.admin_via != "loopback" else None,
+                 "method": req.admin_via,
+                 "created_at": session["created_at"] if session else None,
+                 "expires_at": iso_time(session_expires_at(session)) if session else None}
+
+
+@route("DELETE", "/api/v1/session")
+def delete_session(req):
+    if req.session is not None:
+        close_session(req.db, req.session["id"])
+        log.info("admin logged out: session %s", req.session["id"])
+    return Response(204, headers=[session_cookie(req, "", max_age=0)])
+
+
 @route("GET", "/api/v1/settings")
 def get_settings(req):
     return 200, settings_json(req, read_settings(req.db))
@@ -3234,12 +3447,12 @@ def static_file(name):
                     [("Cache-Control", "no-cache")])
 
 
-@route("GET", "/")
+@route("GET", "/", auth="none")       # the UI's shell holds no data: its login page must load
 def get_index(req):
     return static_file("index.html")
 
 
-@route("GET", "/static/<name>")
+@route("GET", "/static/<name>", auth="none")
 def get_static(req, name):
     return static_file(name)
 
