@@ -212,19 +212,22 @@ def parse_listen(text):
 class HTTPError(Exception):
     """An error answered as a JSON envelope: {"error": {"code", "message", "field"?}}."""
 
-    def __init__(self, status, code, message, field=None, headers=None):
+    def __init__(self, status, code, message, field=None, headers=None, fields=None):
         super().__init__(message)
         self.status = status
         self.code = code
         self.message = message
         self.field = field
         self.headers = headers or []
+        self.fields = fields        # every field at fault: [{"field", "message"}], first = field
 
     def body(self):
         """The JSON envelope as a dict."""
         error = {"code": self.code, "message": self.message}
         if self.field is not None:
             error["field"] = self.field
+        if self.fields:
+            error["fields"] = self.fields
         return {"error": error}
 
 
@@ -236,6 +239,34 @@ def invalid(field, message):
 def conflict(field, message):
     """A 409 conflict error naming `field`."""
     return HTTPError(409, "conflict", message, field=field)
+
+
+def gather(errors, check, *args):
+    """check(*args); if it raises a 400 naming a field, None and the error added to `errors`,
+    so that a form hears of every field at fault at once (raise_gathered answers them)."""
+    try:
+        return check(*args)
+    except HTTPError as err:
+        if err.status != 400 or err.field is None:
+            raise
+        errors.append(err)
+        return None
+
+
+def gather_required(errors, body, field, check, *args):
+    """gather() of check(body[field], *args), or "field is required" when it is absent."""
+    if body.get(field) is None:
+        errors.append(invalid(field, f"{field} is required"))
+        return None
+    return gather(errors, check, body[field], *args)
+
+
+def raise_gathered(errors):
+    """One 400 for every gathered error: `field` and `message` the first's, `fields` all."""
+    if errors:
+        first = errors[0]
+        raise HTTPError(400, first.code, first.message, field=first.field,
+                        fields=[{"field": err.field, "message": err.message} for err in errors])
 
 
 def not_found(what="resource"):
@@ -1175,14 +1206,17 @@ def seal_private_key(keyring, origin_id, private_raw):
 
 def insert_origin(db, config, body):
     """Validate and insert an origin; returns its row."""
-    check_fields(body, ORIGIN_FIELDS, required=("name",))
-    name = validate_name(body["name"])
-    endpoint = validate_endpoint(body.get("wg_endpoint"))
-    public, private_raw = resolve_wg_keys(body.get("wg_public_key"), body.get("wg_private_key"))
+    check_fields(body, ORIGIN_FIELDS)
+    errors = []
+    name = gather_required(errors, body, "name", validate_name)
+    endpoint = gather(errors, validate_endpoint, body.get("wg_endpoint"))
+    public, private_raw = gather(errors, resolve_wg_keys, body.get("wg_public_key"),
+                                 body.get("wg_private_key")) or (None, None)
     origin_id = new_id()
     with transaction(db):
+        wg_ip = gather(errors, wg_ip_or_assigned, db, config, body.get("wg_ip"))
+        raise_gathered(errors)
         check_unique(db, "origins", "name_key", name_key(name), "name")
-        wg_ip = wg_ip_or_assigned(db, config, body.get("wg_ip"))
         check_wg_ip_free(db, wg_ip)
         check_unique(db, "origins", "wg_public_key", public, "wg_public_key")
         db.execute(
@@ -1217,16 +1251,18 @@ def origin_key_changes(config, row, body):
 def patch_origin(db, config, origin_id, body):
     """Validate and apply a partial update to an origin; returns its row."""
     check_fields(body, ORIGIN_FIELDS)
+    errors = []
     with transaction(db):
         row = get_origin_row(db, origin_id)
-        name = validate_name(body["name"]) if "name" in body else row["name"]
+        name = gather(errors, validate_name, body["name"]) if "name" in body else row["name"]
         wg_ip = row["wg_ip"]
         if "wg_ip" in body:
-            wg_ip = validate_wg_ip(body["wg_ip"], config.wg_network)
+            wg_ip = gather(errors, validate_wg_ip, body["wg_ip"], config.wg_network)
         endpoint = row["wg_endpoint"]
         if "wg_endpoint" in body:
-            endpoint = validate_endpoint(body["wg_endpoint"])
-        public, sealed = origin_key_changes(config, row, body)
+            endpoint = gather(errors, validate_endpoint, body["wg_endpoint"])
+        public, sealed = gather(errors, origin_key_changes, config, row, body) or (None, None)
+        raise_gathered(errors)
         check_unique(db, "origins", "name_key", name_key(name), "name", origin_id)
         check_wg_ip_free(db, wg_ip, origin_id)
         check_unique(db, "origins", "wg_public_key", public, "wg_public_key", origin_id)
@@ -1286,10 +1322,57 @@ MAX_BODY_SIZE_MIB = 1048576        # 1 TiB: "no limit" is 0
 ROUTE_OPTIONS = {"max_body_size": 0, "buffering": True, "hsts": True, "enabled": True}
 
 
+def hostname_from_url(value, field="hostname"):
+    """A hostname typed as a URL (https://app.example.com/) as its bare name. A port, path,
+    query or user name in it is refused, never dropped silently; anything else is returned
+    as it was, for normalize_hostname to judge."""
+    if not isinstance(value, str) or not re.search(r"[/:@?#]", value) \
+            or is_ip_address(value.strip().strip("[]")):
+        return value
+    text = check_text(value, field, 1024).strip()     # urlsplit drops tabs and newlines
+    try:
+        parts = urllib.parse.urlsplit(text if "://" in text else "//" + text)
+    except ValueError:          # an unclosed [ of an IPv6 literal
+        raise invalid(field, f"{field} must be a name such as app.example.com") from None
+    try:
+        port = parts.port
+    except ValueError:
+        port = parts.netloc.rpartition(":")[2]
+    if parts.scheme.lower() not in ("", "http", "https") or not parts.hostname:
+        raise invalid(field, f"{field} must be a name such as app.example.com, or its "
+                             "https:// URL")
+    if parts.username is not None or parts.password is not None:
+        raise invalid(field, f"{field} must not carry a user name or password")
+    if port is not None:
+        raise invalid(field, f"{field} must not carry a port (:{port}): edges serve every "
+                             "hostname on 443 (and 80); the origin's port is target_port")
+    if parts.path not in ("", "/") or parts.query or parts.fragment:
+        raise invalid(field, f"{field} must be a name without a path or query: a route "
+                             "serves the whole site")
+    return parts.hostname
+
+
+def route_hostname(value, field="hostname"):
+    """A route's hostname from the API: a bare name or its URL, normalised."""
+    return normalize_hostname(hostname_from_url(value, field), field)
+
+
+def hostname_unicode(hostname):
+    """The Unicode form of an IDN hostname (xn-- labels decoded), or None when it has none."""
+    if "xn--" not in hostname:
+        return None
+    try:
+        text = hostname.encode("ascii").decode("idna")
+    except UnicodeError:
+        return None
+    return text if text != hostname else None
+
+
 def route_json(row):
     """The public JSON of a route row."""
     return {
-        "id": row["id"], "hostname": row["hostname"], "origin_id": row["origin_id"],
+        "id": row["id"], "hostname": row["hostname"],
+        "hostname_unicode": hostname_unicode(row["hostname"]), "origin_id": row["origin_id"],
         "origin_name": row["origin_name"], "target_port": row["target_port"],
         **route_options_of(row), "access_policy_id": row["access_policy_id"],
         "access_policy_name": row["access_policy_name"], "created_at": row["created_at"],
@@ -1336,14 +1419,19 @@ def check_origin_exists(db, origin_id):
 
 def insert_route(db, body):
     """Validate and insert a route; returns its row."""
-    check_fields(body, ROUTE_FIELDS + ROUTE_EXTRA_FIELDS, required=ROUTE_FIELDS)
-    hostname = normalize_hostname(body["hostname"])
-    port = validate_port(body["target_port"])
-    options = validate_route_options(body)
+    check_fields(body, ROUTE_FIELDS + ROUTE_EXTRA_FIELDS)
+    errors = []
+    hostname = gather_required(errors, body, "hostname", route_hostname)
+    if body.get("origin_id") is None:
+        errors.append(invalid("origin_id", "origin_id is required"))
+    port = gather_required(errors, body, "target_port", validate_port)
+    options = gather(errors, validate_route_options, body)
     route_id = new_id()
     with transaction(db):
-        origin_id = check_origin_exists(db, body["origin_id"])
-        policy_id = check_policy_exists(db, body.get("access_policy_id"))
+        origin_id = None if body.get("origin_id") is None \
+            else gather(errors, check_origin_exists, db, body["origin_id"])
+        policy_id = gather(errors, check_policy_exists, db, body.get("access_policy_id"))
+        raise_gathered(errors)
         check_unique(db, "routes", "hostname", hostname, "hostname")
         db.execute(
             """
@@ -1359,20 +1447,22 @@ def insert_route(db, body):
 def patch_route(db, route_id, body):
     """Validate and apply a partial update to a route; returns its row."""
     check_fields(body, ROUTE_FIELDS + ROUTE_EXTRA_FIELDS)
+    errors = []
     with transaction(db):
         row = get_route_row(db, route_id)
-        options = validate_route_options(body, route_options_of(row))
         hostname = row["hostname"]
         if "hostname" in body:
-            hostname = normalize_hostname(body["hostname"])
-        port = validate_port(body["target_port"]) if "target_port" in body \
-            else row["target_port"]
+            hostname = gather(errors, route_hostname, body["hostname"])
         origin_id = row["origin_id"]
         if "origin_id" in body:
-            origin_id = check_origin_exists(db, body["origin_id"])
+            origin_id = gather(errors, check_origin_exists, db, body["origin_id"])
+        port = gather(errors, validate_port, body["target_port"]) if "target_port" in body \
+            else row["target_port"]
+        options = gather(errors, validate_route_options, body, route_options_of(row))
         policy_id = row["access_policy_id"]
         if "access_policy_id" in body:
-            policy_id = check_policy_exists(db, body["access_policy_id"])
+            policy_id = gather(errors, check_policy_exists, db, body["access_policy_id"])
+        raise_gathered(errors)
         check_unique(db, "routes", "hostname", hostname, "hostname", route_id)
         db.execute(
             """
