@@ -19,7 +19,7 @@ Environment (real variables win over kokoa.env):
     WIREGUARD_KEY_ENC_SECRET      32-byte key (64 hex, or base64) encrypting WireGuard keys
     WIREGUARD_KEY_ENC_SECRET_OLD  the previous key, read by rotate-key (and to read old rows)
     KOKOA_BOOTSTRAP_TOKEN         token with which edges register
-    KOKOA_ADMIN_USER              admin user name for HTTP Basic (default admin)
+    KOKOA_ADMIN_USER              admin user name for HTTP Basic and the login (default admin)
     KOKOA_ADMIN_PASSWORD          admin password; unset or empty: admin API on loopback only
     KOKOA_WG_NETWORK              the tunnel network (CIDR) every wg_ip lies in; addresses are
                                   assigned from it (unset: private addresses only)
@@ -2577,9 +2577,10 @@ AUTH_KINDS = ("admin", "edge", "origin", "local_or_admin", "none")
 def route(method, pattern, auth="admin", changes_config=False):
     """Register a handler for METHOD and a path pattern with <name> or <int:name> parts.
 
-    auth is "admin" (HTTP Basic), "edge" (Bearer node token), "local_or_admin" (loopback
-    peers, or admin) or "none"; anything else raises at import, so a typo cannot make a route
-    public. changes_config: a successful call changes the edge payload (its cache is cleared).
+    auth is "admin" (HTTP Basic or a session cookie), "edge" (Bearer node token),
+    "local_or_admin" (loopback peers, or admin) or "none"; anything else raises at import, so a
+    typo cannot make a route public. changes_config: a successful call changes the edge
+    payload (its cache is cleared).
     """
     if auth not in AUTH_KINDS:
         raise ValueError(f"route {method} {pattern}: unknown auth kind {auth!r}")
@@ -2743,12 +2744,14 @@ def same_origin(req):
     """A browser request from this control plane's own page: Sec-Fetch-Site says so, or Origin
     is exactly this request's scheme://Host (another port of localhost is another origin, and
     SameSite would still send it our cookie)."""
-    if req.header("Sec-Fetch-Site") == "same-origin":
+    origin = req.header("Origin").strip().lower()
+    if req.header("Sec-Fetch-Site") == "same-origin" or (
+            origin and origin == req.app.config.public_url):    # a proxy's Host lacks its port
         return True
     scheme = "https" if session_secure(req) else "http"
     default = {"https": ":443", "http": ":80"}[scheme]
     expected = f"{scheme}://{req.header('Host').strip().lower()}".removesuffix(default)
-    return req.header("Origin").strip().lower().removesuffix(default) == expected
+    return origin.removesuffix(default) == expected
 
 
 def ui_request(req):

@@ -347,3 +347,21 @@ def test_a_backup_with_sessions_restores_and_a_crafted_session_row_is_refused(tm
                             "UPDATE admin_sessions SET password_mac = upper(password_mac)")
     result = run_cli("restore", str(crafted), "--db", db_path, "--force", cwd=tmp_path)
     assert result.returncode == 2 and "password_mac" in result.stderr
+
+
+def test_behind_a_proxy_on_another_port_the_public_url_is_the_page_s_origin(tmp_path):
+    url, host = kokoa.parse_public_url("https://kokoa.example.com:8443")
+    server = InProcessServer(make_config(tmp_path / "k.db", public_url=url, public_host=host,
+                                         trusted_proxy=ipaddress.ip_address("127.0.0.1")))
+    # nginx's `proxy_set_header Host $host` drops the port the browser used
+    proxy = {"Host": "kokoa.example.com", "X-Forwarded-For": "203.0.113.5"}
+    try:
+        cookie = {"Cookie": logged_in(server, headers={**proxy, "Origin": url})}
+        for origin, want in ((url, 201), ("https://kokoa.example.com", 201),
+                             ("https://kokoa.example.com:9443", 403),
+                             ("http://kokoa.example.com:8443", 403)):
+            status = call(server, "POST", "/api/v1/enrollment-keys",
+                          {**proxy, **cookie, "Origin": origin}, {})[0]
+            assert status == want, origin
+    finally:
+        server.close()
