@@ -85,7 +85,10 @@ def assert_error_envelope(status, headers, raw):
     assert (headers.get("Content-Type") or "").startswith("application/json"), raw[:300]
     error = json.loads(raw)["error"]
     assert isinstance(error["code"], str) and isinstance(error["message"], str)
-    assert set(error) <= {"code", "message", "field"}
+    assert set(error) <= {"code", "message", "field", "fields"}
+    if "fields" in error:       # every field at fault (issue 16): the first is `field`
+        assert error["fields"][0] == {"field": error["field"], "message": error["message"]}
+        assert all(set(entry) == {"field", "message"} for entry in error["fields"])
     return error
 
 

@@ -20,6 +20,7 @@ from conftest import (
     basic_auth,
     edited_backup,
     make_config,
+    remember_secret,
     run_cli,
     send_request,
 )
@@ -48,6 +49,8 @@ def login(server, headers=None, password=None, username=None, source="127.0.0.1"
     body = {"username": username or server.admin_user,
             "password": server.admin_password if password is None else password}
     status, headers, data = call(server, "POST", "/api/v1/session", headers, body, source)
+    if headers.get("Set-Cookie"):       # the session audit: no log line may carry a cookie
+        remember_secret(cookie_of(headers["Set-Cookie"])[0].split("=", 1)[1])
     return status, headers.get("Set-Cookie"), data
 
 
@@ -365,3 +368,13 @@ def test_behind_a_proxy_on_another_port_the_public_url_is_the_page_s_origin(tmp_
             assert status == want, origin
     finally:
         server.close()
+
+
+@pytest.mark.parametrize("cookie", [
+    ";" * 5000, "kokoa_session", "kokoa_session=", "=" * 100, "kokoa_session=\u00e9" * 10,
+    "; ".join(f"kokoa_session={'C' * 43}" for _ in range(200)), "a=b; kokoa_session =x",
+])
+def test_hostile_cookie_headers_are_a_plain_401(server, cookie):
+    status, _, error = call(server, "GET", "/api/v1/origins",
+                            {"Cookie": cookie.encode("utf-8").decode("latin-1")})
+    assert status == 401 and error["error"]["code"] == "unauthorized"
