@@ -1050,6 +1050,12 @@ LONG_NAME = "n" * 30 + "-" + "m" * 33            # 64 characters, one word: noth
 LONG_HOST = "h" * 63 + ".a-rather-long-zone-name-for-the-layout.example.com"
 
 
+def keep_shots():
+    """Where the issue-16 screenshots are kept for people to see (as the policy ones are)."""
+    SCREENS.mkdir(parents=True, exist_ok=True)
+    return SCREENS
+
+
 def cookie_header(ui):
     """The browser's session cookie as a Cookie header, to try it from outside the browser."""
     [cookie] = [c for c in ui.context.cookies() if c["name"] == kokoa.SESSION_COOKIE]
@@ -1061,7 +1067,7 @@ def test_login_page_logout_and_an_ended_session_back_to_login(browser, kokoa_ser
     make_origin(server)
     SCREENS.mkdir(parents=True, exist_ok=True)
     for viewport in (DESKTOP, SMALL_PHONE):
-        ui = UiSession(browser, server, tmp_path, viewport, login=False)
+        ui = UiSession(browser, server, keep_shots(), viewport, login=False)
         challenges = []
         ui.page.on("response", functools.partial(note_challenge, challenges))
         try:
@@ -1142,6 +1148,7 @@ def row_texts(ui, table, label):
 
 def test_every_list_searches_and_sorts_with_one_helper(ui):
     server, page = ui.server, ui.page
+    ui.shots = keep_shots()
     nas = make_origin(server, name="home-nas", wg_ip="10.8.0.2")
     office = make_origin(server, name="office", wg_ip="10.8.0.10")
     make_origin(server, name="Attic", wg_ip="10.8.0.3")
@@ -1243,6 +1250,7 @@ def test_long_names_wrap_and_nothing_is_wider_than_the_viewport(browser, kokoa_s
 
 def test_every_field_error_is_shown_at_once(ui):
     server, page = ui.server, ui.page
+    ui.shots = keep_shots()
     make_origin(server)
     ui.open("routes")
     form = ui.add_form("route-form")
@@ -1282,6 +1290,7 @@ def test_every_field_error_is_shown_at_once(ui):
 
 def test_a_hostname_typed_as_a_url_and_an_idn_shown_in_unicode(ui):
     server, page = ui.server, ui.page
+    ui.shots = keep_shots()
     make_origin(server)
     ui.open("routes")
     form = ui.add_form("route-form")
@@ -1310,6 +1319,7 @@ def test_a_hostname_typed_as_a_url_and_an_idn_shown_in_unicode(ui):
 
 def test_switching_acme_staging_for_the_fleet_asks_first(ui):
     server, page = ui.server, ui.page
+    ui.shots = keep_shots()
     ui.open("settings")
     box = page.get_by_label("Use the Let's Encrypt staging environment")
     box.check()
