@@ -19,7 +19,7 @@ Environment (real variables win over kokoa.env):
     WIREGUARD_KEY_ENC_SECRET      32-byte key (64 hex, or base64) encrypting WireGuard keys
     WIREGUARD_KEY_ENC_SECRET_OLD  the previous key, read by rotate-key (and to read old rows)
     KOKOA_BOOTSTRAP_TOKEN         token with which edges register
-    KOKOA_ADMIN_USER              admin user name for HTTP Basic (default admin)
+    KOKOA_ADMIN_USER              admin user name for HTTP Basic and the login (default admin)
     KOKOA_ADMIN_PASSWORD          admin password; unset or empty: admin API on loopback only
     KOKOA_WG_NETWORK              the tunnel network (CIDR) every wg_ip lies in; addresses are
                                   assigned from it (unset: private addresses only)
@@ -124,6 +124,14 @@ PASSWORD_MAX_LENGTH = 1024
 PASSWORD_MAX_BYTES = 511            # crypt(3) of the edges (libxcrypt) refuses longer passphrases
 SHA512_CRYPT_ROUNDS = 5000
 CRYPT_ALPHABET = "./0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+# Admin sessions (issue 16): the UI's login. Only the SHA-256 of a cookie is stored.
+SESSION_IDLE_SECONDS = 12 * 3600
+SESSION_MAX_SECONDS = 7 * 86400
+SESSION_LIMIT = 32                # sessions at once; a login past it ends the least recently used
+SESSION_TOUCH_SECONDS = 60.0      # how stale a session's stored last use may get
+SESSION_COOKIE = "kokoa_session"                  # over plain http on loopback
+SESSION_COOKIE_SECURE = "__Host-kokoa_session"    # everywhere else: Secure, so the __Host- prefix
+SESSION_TOKEN_RE = re.compile(r"[A-Za-z0-9_-]{43}")
 
 
 @dataclasses.dataclass
@@ -206,19 +214,22 @@ def parse_listen(text):
 class HTTPError(Exception):
     """An error answered as a JSON envelope: {"error": {"code", "message", "field"?}}."""
 
-    def __init__(self, status, code, message, field=None, headers=None):
+    def __init__(self, status, code, message, field=None, headers=None, fields=None):
         super().__init__(message)
         self.status = status
         self.code = code
         self.message = message
         self.field = field
         self.headers = headers or []
+        self.fields = fields        # every field at fault: [{"field", "message"}], first = field
 
     def body(self):
         """The JSON envelope as a dict."""
         error = {"code": self.code, "message": self.message}
         if self.field is not None:
             error["field"] = self.field
+        if self.fields:
+            error["fields"] = self.fields
         return {"error": error}
 
 
@@ -230,6 +241,34 @@ def invalid(field, message):
 def conflict(field, message):
     """A 409 conflict error naming `field`."""
     return HTTPError(409, "conflict", message, field=field)
+
+
+def gather(errors, check, *args):
+    """check(*args); if it raises a 400 naming a field, None and the error added to `errors`,
+    so that a form hears of every field at fault at once (raise_gathered answers them)."""
+    try:
+        return check(*args)
+    except HTTPError as err:
+        if err.status != 400 or err.field is None:
+            raise
+        errors.append(err)
+        return None
+
+
+def gather_required(errors, body, field, check, *args):
+    """gather() of check(body[field], *args), or "field is required" when it is absent."""
+    if body.get(field) is None:
+        errors.append(invalid(field, f"{field} is required"))
+        return None
+    return gather(errors, check, body[field], *args)
+
+
+def raise_gathered(errors):
+    """One 400 for every gathered error: `field` and `message` the first's, `fields` all."""
+    if errors:
+        first = errors[0]
+        raise HTTPError(400, first.code, first.message, field=first.field,
+                        fields=[{"field": err.field, "message": err.message} for err in errors])
 
 
 def not_found(what="resource"):
@@ -652,6 +691,18 @@ MIGRATIONS = [
         "ALTER TABLE routes ADD COLUMN access_policy_id TEXT "
         "REFERENCES access_policies (id) ON DELETE RESTRICT",
         "CREATE INDEX routes_access_policy_id ON routes (access_policy_id)",
+    ],
+    [
+        # Admin sessions (issue 16): a cookie is stored only as its SHA-256; password_mac, a
+        # keyed MAC of the admin credentials it was opened with, ends it when they change.
+        f"""
+        CREATE TABLE admin_sessions (
+            id           TEXT PRIMARY KEY CHECK (length(id) = 36),
+            token_hash   TEXT NOT NULL UNIQUE CHECK (length(token_hash) = 64),
+            password_mac TEXT NOT NULL CHECK (length(password_mac) = 64),
+            created_at   TEXT NOT NULL DEFAULT {NOW_SQL},
+            last_used_at TEXT NOT NULL DEFAULT {NOW_SQL}
+        )""",
     ],
 ]
 
@@ -1180,14 +1231,17 @@ def seal_private_key(keyring, origin_id, private_raw):
 
 def insert_origin(db, config, body):
     """Validate and insert an origin; returns its row."""
-    check_fields(body, ORIGIN_FIELDS, required=("name",))
-    name = validate_name(body["name"])
-    endpoint = validate_endpoint(body.get("wg_endpoint"))
-    public, private_raw = resolve_wg_keys(body.get("wg_public_key"), body.get("wg_private_key"))
+    check_fields(body, ORIGIN_FIELDS)
+    errors = []
+    name = gather_required(errors, body, "name", validate_name)
+    endpoint = gather(errors, validate_endpoint, body.get("wg_endpoint"))
+    public, private_raw = gather(errors, resolve_wg_keys, body.get("wg_public_key"),
+                                 body.get("wg_private_key")) or (None, None)
     origin_id = new_id()
     with transaction(db):
+        wg_ip = gather(errors, wg_ip_or_assigned, db, config, body.get("wg_ip"))
+        raise_gathered(errors)
         check_unique(db, "origins", "name_key", name_key(name), "name")
-        wg_ip = wg_ip_or_assigned(db, config, body.get("wg_ip"))
         check_wg_ip_free(db, wg_ip)
         check_wg_key_free(db, public)
         db.execute(
@@ -1222,16 +1276,18 @@ def origin_key_changes(config, row, body):
 def patch_origin(db, config, origin_id, body):
     """Validate and apply a partial update to an origin; returns its row."""
     check_fields(body, ORIGIN_FIELDS)
+    errors = []
     with transaction(db):
         row = get_origin_row(db, origin_id)
-        name = validate_name(body["name"]) if "name" in body else row["name"]
+        name = gather(errors, validate_name, body["name"]) if "name" in body else row["name"]
         wg_ip = row["wg_ip"]
         if "wg_ip" in body:
-            wg_ip = validate_wg_ip(body["wg_ip"], config.wg_network)
+            wg_ip = gather(errors, validate_wg_ip, body["wg_ip"], config.wg_network)
         endpoint = row["wg_endpoint"]
         if "wg_endpoint" in body:
-            endpoint = validate_endpoint(body["wg_endpoint"])
-        public, sealed = origin_key_changes(config, row, body)
+            endpoint = gather(errors, validate_endpoint, body["wg_endpoint"])
+        public, sealed = gather(errors, origin_key_changes, config, row, body) or (None, None)
+        raise_gathered(errors)
         check_unique(db, "origins", "name_key", name_key(name), "name", origin_id)
         check_wg_ip_free(db, wg_ip, origin_id)
         check_wg_key_free(db, public, origin_id)
@@ -1291,10 +1347,57 @@ MAX_BODY_SIZE_MIB = 1048576        # 1 TiB: "no limit" is 0
 ROUTE_OPTIONS = {"max_body_size": 0, "buffering": True, "hsts": True, "enabled": True}
 
 
+def hostname_from_url(value, field="hostname"):
+    """A hostname typed as a URL (https://app.example.com/) as its bare name. A port, path,
+    query or user name in it is refused, never dropped silently; anything else is returned
+    as it was, for normalize_hostname to judge."""
+    if not isinstance(value, str) or not re.search(r"[/:@?#]", value) \
+            or is_ip_address(value.strip().strip("[]")):
+        return value
+    text = check_text(value, field, 1024).strip()     # urlsplit drops tabs and newlines
+    try:
+        parts = urllib.parse.urlsplit(text if "://" in text else "//" + text)
+    except ValueError:          # an unclosed [ of an IPv6 literal
+        raise invalid(field, f"{field} must be a name such as app.example.com") from None
+    try:
+        port = parts.port
+    except ValueError:
+        port = parts.netloc.rpartition(":")[2]
+    if parts.scheme.lower() not in ("", "http", "https") or not parts.hostname:
+        raise invalid(field, f"{field} must be a name such as app.example.com, or its "
+                             "https:// URL")
+    if parts.username is not None or parts.password is not None:
+        raise invalid(field, f"{field} must not carry a user name or password")
+    if port is not None:
+        raise invalid(field, f"{field} must not carry a port (:{port}): edges serve every "
+                             "hostname on 443 (and 80); the origin's port is target_port")
+    if parts.path not in ("", "/") or parts.query or parts.fragment:
+        raise invalid(field, f"{field} must be a name without a path or query: a route "
+                             "serves the whole site")
+    return parts.hostname
+
+
+def route_hostname(value, field="hostname"):
+    """A route's hostname from the API: a bare name or its URL, normalised."""
+    return normalize_hostname(hostname_from_url(value, field), field)
+
+
+def hostname_unicode(hostname):
+    """The Unicode form of an IDN hostname (xn-- labels decoded), or None when it has none."""
+    if "xn--" not in hostname:
+        return None
+    try:
+        text = hostname.encode("ascii").decode("idna")
+    except UnicodeError:
+        return None
+    return text if text != hostname else None
+
+
 def route_json(row):
     """The public JSON of a route row."""
     return {
-        "id": row["id"], "hostname": row["hostname"], "origin_id": row["origin_id"],
+        "id": row["id"], "hostname": row["hostname"],
+        "hostname_unicode": hostname_unicode(row["hostname"]), "origin_id": row["origin_id"],
         "origin_name": row["origin_name"], "target_port": row["target_port"],
         **route_options_of(row), "access_policy_id": row["access_policy_id"],
         "access_policy_name": row["access_policy_name"], "created_at": row["created_at"],
@@ -1341,14 +1444,19 @@ def check_origin_exists(db, origin_id):
 
 def insert_route(db, body):
     """Validate and insert a route; returns its row."""
-    check_fields(body, ROUTE_FIELDS + ROUTE_EXTRA_FIELDS, required=ROUTE_FIELDS)
-    hostname = normalize_hostname(body["hostname"])
-    port = validate_port(body["target_port"])
-    options = validate_route_options(body)
+    check_fields(body, ROUTE_FIELDS + ROUTE_EXTRA_FIELDS)
+    errors = []
+    hostname = gather_required(errors, body, "hostname", route_hostname)
+    if body.get("origin_id") is None:
+        errors.append(invalid("origin_id", "origin_id is required"))
+    port = gather_required(errors, body, "target_port", validate_port)
+    options = gather(errors, validate_route_options, body)
     route_id = new_id()
     with transaction(db):
-        origin_id = check_origin_exists(db, body["origin_id"])
-        policy_id = check_policy_exists(db, body.get("access_policy_id"))
+        origin_id = None if body.get("origin_id") is None \
+            else gather(errors, check_origin_exists, db, body["origin_id"])
+        policy_id = gather(errors, check_policy_exists, db, body.get("access_policy_id"))
+        raise_gathered(errors)
         check_unique(db, "routes", "hostname", hostname, "hostname")
         db.execute(
             """
@@ -1364,20 +1472,22 @@ def insert_route(db, body):
 def patch_route(db, route_id, body):
     """Validate and apply a partial update to a route; returns its row."""
     check_fields(body, ROUTE_FIELDS + ROUTE_EXTRA_FIELDS)
+    errors = []
     with transaction(db):
         row = get_route_row(db, route_id)
-        options = validate_route_options(body, route_options_of(row))
         hostname = row["hostname"]
         if "hostname" in body:
-            hostname = normalize_hostname(body["hostname"])
-        port = validate_port(body["target_port"]) if "target_port" in body \
-            else row["target_port"]
+            hostname = gather(errors, route_hostname, body["hostname"])
         origin_id = row["origin_id"]
         if "origin_id" in body:
-            origin_id = check_origin_exists(db, body["origin_id"])
+            origin_id = gather(errors, check_origin_exists, db, body["origin_id"])
+        port = gather(errors, validate_port, body["target_port"]) if "target_port" in body \
+            else row["target_port"]
+        options = gather(errors, validate_route_options, body, route_options_of(row))
         policy_id = row["access_policy_id"]
         if "access_policy_id" in body:
-            policy_id = check_policy_exists(db, body["access_policy_id"])
+            policy_id = gather(errors, check_policy_exists, db, body["access_policy_id"])
+        raise_gathered(errors)
         check_unique(db, "routes", "hostname", hostname, "hostname", route_id)
         db.execute(
             """
@@ -2001,6 +2111,77 @@ def store_settings(db, body):
     return read_settings(db)
 
 
+# Admin sessions
+
+def admin_fingerprint(config):
+    """A MAC of the admin user and password, kept with each session: a session opened with
+    other credentials (the password changed since) is over. Keyed with the encryption key,
+    so that a copy of the database tests no password guesses."""
+    key = hmac.new(config.keyring.current, b"kokoa:admin-session", hashlib.sha256).digest()
+    message = f"{config.admin_user}\0{config.admin_password}".encode("utf-8", "surrogatepass")
+    return hmac.new(key, message, hashlib.sha256).hexdigest()
+
+
+def session_expires_at(row):
+    """When a session ends unless it is used again: idle 12 h, at most 7 days after login."""
+    return min(parse_iso_time(row["created_at"]) + SESSION_MAX_SECONDS,
+               parse_iso_time(row["last_used_at"]) + SESSION_IDLE_SECONDS)
+
+
+def open_session(db, config, ended_tokens=()):
+    """A fresh session: (cookie token, row). Ends the sessions of `ended_tokens` (what the
+    browser held: a login never keeps a cookie it did not make), expired ones, ones of other
+    credentials and, past SESSION_LIMIT, the least recently used."""
+    token, session_id, now = new_token(), new_id(), time.time()
+    fingerprint = admin_fingerprint(config)
+    with transaction(db):
+        for old in ended_tokens:
+            db.execute("DELETE FROM admin_sessions WHERE token_hash = ?", (hash_token(old),))
+        db.execute(
+            """
+            DELETE FROM admin_sessions
+             WHERE created_at <= ? OR last_used_at <= ? OR password_mac != ?""",
+            (iso_time(now - SESSION_MAX_SECONDS), iso_time(now - SESSION_IDLE_SECONDS),
+             fingerprint))
+        db.execute(
+            """
+            DELETE FROM admin_sessions
+             WHERE rowid IN (SELECT rowid FROM admin_sessions
+                              ORDER BY last_used_at DESC, rowid DESC
+                              LIMIT -1 OFFSET ?)""", (SESSION_LIMIT - 1,))
+        db.execute(
+            """
+            INSERT INTO admin_sessions (id, token_hash, password_mac, created_at, last_used_at)
+            VALUES (?, ?, ?, ?, ?)""",
+            (session_id, hash_token(token), fingerprint, iso_time(now), iso_time(now)))
+    return token, db.execute("SELECT * FROM admin_sessions WHERE id = ?",
+                             (session_id,)).fetchone()
+
+
+def session_of(db, config, token):
+    """The live session `token` opens, or None: unknown, expired, or opened with other admin
+    credentials (such a row is deleted). Its last use is stored at most once a minute."""
+    digest = hash_token(token)
+    row = db.execute("SELECT * FROM admin_sessions WHERE token_hash = ?", (digest,)).fetchone()
+    if row is None or not hmac.compare_digest(row["token_hash"], digest):
+        return None
+    now = time.time()
+    over = now >= session_expires_at(row) or not hmac.compare_digest(
+        row["password_mac"], admin_fingerprint(config))
+    with contextlib.suppress(sqlite3.OperationalError):    # read-only storage: reads go on
+        if over:
+            db.execute("DELETE FROM admin_sessions WHERE id = ?", (row["id"],))
+        elif now - parse_iso_time(row["last_used_at"]) >= SESSION_TOUCH_SECONDS:
+            db.execute("UPDATE admin_sessions SET last_used_at = ? WHERE id = ?",
+                       (iso_time(now), row["id"]))
+    return None if over else row
+
+
+def close_session(db, session_id):
+    """End a session (logout): its cookie opens nothing from now on."""
+    db.execute("DELETE FROM admin_sessions WHERE id = ?", (session_id,))
+
+
 # Stored rows, checked again (a backup to restore may have been crafted)
 
 def as_stored(value, normalised, field):
@@ -2105,9 +2286,21 @@ def check_origin_row(row, network):
         optional(check_hex64, row["token_hash"], "token_hash")
 
 
+def check_admin_session_row(row, network):
+    check_id(row["id"])
+    check_hex64(row["token_hash"], "token_hash")
+    check_hex64(row["password_mac"], "password_mac")
+    for field in ("created_at", "last_used_at"):
+        try:
+            as_stored(row[field], iso_time(parse_iso_time(row[field])), field)
+        except (TypeError, ValueError):
+            raise invalid(field, f"{field} is not an ISO 8601 UTC time") from None
+
+
 ROW_CHECKS = {"origins": check_origin_row, "edge_nodes": check_edge_row,
               "routes": check_route_row, "enrollment_keys": check_enrollment_key_row,
-              "settings": check_setting_row, "access_policies": check_access_policy_row}
+              "settings": check_setting_row, "access_policies": check_access_policy_row,
+              "admin_sessions": check_admin_session_row}
 
 
 def stored_row_problems(db, network):
@@ -2437,9 +2630,10 @@ AUTH_KINDS = ("admin", "edge", "origin", "local_or_admin", "none")
 def route(method, pattern, auth="admin", changes_config=False):
     """Register a handler for METHOD and a path pattern with <name> or <int:name> parts.
 
-    auth is "admin" (HTTP Basic), "edge" (Bearer node token), "local_or_admin" (loopback
-    peers, or admin) or "none"; anything else raises at import, so a typo cannot make a route
-    public. changes_config: a successful call changes the edge payload (its cache is cleared).
+    auth is "admin" (HTTP Basic or a session cookie), "edge" (Bearer node token),
+    "local_or_admin" (loopback peers, or admin) or "none"; anything else raises at import, so a
+    typo cannot make a route public. changes_config: a successful call changes the edge
+    payload (its cache is cleared).
     """
     if auth not in AUTH_KINDS:
         raise ValueError(f"route {method} {pattern}: unknown auth kind {auth!r}")
@@ -2571,6 +2765,54 @@ def origin_allowed(origin, public_host):
     return is_own_host(host, public_host)
 
 
+def session_secure(req):
+    """Whether a session cookie is marked Secure: always, but over plain http on loopback."""
+    return not (req.local and req.environ.get("wsgi.url_scheme", "http") == "http")
+
+
+def session_cookie_name(req):
+    """The cookie name for this transport (the Secure one carries the __Host- prefix)."""
+    return SESSION_COOKIE_SECURE if session_secure(req) else SESSION_COOKIE
+
+
+def session_tokens(req):
+    """Every well-formed session token the Cookie header carries (a sibling site may have
+    set one of the same name beside ours: each is tried, none is trusted for being there)."""
+    name, tokens = session_cookie_name(req), []
+    for part in req.header("Cookie").split(";")[:64]:
+        key, sep, value = part.strip().partition("=")
+        if sep and key == name and SESSION_TOKEN_RE.fullmatch(value.strip()):
+            tokens.append(value.strip())
+    return tokens[:4]
+
+
+def session_cookie(req, token, max_age=SESSION_MAX_SECONDS):
+    """A Set-Cookie header for `token` ("" with max_age 0 clears the cookie)."""
+    secure = "; Secure" if session_secure(req) else ""
+    return ("Set-Cookie", f"{session_cookie_name(req)}={token}; Path=/; Max-Age={max_age}; "
+                          f"HttpOnly; SameSite=Strict{secure}")
+
+
+def same_origin(req):
+    """A browser request from this control plane's own page: Sec-Fetch-Site says so, or Origin
+    is exactly this request's scheme://Host (another port of localhost is another origin, and
+    SameSite would still send it our cookie)."""
+    origin = req.header("Origin").strip().lower()
+    if req.header("Sec-Fetch-Site") == "same-origin" or (
+            origin and origin == req.app.config.public_url):    # a proxy's Host lacks its port
+        return True
+    scheme = "https" if session_secure(req) else "http"
+    default = {"https": ":443", "http": ":80"}[scheme]
+    expected = f"{scheme}://{req.header('Host').strip().lower()}".removesuffix(default)
+    return origin.removesuffix(default) == expected
+
+
+def ui_request(req):
+    """A fetch of the UI (its X-Requested-With marker, or a session cookie): a 401 then carries
+    no Basic challenge, so that the browser shows the login page, not its own prompt."""
+    return bool(req.header("X-Requested-With") or session_tokens(req))
+
+
 def bearer_token(req):
     """The token of an `Authorization: Bearer` header ("" without one)."""
     scheme, _, token = req.header("Authorization").partition(" ")
@@ -2622,6 +2864,8 @@ class Request:
         self.request_id = given_id if REQUEST_ID_RE.fullmatch(given_id) else new_request_id()
         self.edge_id = None
         self.origin = None          # the origin row an origin token opened
+        self.session = None         # the admin session row a cookie opened
+        self.admin_via = None       # how the admin got in: "basic", "session" or "loopback"
         self.route_pattern = "unmatched"      # labels for metrics: bounded, never raw input
         self.metrics_method = "other"
         self._db = None
@@ -2922,29 +3166,54 @@ class App:
             self.authenticate_origin(req)
 
     def authenticate_admin(self, req):
-        """HTTP Basic with the admin credentials; loopback only when no password is set."""
-        challenge = [("WWW-Authenticate", 'Basic realm="kokoa", charset="UTF-8"')]
+        """HTTP Basic or a session cookie; loopback only when no password is set."""
+        challenge = [] if ui_request(req) else [
+            ("WWW-Authenticate", 'Basic realm="kokoa", charset="UTF-8"')]
         if not self.config.admin_password:
             if req.local:
+                req.admin_via = "loopback"
                 return
             raise HTTPError(401, "unauthorized", "no admin password is set: the admin API "
                             "answers loopback clients only", headers=challenge)
         scheme, _, encoded = req.header("Authorization").partition(" ")
         if scheme.lower() != "basic":
-            raise HTTPError(401, "unauthorized", "admin credentials required",
-                            headers=challenge)
-        fail = self.rate_limited("admin", req)
-        self.admin_slowdown.check()
+            self.authenticate_session(req, challenge)
+            return
         try:
             user, _, password = base64.b64decode(encoded.strip(), validate=True) \
                 .decode("utf-8").partition(":")
         except (binascii.Error, ValueError):
             user, password = "", ""
+        self.check_admin_login(req, user, password, challenge)
+        req.admin_via = "basic"
+
+    def check_admin_login(self, req, user, password, challenge=()):
+        """401 unless these are the admin credentials; failures are rate-limited per client
+        and, past a threshold, slowed down for everyone (Basic and the login page alike)."""
+        fail = self.rate_limited("admin", req)
+        self.admin_slowdown.check()
         user_ok = tokens_equal(user, self.config.admin_user)
         if not (tokens_equal(password, self.config.admin_password) and user_ok):
             fail()
             self.admin_slowdown.fail()
-            raise HTTPError(401, "unauthorized", "wrong admin credentials", headers=challenge)
+            raise HTTPError(401, "unauthorized", "wrong admin credentials",
+                            headers=list(challenge))
+
+    def authenticate_session(self, req, challenge):
+        """A live session cookie; a write with it must come from our own page (403)."""
+        tokens = session_tokens(req)
+        for token in tokens:
+            req.session = session_of(req.db, self.config, token)
+            if req.session is not None:
+                break
+        if req.session is None:
+            message = ("your session has ended (expired, logged out, or the admin password "
+                       "changed): log in again") if tokens else "admin credentials required"
+            raise HTTPError(401, "unauthorized", message, headers=challenge)
+        if req.method not in ("GET", "HEAD") and not same_origin(req):
+            raise HTTPError(403, "forbidden", "a change made with a session cookie must come "
+                            "from this control plane's own page (same-origin Origin)")
+        req.admin_via = "session"
 
     def authenticate_edge(self, req):
         """Bearer node token, looked up by its hash; revoked or unknown tokens fail."""
@@ -3185,6 +3454,43 @@ def delete_edge_node(req, id):
     return 204, None
 
 
+@route("POST", "/api/v1/session", auth="none")
+def create_session(req):
+    app = req.app
+    if not app.config.admin_password:
+        raise HTTPError(403, "forbidden", "no admin password is set: there is no login; the "
+                        "admin API answers this machine's own clients without one")
+    if req.header("Origin") and not same_origin(req):     # no login from another page
+        raise HTTPError(403, "forbidden", "log in from this control plane's own page")
+    body = req.json()
+    check_fields(body, ("username", "password"), required=("username", "password"))
+    for field in ("username", "password"):
+        if not isinstance(body[field], str) or len(body[field]) > PASSWORD_MAX_LENGTH:
+            raise invalid(field, f"{field} must be a string of at most "
+                                 f"{PASSWORD_MAX_LENGTH} characters")
+    app.check_admin_login(req, body["username"], body["password"])
+    token, row = open_session(req.db, app.config, session_tokens(req))
+    log.info("admin logged in: session %s", row["id"])
+    return Response(204, headers=[session_cookie(req, token)])
+
+
+@route("GET", "/api/v1/session")
+def get_session(req):
+    session = req.session
+    return 200, {"username": req.app.config.admin_user if req.admin_via != "loopback" else None,
+                 "method": req.admin_via,
+                 "created_at": session["created_at"] if session else None,
+                 "expires_at": iso_time(session_expires_at(session)) if session else None}
+
+
+@route("DELETE", "/api/v1/session")
+def delete_session(req):
+    if req.session is not None:
+        close_session(req.db, req.session["id"])
+        log.info("admin logged out: session %s", req.session["id"])
+    return Response(204, headers=[session_cookie(req, "", max_age=0)])
+
+
 @route("GET", "/api/v1/settings")
 def get_settings(req):
     return 200, settings_json(req, read_settings(req.db))
@@ -3346,12 +3652,12 @@ def static_file(name):
                     [("Cache-Control", "no-cache")])
 
 
-@route("GET", "/")
+@route("GET", "/", auth="none")       # the UI's shell holds no data: its login page must load
 def get_index(req):
     return static_file("index.html")
 
 
-@route("GET", "/static/<name>")
+@route("GET", "/static/<name>", auth="none")
 def get_static(req, name):
     return static_file(name)
 

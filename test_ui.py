@@ -6,6 +6,7 @@ under KOKOA_REQUIRE_E2E=1. Screenshots of every page, at 360 px and desktop widt
 each test's tmp_path (run pytest with --basetemp=DIR to keep them somewhere known).
 """
 
+import functools
 import json
 import re
 import shutil
@@ -61,16 +62,15 @@ def browser():
 class UiSession:
     """A logged-in browser tab on the control plane that records what the page does."""
 
-    def __init__(self, browser, server: KokoaServer, shots: Path, viewport=DESKTOP):
+    def __init__(self, browser, server: KokoaServer, shots: Path, viewport=DESKTOP, login=True):
         self.server = server
         self.shots = shots
         self.width = viewport["width"]
-        self.context = browser.new_context(
-            base_url=server.url, viewport=viewport,
-            http_credentials={"username": server.admin_user, "password": server.admin_password,
-                              "origin": server.url})
+        self.context = browser.new_context(base_url=server.url, viewport=viewport)
         self.context.set_default_timeout(TIMEOUT_MS)
         self.context.set_default_navigation_timeout(TIMEOUT_MS)
+        if login:       # as the login page does (the login tests below use the page itself)
+            self.log_in()
         self.page = self.context.new_page()
         self.dialogs, self.problems, self.requests, self.finished = [], [], [], []
         self.page.on("dialog", self._on_dialog)
@@ -80,6 +80,23 @@ class UiSession:
         self.page.on("requestfinished", lambda req: self.finished.append(req))
         self.page.on("requestfailed", lambda req: self.problems.append(
             f"request failed: {req.url} {req.failure}"))
+
+    def log_in(self, password=None):
+        """POST /api/v1/session from this browser context: its cookie jar gets the session."""
+        response = self.context.request.post("/api/v1/session", data=json.dumps({
+            "username": self.server.admin_user,
+            "password": self.server.admin_password if password is None else password}),
+            headers={"Content-Type": "application/json", "Origin": self.server.url})
+        assert response.status == 204, response.text()
+        return response
+
+    def add_form(self, form_id):
+        """A page's add form, opened with its "Add" button (an empty list opens it itself)."""
+        form = self.page.locator(f"#{form_id}")
+        if form.is_hidden():
+            self.page.locator(f'[data-add="{form_id}"]').click()
+        expect(form).to_be_visible()
+        return form
 
     def _on_dialog(self, dialog):
         self.dialogs.append(f"{dialog.type}: {dialog.message}")
@@ -203,9 +220,11 @@ def test_static_files_have_no_inline_script_style_or_html_injection():
 
 
 def test_ui_responses_are_guarded(kokoa_server):
-    status, headers, _ = kokoa_server.request("GET", "/", auth=None)
-    assert status == 401
-    assert "basic" in (headers.get("WWW-Authenticate") or "").lower()
+    # The shell loads without credentials (its login page must), with no data in it; the data
+    # is behind the API's authentication (test_sessions.py, test_hardening.py).
+    status, headers, body = kokoa_server.request("GET", "/", auth=None)
+    assert status == 200 and "WWW-Authenticate" not in headers
+    assert kokoa_server.request("GET", "/api/v1/origins", auth=None)[0] == 401
     for path, kind in (("/", "text/html"), ("/static/app.js", "javascript"),
                        ("/static/style.css", "text/css")):
         status, headers, body = kokoa_server.request("GET", path)
@@ -229,7 +248,7 @@ def test_origin_and_route_lifecycle(ui):
     expect(page.locator("#origins-empty")).to_contain_text("No origins yet")
 
     # Create an origin with generated keys, by keyboard: type, Tab, Enter submits.
-    form = page.locator("#origin-form")
+    form = ui.add_form("origin-form")
     form.get_by_label("Name").fill("home-nas")
     form.get_by_label("Name").press("Tab")
     expect(form.get_by_label("WireGuard IP")).to_be_focused()
@@ -285,7 +304,7 @@ def test_origin_and_route_lifecycle(ui):
 
     # A route.
     ui.go("routes")
-    routes = page.locator("#route-form")
+    routes = ui.add_form("route-form")
     routes.get_by_label("Hostname").fill("App.Example.com")
     routes.get_by_label("Origin", exact=True).select_option(label="home-nas (10.8.0.2)")
     routes.get_by_label("Port on the origin").fill("8080")
@@ -342,7 +361,7 @@ def test_validation_errors_are_shown_next_to_their_field_and_keep_the_form(ui):
     server, page = ui.server, ui.page
     make_origin(server)
     ui.open("routes")
-    form = page.locator("#route-form")
+    form = ui.add_form("route-form")
     hostname, port = form.get_by_label("Hostname"), form.get_by_label("Port on the origin")
 
     # Nothing filled in: every missing field says so, no request is sent.
@@ -389,7 +408,7 @@ def test_validation_errors_are_shown_next_to_their_field_and_keep_the_form(ui):
 
     # Origins: a bad WireGuard IP, then a duplicate name.
     ui.go("origins")
-    origin_form = page.locator("#origin-form")
+    origin_form = ui.add_form("origin-form")
     origin_form.get_by_label("Name").fill("second")
     origin_form.get_by_label("WireGuard IP").fill("not-an-ip")
     origin_form.get_by_role("button", name="Add origin").click()
@@ -703,12 +722,14 @@ def test_settings_toggle_acme_staging(ui):
     expect(box).to_be_enabled()
     expect(box).not_to_be_checked()
     box.check()
+    ui.confirm("Use staging")
     expect(page.locator("#settings-status")).to_contain_text("Saved")
     assert api(server, "GET", "/settings", expected=200)["acme_staging"] is True
     page.reload()
     expect(page.locator("body")).to_have_attribute("data-loaded", "true")
     expect(box).to_be_checked()
     box.uncheck()
+    ui.confirm("Use real certificates")
     expect(page.locator("#settings-status")).to_contain_text("trusted certificates")
     assert api(server, "GET", "/settings", expected=200)["acme_staging"] is False
     ui.assert_clean()
@@ -802,7 +823,7 @@ def test_route_options_live_in_an_advanced_fold(ui):
     server, page = ui.server, ui.page
     origin = make_origin(server)
     ui.open("routes")
-    form = page.locator("#route-form")
+    form = ui.add_form("route-form")
     fold = form.locator("details.advanced")
     expect(fold).not_to_have_attribute("open", "")           # folded: the defaults suit most
     form.get_by_label("Hostname").fill("events.example.com")
@@ -869,7 +890,7 @@ def test_a_policy_made_in_the_ui_protects_a_route_and_shows_a_lock(ui):
     ui.go("policies")
     expect(page.locator("#policies-empty")).to_contain_text("every route is public")
 
-    form = page.locator("#policy-form")
+    form = ui.add_form("policy-form")
     form.get_by_label("Name", exact=True).fill("family")
     fill_user(form, 0, "alice", passwords[0])
     fill_user(form, 1, "bob", passwords[1])
@@ -926,7 +947,7 @@ def test_a_policy_made_in_the_ui_protects_a_route_and_shows_a_lock(ui):
 
     # Pick it for a new route: the routes list shows a lock with the policy's name.
     ui.go("routes")
-    routes = page.locator("#route-form")
+    routes = ui.add_form("route-form")
     routes.get_by_label("Hostname").fill("nas.example.com")
     routes.get_by_label("Origin", exact=True).select_option(label="home-nas (10.8.0.2)")
     routes.get_by_label("Port on the origin").fill("5000")
@@ -991,7 +1012,7 @@ def route_id_of(server, hostname, key="id"):
 def test_a_new_user_needs_a_password_and_hostile_policy_names_are_text(ui):
     page = ui.page
     ui.open("policies")
-    form = page.locator("#policy-form")
+    form = ui.add_form("policy-form")
     form.get_by_label("Name", exact=True).fill(HOSTILE)
     form.locator(".user-name").first.fill("dave")
     sent = len(ui.requests)
@@ -1061,3 +1082,299 @@ def test_policies_page_and_protected_routes_fit_and_are_photographed(browser, ko
         ui.assert_clean()
     finally:
         ui.close()
+
+
+# ---------------------------------------------------------------- issue 16: login, lists, forms
+
+LONG_NAME = "n" * 30 + "-" + "m" * 33            # 64 characters, one word: nothing to wrap at
+LONG_HOST = "h" * 63 + ".a-rather-long-zone-name-for-the-layout.example.com"
+
+
+def keep_shots():
+    """Where the issue-16 screenshots are kept for people to see (as the policy ones are)."""
+    SCREENS.mkdir(parents=True, exist_ok=True)
+    return SCREENS
+
+
+def cookie_header(ui):
+    """The browser's session cookie as a Cookie header, to try it from outside the browser."""
+    [cookie] = [c for c in ui.context.cookies() if c["name"] == kokoa.SESSION_COOKIE]
+    return {"Cookie": f"{cookie['name']}={cookie['value']}"}, cookie
+
+
+def test_login_page_logout_and_an_ended_session_back_to_login(browser, kokoa_server, tmp_path):
+    server = kokoa_server
+    make_origin(server)
+    SCREENS.mkdir(parents=True, exist_ok=True)
+    for viewport in (DESKTOP, SMALL_PHONE):
+        ui = UiSession(browser, server, keep_shots(), viewport, login=False)
+        challenges = []
+        ui.page.on("response", functools.partial(note_challenge, challenges))
+        try:
+            page = ui.page
+            assert page.goto("/#origins").status == 200
+            form = page.locator("#login-form")
+            expect(form).to_be_visible()
+            expect(page.locator("#main")).to_be_hidden()
+            expect(page.get_by_role("navigation", name="Sections")).to_be_hidden()
+            expect(form.get_by_label("Password")).to_be_focused()
+            page.screenshot(path=str(SCREENS / f"ui-login-{ui.width}.png"))
+            form.get_by_label("Password").fill("not the password")
+            form.get_by_role("button", name="Log in").click()
+            expect(form.get_by_role("alert")).to_contain_text("Wrong user name or password")
+            expect(page.locator("#main")).to_be_hidden()
+            page.screenshot(path=str(SCREENS / f"ui-login-wrong-{ui.width}.png"))
+            form.get_by_label("Password").fill(server.admin_password)
+            form.get_by_label("Password").press("Enter")
+            expect(ui.row("origins", "home-nas")).to_have_count(1)
+            expect(form).to_be_hidden()
+            cookie, stored = cookie_header(ui)
+            assert stored["httpOnly"] and stored["sameSite"] == "Strict" and stored["path"] == "/"
+            assert status_with(server, "/api/v1/session", cookie) == 200
+            assert page.evaluate("document.cookie") == ""          # HttpOnly: no script reads it
+            logout = page.get_by_role("button", name="Log out")
+            expect(logout).to_be_visible()
+            ui.shot("ui-logged-in")
+            logout.click()
+            expect(form).to_be_visible()
+            expect(page.locator("#banner")).to_contain_text("logged out")
+            expect(ui.row("origins", "home-nas")).to_have_count(0)     # the data is forgotten
+            assert status_with(server, "/api/v1/session", cookie) == 401   # ended on the server
+            # log in again, then the session ends elsewhere: the page goes back to the login
+            form.get_by_label("Password").fill(server.admin_password)
+            form.get_by_role("button", name="Log in").click()
+            expect(ui.row("origins", "home-nas")).to_have_count(1)
+            cookie, _ = cookie_header(ui)
+            status, _, _ = server.request("DELETE", "/api/v1/session", auth=None,
+                                          headers={**cookie, "Origin": server.url})
+            assert status == 204
+            expect(form).to_be_visible(timeout=EDGE_POLL_TIMEOUT_MS)
+            expect(form.get_by_role("alert")).to_contain_text("session has ended")
+            page.screenshot(path=str(SCREENS / f"ui-session-ended-{ui.width}.png"))
+            assert challenges == []        # never a Basic prompt in the browser
+            ui.assert_clean()
+        finally:
+            ui.close()
+
+
+def note_challenge(challenges, response):
+    if response.headers.get("www-authenticate"):
+        challenges.append(response.url)
+
+
+def status_with(server, path, headers):
+    return server.request("GET", path, auth=None, headers=headers)[0]
+
+
+def test_without_a_password_the_ui_on_loopback_needs_no_login(browser, tmp_path):
+    server = KokoaServer(tmp_path, {"KOKOA_ADMIN_PASSWORD": ""})
+    server.start()
+    try:
+        ui = UiSession(browser, server, tmp_path, login=False)
+        try:
+            ui.open("origins")
+            expect(ui.page.locator("#login-form")).to_be_hidden()
+            expect(ui.page.get_by_role("button", name="Log out")).to_be_hidden()
+            ui.assert_clean()
+        finally:
+            ui.close()
+    finally:
+        server.stop()
+
+
+def row_texts(ui, table, label):
+    return ui.page.locator(f'#{table}-body td[data-label="{label}"]').all_text_contents()
+
+
+def test_every_list_searches_and_sorts_with_one_helper(ui):
+    server, page = ui.server, ui.page
+    ui.shots = keep_shots()
+    nas = make_origin(server, name="home-nas", wg_ip="10.8.0.2")
+    office = make_origin(server, name="office", wg_ip="10.8.0.10")
+    make_origin(server, name="Attic", wg_ip="10.8.0.3")
+    for number, host in enumerate(("wiki.example.org", "app.example.com", "zeta.example.net")):
+        make_route(server, office if number == 1 else nas, hostname=host, port=8000 + number)
+    ui.open("origins")
+    assert row_texts(ui, "origins", "Name")[0].startswith("Attic")     # by name, any case
+    search = page.get_by_label("Search origins")
+    search.fill("10.8.0.1")
+    expect(ui.page.locator("#origins-body tr")).to_have_count(1)
+    expect(ui.row("origins", "office")).to_have_count(1)
+    expect(ui.section("origins").locator(".list-tools")).to_contain_text("1 of 3")
+    search.fill("no such thing")
+    expect(page.locator("#origins-empty")).to_have_text("Nothing matches “no such thing”.")
+    ui.shot("ui-search-nothing")
+    search.fill("")
+    expect(ui.page.locator("#origins-body tr")).to_have_count(3)
+    # sort by WireGuard IP (numerically: .2 < .3 < .10), then the other way
+    header = page.locator('#origins-table th[data-sort="wg_ip"]')
+    header.get_by_role("button").click()
+    expect(header).to_have_attribute("aria-sort", "ascending")
+    assert [t.split()[0] for t in row_texts(ui, "origins", "WireGuard IP")] == [
+        "10.8.0.2", "10.8.0.3", "10.8.0.10"]
+    header.get_by_role("button").click()
+    expect(header).to_have_attribute("aria-sort", "descending")
+    assert row_texts(ui, "origins", "WireGuard IP")[0] == "10.8.0.10"
+    ui.go("routes")
+    page.locator('#routes-table th[data-sort="port"]').get_by_role("button").click()
+    page.locator('#routes-table th[data-sort="port"]').get_by_role("button").click()
+    assert row_texts(ui, "routes", "Port") == ["8002", "8001", "8000"]
+    page.get_by_label("Search routes").fill("office")            # by origin name too
+    expect(ui.page.locator("#routes-body tr")).to_have_count(1)
+    expect(ui.row("routes", "app.example.com")).to_have_count(1)
+    ui.shot("ui-routes-search")
+    # a phone has no column heads: the same sort is a select there
+    page.set_viewport_size(SMALL_PHONE)
+    ui.width = SMALL_PHONE["width"]
+    page.get_by_label("Search routes").fill("")
+    page.get_by_label("Sort routes").select_option(label="Hostname ↓")
+    expect(ui.page.locator("#routes-body tr").first).to_contain_text("zeta.example.net")
+    ui.shot("ui-routes-sorted")
+    ui.assert_clean()
+
+
+def assert_fits(ui, name):
+    """Nothing on the page is wider than the viewport, and every row's buttons stay inside it."""
+    wide = ui.page.evaluate("""() => [...document.querySelectorAll('body *')]
+        .filter(e => e.offsetParent !== null || e.getClientRects().length)
+        .filter(e => { for (let a = e; a; a = a.parentElement) {     // not clipped away
+                         if (a.getBoundingClientRect().width <= 1
+                             && getComputedStyle(a).overflow === "hidden") return false; }
+                       return true; })
+        .map(e => [e, e.getBoundingClientRect()])
+        .filter(([e, r]) => r.width > 2 && (r.right > innerWidth + 0.5 || r.left < -0.5))
+        .map(([e, r]) => `${e.tagName}.${e.className}#${e.id} ${Math.round(r.left)}-${
+            Math.round(r.right)}`)""")
+    assert wide == [], f"{name}: wider than {ui.width}px: {wide[:5]}"
+    width = ui.page.evaluate("document.documentElement.scrollWidth")
+    assert width <= ui.width, f"{name} scrolls sideways: {width}px"
+    outside = ui.page.evaluate("""() => [...document.querySelectorAll('.row-actions .btn')]
+        .filter(b => b.offsetParent !== null)
+        .filter(b => { const r = b.getBoundingClientRect(), c = b.closest('.card')
+                       .getBoundingClientRect(); return r.right > c.right || r.left < c.left; })
+        .length""")
+    assert outside == 0, f"{name}: a row's buttons are pushed out of the table"
+
+
+@pytest.mark.parametrize("viewport", [DESKTOP, SMALL_PHONE], ids=["1280px", "375px"])
+def test_long_names_wrap_and_nothing_is_wider_than_the_viewport(browser, kokoa_server,
+                                                                viewport):
+    server = kokoa_server
+    origin = make_origin(server, name=LONG_NAME, wg_endpoint=f"{'e' * 60}.example.com:51820")
+    make_route(server, origin, hostname=LONG_HOST)
+    make_route(server, origin, hostname="bücher.example.org")
+    api(server, "POST", "/access-policies", {"name": LONG_NAME, "allow": ["198.51.100.0/24"]},
+        expected=201)
+    _, token = server.register_edge(LONG_NAME, wg_ip="10.8.0.9")
+    report_status(server, token, ok=False, error="nginx: " + "x" * 300)
+    make_enrollment_key(server, description="d" * 200)
+    SCREENS.mkdir(parents=True, exist_ok=True)
+    ui = UiSession(browser, server, SCREENS, viewport)
+    try:
+        ui.open("origins")
+        for name in ("origins", "routes", "policies", "edges"):
+            if name != "origins":
+                ui.go(name)
+            expect(ui.section(name).locator("tbody tr").first).to_be_visible()
+            full = ui.section(name).locator(f'[title="{LONG_NAME}"], [title="{LONG_HOST}"]')
+            expect(full.first).to_be_visible()           # the whole name on hover
+            assert_fits(ui, name)
+            ui.shot(f"ui-long-names-{name}")
+        ui.go("origins")
+        ui.page.locator('[data-add="origin-form"]').click()
+        assert_fits(ui, "origins with the form open")
+        ui.assert_clean()
+    finally:
+        ui.close()
+
+
+def test_every_field_error_is_shown_at_once(ui):
+    server, page = ui.server, ui.page
+    ui.shots = keep_shots()
+    make_origin(server)
+    ui.open("routes")
+    form = ui.add_form("route-form")
+    form.get_by_label("Hostname").fill("localhost")
+    form.get_by_label("Origin", exact=True).select_option(label="home-nas (10.8.0.2)")
+    form.get_by_label("Port on the origin").fill("70000")
+    form.get_by_role("button", name="Add route").click()
+    for field in ("hostname", "port"):
+        expect(page.locator(f"#route-{field}-error")).to_be_visible()
+    expect(page.locator("#route-port-error")).to_contain_text("65535")
+    expect(form.get_by_label("Hostname")).to_be_focused()
+    expect(form.get_by_label("Port on the origin")).to_have_attribute("aria-invalid", "true")
+    expect(form.locator("[data-form-error]")).to_be_hidden()
+    ui.shot("ui-route-errors-at-once")
+    # the upload limit sits in the closed "Advanced" fold: its error opens it
+    form.get_by_label("Port on the origin").fill("80")
+    form.locator("summary").click()
+    form.get_by_label("Largest upload (MiB)").fill("-3")
+    form.locator("summary").click()
+    form.get_by_role("button", name="Add route").click()
+    expect(page.locator("#route-max-body-size-error")).to_be_visible()
+    expect(page.locator("#route-hostname-error")).to_be_visible()
+    expect(page.locator("#route-port-error")).to_be_hidden()
+    ui.go("origins")
+    origin_form = ui.add_form("origin-form")
+    origin_form.get_by_label("Name").fill("second")
+    origin_form.get_by_label("WireGuard IP").fill("not-an-ip")
+    origin_form.get_by_label("Endpoint").fill("no-port-here")
+    origin_form.get_by_role("button", name="Add origin").click()
+    expect(page.locator("#origin-wg-ip-error")).to_be_visible()
+    expect(page.locator("#origin-endpoint-error")).to_be_visible()
+    ui.shot("ui-origin-errors-at-once")
+    assert len(api(server, "GET", "/origins", expected=200)["origins"]) == 1
+    assert api(server, "GET", "/routes", expected=200)["routes"] == []
+    ui.assert_clean()
+
+
+def test_a_hostname_typed_as_a_url_and_an_idn_shown_in_unicode(ui):
+    server, page = ui.server, ui.page
+    ui.shots = keep_shots()
+    make_origin(server)
+    ui.open("routes")
+    form = ui.add_form("route-form")
+    hostname = form.get_by_label("Hostname")
+    form.get_by_label("Origin", exact=True).select_option(label="home-nas (10.8.0.2)")
+    form.get_by_label("Port on the origin").fill("8080")
+    hostname.fill("https://app.example.com:8443/")
+    form.get_by_role("button", name="Add route").click()
+    expect(page.locator("#route-hostname-error")).to_contain_text("port")
+    hostname.fill("https://App.Example.com/")
+    form.get_by_role("button", name="Add route").click()
+    expect(ui.row("routes", "app.example.com")).to_have_count(1)
+    hostname.fill("https://bücher.example.org/")
+    form.get_by_label("Port on the origin").fill("8081")       # a success empties the form
+    form.get_by_role("button", name="Add route").click()
+    row = ui.row("routes", "bücher.example.org")
+    expect(row).to_have_count(1)
+    link = row.get_by_role("link", name="bücher.example.org")
+    expect(link).to_have_attribute("href", "https://xn--bcher-kva.example.org/")
+    expect(row.locator(".punycode")).to_have_text("xn--bcher-kva.example.org")
+    assert sorted(r["hostname"] for r in api(server, "GET", "/routes", expected=200)[
+        "routes"]) == ["app.example.com", "xn--bcher-kva.example.org"]
+    ui.shot("ui-routes-idn")
+    ui.assert_clean()
+
+
+def test_switching_acme_staging_for_the_fleet_asks_first(ui):
+    server, page = ui.server, ui.page
+    ui.shots = keep_shots()
+    ui.open("settings")
+    box = page.get_by_label("Use the Let's Encrypt staging environment")
+    box.check()
+    dialog = page.locator("#confirm-dialog")
+    expect(dialog).to_contain_text("every edge")
+    ui.shot("ui-staging-confirm")
+    dialog.get_by_role("button", name="Cancel").click()
+    expect(dialog).to_be_hidden()
+    expect(box).not_to_be_checked()
+    assert api(server, "GET", "/settings", expected=200)["acme_staging"] is False
+    box.check()
+    page.keyboard.press("Escape")                  # Escape backs out too
+    expect(box).not_to_be_checked()
+    box.check()
+    ui.confirm("Use staging")
+    expect(page.locator("#settings-status")).to_contain_text("Saved")
+    assert api(server, "GET", "/settings", expected=200)["acme_staging"] is True
+    ui.assert_clean()

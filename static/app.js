@@ -11,7 +11,7 @@
 
   const state = {
     origins: null, routes: null, policies: null, edges: null, configHash: null, version: null, settings: null, enrollKeys: null,
-    skewMs: 0, offline: false,
+    skewMs: 0, offline: false, signedIn: false,
   };
 
   // ------------------------------------------------------------------ DOM helpers
@@ -81,12 +81,72 @@
     }
   }
 
-  function showList(name, items, emptyText) {
+  /** Show a list's table or its empty text; `total` is the count before a search filtered it. */
+  function showList(name, items, emptyText, total = items.length) {
     const table = $(`#${name}-table`);
     const empty = $(`#${name}-empty`);
+    const view = views[name];
     table.hidden = items.length === 0;
     empty.hidden = items.length !== 0;
-    empty.textContent = emptyText;
+    empty.textContent = total && view ? `Nothing matches “${view.query}”.` : emptyText;
+    if (!view) return;
+    view.tools.hidden = total === 0;
+    view.count.textContent = view.query ? `${items.length} of ${total}` : "";
+  }
+
+  // ------------------------------------------------------------------ search & sort (every list)
+
+  /**
+   * Search and sortable columns for one list, the same on every page. Call once per list:
+   *   listView("origins", {label: "origins", render: renderOrigins,
+   *     text: (o) => [o.name, o.wg_ip], sort: {name: (o) => o.name, routes: (o) => o.route_count}});
+   * with <th data-sort="name"> in #origins-table's head; then, in the render function:
+   *   const shown = viewOf("origins", items);            // searched and sorted
+   *   syncRows(tbody, shown, rowBuilder); showList("origins", shown, "None yet.", items.length);
+   */
+  const views = {};
+  function listView(name, {label, render, text, sort, initial, dir}) {
+    const table = $(`#${name}-table`);
+    const view = views[name] = {query: "", key: initial || Object.keys(sort)[0], dir: dir || 1, text, sort};
+    const search = el("input", {type: "search", id: `${name}-search`, class: "search", placeholder: `Search ${label}`,
+      autocomplete: "off", spellcheck: "false", "aria-label": `Search ${label}`, "aria-controls": `${name}-table`});
+    search.addEventListener("input", () => { view.query = search.value.trim().toLowerCase(); render(); });
+    const order = el("select", {class: "sort-select", "aria-label": `Sort ${label}`,
+      onchange: () => { [view.key, view.dir] = [order.value.split(" ")[0], Number(order.value.split(" ")[1])]; render(); }});
+    view.order = order;
+    for (const th of $$("th[data-sort]", table)) {
+      const key = th.dataset.sort;
+      const title = th.textContent;
+      order.append(el("option", {value: `${key} 1`, text: `${title} ↑`}), el("option", {value: `${key} -1`, text: `${title} ↓`}));
+      th.replaceChildren(el("button", {type: "button", class: "sort", text: title, onclick: () => {
+        view.dir = view.key === key ? -view.dir : 1;
+        view.key = key;
+        render();
+      }}));
+    }
+    view.count = el("span", {class: "muted", "aria-live": "polite"});
+    view.tools = el("div", {class: "list-tools", hidden: true}, search, order, view.count);
+    $(`#${name}-empty`).before(view.tools);
+  }
+
+  function compareValues(a, b) {
+    if (typeof a === "number" && typeof b === "number") return a - b;
+    return String(a ?? "").localeCompare(String(b ?? ""), undefined, {sensitivity: "base", numeric: true});
+  }
+
+  /** The items a list shows: those its search matches, in its sort order. */
+  function viewOf(name, items) {
+    const view = views[name];
+    const shown = view.query
+      ? items.filter((item) => view.text(item).filter((t) => t !== null && t !== undefined).join("\n").toLowerCase().includes(view.query))
+      : items.slice();
+    const value = view.sort[view.key];
+    shown.sort((a, b) => view.dir * compareValues(value(a), value(b)) || compareValues(a.id, b.id));
+    for (const th of $$(`#${name}-table th[data-sort]`)) {
+      th.setAttribute("aria-sort", th.dataset.sort !== view.key ? "none" : view.dir > 0 ? "ascending" : "descending");
+    }
+    view.order.value = `${view.key} ${view.dir}`;
+    return shown;
   }
 
   // ------------------------------------------------------------------ formatting
@@ -173,16 +233,19 @@
   // ------------------------------------------------------------------ API
 
   class ApiError extends Error {
-    constructor(status, code, message, field) {
+    constructor(status, code, message, field, fields) {
       super(message);
       this.status = status;
       this.code = code;
       this.field = field || null;
+      this.fields = fields || (field ? [{field, message}] : []);
     }
   }
 
   async function api(method, path, body) {
-    const options = {method, credentials: "same-origin", headers: {Accept: "application/json"}};
+    // The marker tells the control plane this is the UI: a 401 then carries no Basic
+    // challenge, so the browser shows our login page instead of its own prompt.
+    const options = {method, credentials: "same-origin", headers: {Accept: "application/json", "X-Requested-With": "kokoa"}};
     if (body !== undefined) {
       options.headers["Content-Type"] = "application/json";
       options.body = JSON.stringify(body);
@@ -201,7 +264,8 @@
     }
     if (!resp.ok) {
       const e = (data && data.error) || {};
-      throw new ApiError(resp.status, e.code || `http_${resp.status}`, e.message || resp.statusText, e.field);
+      if (resp.status === 401 && path !== "/session") signedOut();
+      throw new ApiError(resp.status, e.code || `http_${resp.status}`, e.message || resp.statusText, e.field, e.fields);
     }
     return data;
   }
@@ -315,6 +379,8 @@
     const input = form.elements.namedItem(field);
     box.textContent = message;
     box.hidden = false;
+    const fold = box.closest("details");
+    if (fold) fold.open = true;
     if (input && input.setAttribute) input.setAttribute("aria-invalid", "true");
     return input;
   }
@@ -325,15 +391,23 @@
     box.hidden = false;
   }
 
-  /** Show an error next to the field it names, or at the top of the form. */
+  /** Show every error next to the field it names (error.fields), the rest at the top of the form. */
   function reportError(form, err) {
-    const message = humanMessage(err);
-    if (err instanceof ApiError && err.field && fieldError(form, err.field)) {
-      const input = showFieldError(form, err.field, message);
-      if (input && input.focus) input.focus();
-    } else {
-      showFormError(form, message);
+    const fields = err instanceof ApiError ? err.fields : [];
+    let shown = 0;
+    const elsewhere = [];
+    for (const entry of fields) {
+      const message = humanMessage(new ApiError(err.status, err.code, entry.message, entry.field));
+      if (fieldError(form, entry.field)) {
+        showFieldError(form, entry.field, message);
+        shown += 1;
+      } else {
+        elsewhere.push(message);
+      }
     }
+    if (!shown || elsewhere.length) showFormError(form, shown ? elsewhere.join(" ") : humanMessage(err));
+    const focus = fields.map((f) => fieldError(form, f.field) && form.elements.namedItem(f.field)).find((i) => i && i.focus);
+    if (focus) focus.focus();
     if (err instanceof ApiError && err.status === 404) refreshAll();
   }
 
@@ -403,8 +477,10 @@
   // ------------------------------------------------------------------ confirm dialog
 
   /** Ask before a destructive action; `action` runs on confirm, errors stay in the dialog. */
-  function confirmAction({title, text, button, action}) {
+  function confirmAction({title, text, button, action, onCancel}) {
     const dialog = $("#confirm-dialog");
+    let done = false;
+    dialog.onclose = () => { if (!done && onCancel) onCancel(); };
     const form = $("#confirm-form");
     const ok = $("#confirm-ok");
     clearErrors(form);
@@ -426,6 +502,7 @@
           }
           throw err;
         }
+        done = true;
         dialog.close();
       });
     };
@@ -453,7 +530,7 @@
 
     const routes = origin.route_count === 1 ? "1 route" : `${origin.route_count} routes`;
     return el("tr", {},
-      cell("Name", el("strong", {class: "name", text: origin.name}),
+      cell("Name", el("strong", {class: "name", title: origin.name, text: origin.name}),
         el("span", {class: "sub"}, "added ", el("time", {
           datetime: origin.created_at, title: utcText(origin.created_at), class: "nowrap",
           text: dateOnly(origin.created_at),
@@ -492,8 +569,10 @@
   function renderOrigins() {
     const origins = (state.origins || []).slice().sort((a, b) =>
       a.name.localeCompare(b.name, undefined, {sensitivity: "base"}));
-    syncRows($("#origins-body"), origins, originRow);
-    showList("origins", origins, "No origins yet. Add the first one below.");
+    const shown = viewOf("origins", origins);
+    syncRows($("#origins-body"), shown, originRow);
+    showList("origins", shown, "No origins yet. Add the first one with “Add an origin”.", origins.length);
+    openFormWhenEmpty("origin-form", origins);
     $("#count-origins").textContent = String(origins.length);
     fillOriginSelect($("#route-origin"), origins);
     fillOriginSelect($("#edit-origin"), origins);
@@ -664,9 +743,9 @@
     return el("tr", {},
       cell("Hostname", el("a", {
         href: `https://${route.hostname}/`, target: "_blank", rel: "noopener noreferrer",
-        class: "host", text: route.hostname,
-      }), routeLock(route)),
-      cell("Origin", route.origin_name, routeBadges(route)),
+        class: "host", title: route.hostname, text: route.hostname_unicode || route.hostname,
+      }), route.hostname_unicode ? el("span", {class: "sub punycode", text: route.hostname}) : null, routeLock(route)),
+      cell("Origin", el("span", {class: "name-text", title: route.origin_name, text: route.origin_name}), routeBadges(route)),
       cellWith("Port", "num", String(route.target_port)),
       cell("Certificates", certificatesFor(route.hostname)),
       el("td", {class: "row-actions", role: "cell"},
@@ -706,9 +785,10 @@
     if (state.routes === null) return;
     const routes = state.routes.slice().sort((a, b) => a.hostname.localeCompare(b.hostname));
     // Certificates come from the edge list: include them in the row signature.
-    const rows = routes.map((route) => ({...route, _certs: certSignature(route.hostname)}));
+    const rows = viewOf("routes", routes.map((route) => ({...route, _certs: certSignature(route.hostname)})));
     syncRows($("#routes-body"), rows, routeRow);
-    showList("routes", routes, "No routes yet. Add an origin first, then a route below.");
+    showList("routes", rows, "No routes yet. Add an origin first, then a route with “Add a route”.", routes.length);
+    openFormWhenEmpty("route-form", routes);
     $("#count-routes").textContent = String(routes.length);
   }
 
@@ -922,7 +1002,7 @@
       ? el("ul", {class: "hosts"}, policy.routes.map((host) => el("li", {text: host})))
       : el("span", {class: "muted", text: "no route uses it yet"});
     return el("tr", {},
-      cell("Name", el("strong", {class: "name", text: policy.name}),
+      cell("Name", el("strong", {class: "name", title: policy.name, text: policy.name}),
         el("span", {class: "sub"}, "changed ", relTime(policy.updated_at))),
       cell("Protection", policySummary(policy)),
       cell("Routes", routes),
@@ -946,9 +1026,9 @@
     const policies = state.policies.slice().sort((a, b) =>
       a.name.localeCompare(b.name, undefined, {sensitivity: "base"}));
     // The summary names origins: include them in the row signature.
-    const rows = policies.map((p) => ({...p, _origin: p.forward_auth ? originName(p.forward_auth.origin_id) : null}));
+    const rows = viewOf("policies", policies.map((p) => ({...p, _origin: p.forward_auth ? originName(p.forward_auth.origin_id) : null})));
     syncRows($("#policies-body"), rows, policyRow);
-    showList("policies", policies, "No access policies yet: every route is public. Add one below, then choose it for a route.");
+    showList("policies", rows, "No access policies yet: every route is public. Add one with “Add a policy”, then choose it for a route.", policies.length);
     $("#count-policies").textContent = String(policies.length);
     fillPolicySelect($("#route-policy"), policies);
     fillPolicySelect($("#edit-policy"), policies);
@@ -1237,7 +1317,7 @@
       ? el("span", {class: "error-text", text: edge.last_error})
       : el("span", {class: "muted", text: "none"});
     return el("tr", {},
-      cell("Name", el("strong", {class: "name", text: edge.name}),
+      cell("Name", el("strong", {class: "name", title: edge.name, text: edge.name}),
         el("span", {class: "sub"}, "registered ", el("span", {class: "nowrap", text: dateOnly(edge.created_at)}))),
       wg,
       cell("Last seen", relTime(edge.last_seen)),
@@ -1257,8 +1337,9 @@
 
   function renderEdges() {
     const edges = (state.edges || []).slice().sort((a, b) => a.name.localeCompare(b.name));
-    syncRows($("#edges-body"), edges, edgeRow);
-    showList("edges", edges, "No edge nodes yet. Add one with the command below.");
+    const shown = viewOf("edges", edges);
+    syncRows($("#edges-body"), shown, edgeRow);
+    showList("edges", shown, "No edge nodes yet. Add one with the command below.", edges.length);
     const hash = $("#config-hash");
     hash.textContent = shortHash(state.configHash) || "unknown";
     hash.title = state.configHash || "";
@@ -1377,7 +1458,7 @@
         text: until(key.expires_at)});
     return el("tr", {},
       cell("Description", key.description
-        ? el("strong", {class: "name", text: key.description})
+        ? el("strong", {class: "name", title: key.description, text: key.description})
         : el("span", {class: "muted", text: "no description"})),
       cell("Created", relTime(key.created_at)),
       cell("Expires", expires),
@@ -1398,8 +1479,9 @@
     const keys = state.enrollKeys.slice().sort((a, b) =>
       b.created_at.localeCompare(a.created_at) || a.id.localeCompare(b.id));
     // Whether a key has expired depends on the clock: part of the row signature.
-    syncRows($("#enroll-body"), keys.map((k) => ({...k, _expired: keyExpired(k)})), enrollRow);
-    showList("enroll", keys, "No enrollment keys. Make one above to install an edge without the bootstrap token.");
+    const rows = viewOf("enroll", keys.map((k) => ({...k, _expired: keyExpired(k)})));
+    syncRows($("#enroll-body"), rows, enrollRow);
+    showList("enroll", rows, "No enrollment keys. Make one above to install an edge without the bootstrap token.", keys.length);
   }
 
   async function loadEnrollKeys() {
@@ -1493,8 +1575,20 @@
       clearErrors(form);
       status.textContent = "";
       const wanted = box.checked;
+      confirmAction({
+        title: wanted ? "Use staging certificates on every edge?" : "Use real certificates on every edge?",
+        text: wanted
+          ? "Every edge then requests its certificates from Let's Encrypt's staging environment: browsers will not trust them, so visitors see a warning on every site until you switch back."
+          : "Every edge then requests real, trusted certificates from Let's Encrypt, within its rate limits.",
+        button: wanted ? "Use staging" : "Use real certificates",
+        onCancel: () => { box.checked = !wanted; },
+        action: () => saveStaging(wanted),
+      });
+    });
+
+    function saveStaging(wanted) {
       box.disabled = true;
-      runForm(form, async () => {
+      return runForm(form, async () => {
         try {
           state.settings = await api("PATCH", "/settings", {acme_staging: wanted});
         } catch (err) {
@@ -1508,7 +1602,133 @@
           ? "Saved. Edges will request staging (untrusted) certificates."
           : "Saved. Edges will request real, trusted certificates.";
       });
+    }
+  }
+
+  // ------------------------------------------------------------------ login, logout, Add buttons
+
+  /** Show the login page or the app. `via` is how the admin got in (session, basic, loopback). */
+  function showSignedIn(signedIn, via) {
+    state.signedIn = signedIn;
+    document.body.dataset.auth = signedIn ? "in" : "out";
+    $("#login-page").hidden = signedIn;
+    $("#main").hidden = !signedIn;
+    $(".topbar nav").hidden = !signedIn;
+    $("#logout").hidden = !signedIn || via !== "session";
+  }
+
+  /** A 401 (the session ended, the password changed): back to the login page, data forgotten. */
+  function signedOut(message) {
+    if (!state.signedIn && !$("#login-page").hidden) return;
+    for (const key of ["origins", "routes", "policies", "edges", "settings", "enrollKeys"]) state[key] = null;
+    for (const body of $$("#main tbody")) body.replaceChildren();
+    hideNewKey();
+    for (const dialog of $$("dialog[open]")) dialog.close();
+    showSignedIn(false);
+    banner("", "info");
+    const form = $("#login-form");
+    clearErrors(form);
+    if (message !== false) showFormError(form, message || "Your session has ended. Log in again.");
+    form.elements.namedItem("password").value = "";
+    form.elements.namedItem(value(form, "username") ? "password" : "username").focus();
+    document.title = "Log in · Kokoa";
+    document.body.dataset.loaded = "true";
+  }
+
+  let started = false;
+  async function enterApp() {
+    let session;
+    try {
+      session = await api("GET", "/session");
+    } catch (err) {
+      if (err.status === 401) return signedOut(false);
+      throw err;
+    }
+    showSignedIn(true, session.method);
+    showPage(false);
+    await refreshAll();
+    document.body.dataset.loaded = "true";
+    if (started) return;
+    started = true;
+    setInterval(pollEdges, EDGE_POLL_MS);
+    setInterval(() => { if (!document.hidden) refreshAll(); }, FULL_POLL_MS);
+    setInterval(tick, 1000);
+  }
+
+  function setupLogin() {
+    const form = $("#login-form");
+    form.addEventListener("submit", (event) => {
+      event.preventDefault();
+      clearErrors(form);
+      const body = {username: value(form, "username"), password: form.elements.namedItem("password").value};
+      const checks = {};
+      if (!body.username) checks.username = "Enter the admin user name (KOKOA_ADMIN_USER, admin unless set).";
+      if (!body.password) checks.password = "Enter the admin password.";
+      if (reportLocal(form, checks)) return;
+      runForm(form, async () => {
+        try {
+          await api("POST", "/session", body);
+        } catch (err) {
+          form.elements.namedItem("password").select();
+          if (err.status === 401) throw new ApiError(400, "login", "Wrong user name or password.");
+          throw err;
+        }
+        form.elements.namedItem("password").value = "";
+        await enterApp();
+      });
     });
+    $("#logout").addEventListener("click", async () => {
+      try {
+        await api("DELETE", "/session");
+      } catch (err) {
+        if (err.status !== 401) return banner(humanMessage(err), "bad", true);
+      }
+      signedOut(false);
+      banner("You are logged out.", "ok");
+    });
+  }
+
+  /** The "Add" button at the top of a page opens its form (above the list, however long). */
+  function setupAddButtons() {
+    for (const button of $$("[data-add]")) {
+      const form = $(`#${button.dataset.add}`);
+      const close = el("button", {type: "button", class: "btn", text: "Close", onclick: () => toggleForm(form, false, true)});
+      $(".actions", form).append(close);
+      button.addEventListener("click", () => toggleForm(form, form.hidden, true));
+    }
+  }
+
+  function toggleForm(form, open, moveFocus) {
+    const button = $(`[data-add="${form.id}"]`);
+    form.hidden = !open;
+    button.setAttribute("aria-expanded", String(open));
+    if (!moveFocus) return;
+    if (open) $("input, select, textarea", form).focus();
+    else button.focus();
+  }
+
+  /** An empty list has nothing to hide its form from: open it the first time the list loads empty. */
+  function openFormWhenEmpty(id, items) {
+    const form = $(`#${id}`);
+    if (form.dataset.seen) return;
+    form.dataset.seen = "true";
+    if (items.length === 0) toggleForm(form, true, false);
+  }
+
+  function setupLists() {
+    const text = (...fields) => (item) => fields.map((f) => (typeof f === "function" ? f(item) : item[f]));
+    listView("origins", {label: "origins", render: renderOrigins, text: text("name", "wg_ip", "wg_endpoint", "wg_public_key"),
+      sort: {name: (o) => o.name, wg_ip: (o) => o.wg_ip, endpoint: (o) => o.wg_endpoint, routes: (o) => o.route_count}});
+    listView("routes", {label: "routes", render: renderRoutes,
+      text: text("hostname", "hostname_unicode", "origin_name", (r) => String(r.target_port), "access_policy_name"),
+      sort: {hostname: (r) => r.hostname_unicode || r.hostname, origin: (r) => r.origin_name, port: (r) => r.target_port}});
+    listView("policies", {label: "policies", render: renderPolicies, text: text("name", (p) => p.users.join(" "), (p) => p.routes.join(" ")),
+      sort: {name: (p) => p.name, routes: (p) => p.routes.length}});
+    listView("edges", {label: "edges", render: renderEdges, text: text("name", "wg_ip", "wg_endpoint", "agent_version", "last_error"),
+      sort: {name: (e) => e.name, last_seen: (e) => e.last_seen || "", agent: (e) => e.agent_version || ""}});
+    listView("enroll", {label: "keys", render: renderEnrollKeys, text: text("description"), initial: "created", dir: -1,
+      sort: {description: (k) => k.description, created: (k) => k.created_at, expires: (k) => k.expires_at,
+        uses: (k) => k.uses_left, last_used: (k) => k.last_used_at || ""}});
   }
 
   // ------------------------------------------------------------------ pages & refresh
@@ -1532,29 +1752,34 @@
   }
 
   async function refreshAll() {
+    if (!state.signedIn) return;
     const results = await Promise.allSettled([
       loadOrigins(), loadRoutes(), loadPolicies(), loadEdges(), loadSettings(), loadEnrollKeys()]);
     const failed = results.find((r) => r.status === "rejected");
+    if (!state.signedIn) return;
     if (failed) connectionLost(failed.reason);
     else connectionOk();
   }
 
   let polling = false;
   async function pollEdges() {
-    if (polling || document.hidden) return;
+    if (polling || document.hidden || !state.signedIn) return;
     polling = true;
     try {
       // Registrations spend enrollment keys: refresh their uses while they are on screen.
       await Promise.all([loadEdges(), shownPage === "edges" ? loadEnrollKeys() : null]);
       connectionOk();
     } catch (err) {
-      connectionLost(err);
+      if (state.signedIn) connectionLost(err);
     } finally {
       polling = false;
     }
   }
 
   function start() {
+    setupLists();
+    setupAddButtons();
+    setupLogin();
     setupOriginForm();
     setupOriginEdit();
     setupRouteForm();
@@ -1576,11 +1801,14 @@
     document.addEventListener("visibilitychange", () => {
       if (!document.hidden) refreshAll();
     });
-    showPage(false);
-    refreshAll().then(() => { document.body.dataset.loaded = "true"; });
-    setInterval(pollEdges, EDGE_POLL_MS);
-    setInterval(() => { if (!document.hidden) refreshAll(); }, FULL_POLL_MS);
-    setInterval(tick, 1000);
+    boot();
+  }
+
+  function boot() {
+    enterApp().catch((err) => {
+      connectionLost(err);
+      setTimeout(boot, EDGE_POLL_MS);
+    });
   }
 
   start();
