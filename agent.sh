@@ -133,6 +133,9 @@ lines, # comments; the environment wins):
                      are refused (loopback, link-local, multicast and metadata always are)
   AGENT_SCHEMAS      config payload schemas to ask for ($KNOWN_SCHEMAS; 1 acts as agent 0.1)
   POLL_INTERVAL (30)  CERT_TIME_BUDGET (600 s of certbot per run)  RENEW_INTERVAL (43200)
+Each run also measures for the status report: a TCP connect to each routed origin port (at most
+${PROBE_TIMEOUT} s), WireGuard handshake ages, and requests per hostname from the log that
+default.conf makes nginx write (STATE_DIR/health/access.log, truncated past 8 MiB).
 Exit status: 0 success (or another run holds the lock), 1 failure, 2 usage error.
 EOF
 }

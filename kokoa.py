@@ -2542,6 +2542,16 @@ def post_webhook(url, body, headers, timeout):
         connection.close()
 
 
+def without_url_path(text, url):
+    """`text` with the path and query of `url` (where a webhook keeps its secret) cut out."""
+    parts = urllib.parse.urlsplit(url)
+    for secret in (parts.path + (f"?{parts.query}" if parts.query else ""), parts.path,
+                   parts.query):
+        if len(secret) > 1:
+            text = text.replace(secret, "/…")
+    return text
+
+
 class AlertSender:
     """Delivers alert deliveries from a bounded queue in one background thread: retries after
     each of `delays` s, records every attempt; a slow or hanging receiver delays only the
@@ -2625,7 +2635,7 @@ class AlertSender:
             except SecretError as err:
                 error, final = f"the URL cannot be decrypted: {err}", True
             except (OSError, ValueError, http.client.HTTPException) as err:
-                error = f"{type(err).__name__}: {str(err)[:200]}"
+                error = without_url_path(f"{type(err).__name__}: {err}", url)[:200]
             attempts = row["attempts"] + 1
             retry = error is not None and not final \
                 and attempts <= len(self.config.alert_retry_delays)
@@ -2665,8 +2675,17 @@ class HealthMonitor:
         self._thread = None
 
     def start(self):
-        """Start the evaluator thread (serve does; tests that need alerts do)."""
+        """Start the evaluator thread (serve does; tests that need alerts do). Deliveries left
+        pending by a previous run (their retries lived in its memory) are failed first."""
         if self._thread is None:
+            db = connect(self.app.config.db_path)
+            try:
+                db.execute("""
+                    UPDATE alert_deliveries
+                       SET state = 'failed', error = 'interrupted by a restart of the control plane'
+                     WHERE state = 'pending'""")
+            finally:
+                db.close()
             self._thread = threading.Thread(target=self._run, name="kokoa-health",
                                             daemon=True)
             self._thread.start()

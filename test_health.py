@@ -435,3 +435,22 @@ def test_each_change_of_state_is_sent_once_and_once_when_it_clears(fast, receive
     assert len(receiver.received) == 4
     password = fast.config.admin_password
     assert not any(password in item["body"].decode() for item in receiver.received)
+
+
+def test_deliveries_left_pending_by_a_previous_run_are_failed_at_start(api):
+    target = create_target(api, "https://example.com/hook")
+    db = kokoa.connect(api.config.db_path)
+    try:
+        kokoa.insert_deliveries(db, [("firing", "site_down", "a.example.com", "down")])
+    finally:
+        db.close()
+    api.app.health.start()
+    [delivery] = api.request("GET", f"/api/v1/alert-targets/{target['id']}/deliveries")[2][
+        "deliveries"]
+    assert delivery["state"] == "failed" and "restart" in delivery["error"]
+
+
+def test_an_error_never_carries_the_webhook_s_path():
+    url = "https://hooks.example.com/services/T0/B0/secret?token=abc"
+    text = kokoa.without_url_path(f"InvalidURL: bad {url} and /services/T0/B0/secret", url)
+    assert "secret" not in text and "token=abc" not in text and "hooks.example.com" in text
