@@ -2377,7 +2377,10 @@ def validate_alert_url(value):
         parts.port                   # noqa: B018 -- raises ValueError for a bad port
     except ValueError:
         raise invalid("url", message) from None
-    if parts.scheme.lower() not in ("http", "https") or not parts.hostname \
+    host = parts.hostname or ""
+    if parts.scheme.lower() not in ("http", "https") or "%" in host \
+            or not (is_ip_address(host) or all(LABEL_RE.fullmatch(label)
+                                               for label in host.rstrip(".").split("."))) \
             or parts.username is not None or parts.password is not None or parts.fragment \
             or "@" in parts.netloc:
         raise invalid("url", message)

@@ -258,11 +258,16 @@ def create_target(api, url, **fields):
 def test_a_target_s_url_is_write_only_and_sealed(api):
     url = "https://hooks.slack.com/services/T000/B000/secretsecretsecret"
     target = create_target(api, url, format="slack", events=["site_down", "edge_offline"])
+    for other in ("http://[::1]:8080/x", "http://ntfy:80/topic", "https://192.0.2.1/h"):
+        create_target(api, other, name=other)
     assert target["url_display"] == "https://hooks.slack.com/…"
     assert target["events"] == ["edge_offline", "site_down"] and "url" not in target
     listing = json.dumps(api.request("GET", "/api/v1/alert-targets")[2])
+    db = kokoa.connect(api.config.db_path)
+    assert kokoa.stored_row_problems(db, None) == []        # what the API stores, restore takes
+    db.close()
     assert "secretsecret" not in listing
-    [[blob]] = api.rows("SELECT url_enc FROM alert_targets")
+    [[blob]] = api.rows("SELECT url_enc FROM alert_targets WHERE id = ?", (target["id"],))
     assert b"secretsecret" not in blob and b"hooks.slack" not in blob
     status, _, patched = api.request("PATCH", f"/api/v1/alert-targets/{target['id']}",
                                      {"url": "https://ntfy.sh/kokoa-topic", "format": "ntfy"})
@@ -279,6 +284,8 @@ def test_a_target_s_url_is_write_only_and_sealed(api):
     ("url", {"name": "x", "url": "https://example.com/a b"}),
     ("url", {"name": "x", "url": "https://example.com:99999/"}),
     ("url", {"name": "x", "url": "https:///nohost"}),
+    ("url", {"name": "x", "url": "https://exa!mple.com/"}),
+    ("url", {"name": "x", "url": "https://[fe80::1%25eth0]/"}),
     ("url", {"name": "x", "url": 5}),
     ("url", {"name": "x"}),
     ("format", {"name": "x", "url": "https://example.com/", "format": "email"}),
