@@ -461,3 +461,22 @@ def test_an_error_never_carries_the_webhook_s_path():
     url = "https://hooks.example.com/services/T0/B0/secret?token=abc"
     text = kokoa.without_url_path(f"InvalidURL: bad {url} and /services/T0/B0/secret", url)
     assert "secret" not in text and "token=abc" not in text and "hooks.example.com" in text
+
+
+def test_a_condition_is_sent_once_also_across_a_restart(api, tmp_path):
+    _, _, token, config = fleet(api)
+    target = create_target(api, "http://127.0.0.1:9/", events=["site_down",
+                                                               "edge_apply_failed"])
+    report(api, token, config, up=False, ok=False, error="nginx -t failed")
+    api.app.health.evaluate()
+    api.app.health.evaluate()
+    again = kokoa.make_app(api.config)                   # a restarted control plane
+    try:
+        again.health.evaluate()
+    finally:
+        again.close()
+    rows = api.rows("SELECT event, resolved FROM alert_deliveries WHERE target_id = ? "
+                    "ORDER BY event", (target["id"],))
+    assert rows == [("edge_apply_failed", 0), ("site_down", 0)]
+    messages = [row[0] for row in api.rows("SELECT message FROM alert_deliveries")]
+    assert any("nginx -t failed" in message for message in messages)
