@@ -1783,15 +1783,16 @@ def edge_schema(row):
     return row["agent_schema"] if row["agent_schema"] in SCHEMAS else 1
 
 
-def edge_json(row, configs, last_seen=None):
+def edge_json(row, configs, last_seen=None, not_before=0.0):
     """The public JSON of an edge row (never its token hash), judged against the payload of
     the schema its agent speaks: `configs` is {schema: (config_hash, body, unserved)}."""
     schema = edge_schema(row)
     config_hash, _, unserved = configs[schema]
     last_seen = last_seen or row["last_seen"]
     health = edge_health(row)
+    judged = last_seen and max(last_seen, iso_time(not_before))       # as fleet_edges does
     return {
-        "state": edge_state(last_seen, health["interval_s"], time.time()),
+        "state": edge_state(judged, health["interval_s"], time.time()),
         "origins": health["origins"], "hosts": health["hosts"],
         "id": row["id"], "name": row["name"], "wg_ip": row["wg_ip"],
         "wg_public_key": row["wg_public_key"], "wg_endpoint": row["wg_endpoint"],
@@ -2172,15 +2173,18 @@ def site_certificate_state(hostname, edges, now):
     return {"state": "none", "not_after": None, "error": None}
 
 
-def fleet_edges(db, configs, last_seen, now):
-    """Every edge as sites_view judges it: state, health, sync, what its schema leaves out."""
+def fleet_edges(db, configs, last_seen, now, not_before):
+    """Every edge as sites_view judges it: state, health, sync, what its schema leaves out.
+    Polls are counted missed only from `not_before` on (when this control plane started: it
+    cannot know of polls while it was down)."""
     edges = []
     for row in query_edges(db):
         health = edge_health(row)
         seen = last_seen(row["id"]) or row["last_seen"]
+        judged = seen and max(seen, iso_time(not_before))
         config_hash, _, unserved = configs[edge_schema(row)]
         edges.append({"id": row["id"], "name": row["name"], "last_seen": seen,
-                      "state": edge_state(seen, health["interval_s"], now), **health,
+                      "state": edge_state(judged, health["interval_s"], now), **health,
                       "in_sync": row["applied_hash"] == config_hash,
                       "status_ok": row["status_ok"], "last_error": row["last_error"],
                       "certificates": json.loads(row["certificates"]),
@@ -2273,12 +2277,12 @@ def site_json(route, edges, now):
     return site
 
 
-def sites_view(db, configs, last_seen, now=None):
+def sites_view(db, configs, last_seen, now=None, not_before=0.0):
     """GET /api/v1/sites: every hostname's state and reasons, the edges' states, a summary.
     `configs` is {schema: (hash, body, unserved)}; last_seen(edge_id) the in-memory poll
-    time (or None)."""
+    time (or None); not_before, when this control plane started."""
     now = time.time() if now is None else now
-    edges = fleet_edges(db, configs, last_seen, now)
+    edges = fleet_edges(db, configs, last_seen, now, not_before)
     sites = [site_json(route, edges, now) for route in db.execute(
         """
         SELECT r.id, r.hostname, r.origin_id, r.target_port, r.enabled,
@@ -2719,7 +2723,7 @@ class HealthMonitor:
         """sites_view() of the database as this app's caches see it."""
         context = DbContext(db)
         configs = {schema: self.app.edge_config.get(context, schema) for schema in SCHEMAS}
-        return sites_view(db, configs, self.app.last_seen.get)
+        return sites_view(db, configs, self.app.last_seen.get, not_before=self.app.started)
 
     def evaluate(self):
         """Compare what is wrong now with what was; queue a delivery for each change."""
@@ -3615,6 +3619,7 @@ class App:
         self.last_seen = LastSeen()
         self.metrics = Metrics()
         self.health = HealthMonitor(self)
+        self.started = time.time()      # edges' missed polls count from here (sites_view)
 
     def close(self):
         """Stop the background threads (the health evaluator and the alert sender)."""
@@ -3850,7 +3855,7 @@ def health_metrics(req):
 def sites_view_of(req):
     """sites_view() as this request's app sees the fleet."""
     configs = {schema: req.app.edge_config.get(req, schema) for schema in SCHEMAS}
-    return sites_view(req.db, configs, req.app.last_seen.get)
+    return sites_view(req.db, configs, req.app.last_seen.get, not_before=req.app.started)
 
 
 @route("GET", "/api/v1/origins")
@@ -3975,7 +3980,7 @@ def delete_access_policy(req, id):
 @route("GET", "/api/v1/edge-nodes")
 def list_edge_nodes(req):
     configs = {schema: req.app.edge_config.get(req, schema) for schema in SCHEMAS}
-    edges = [edge_json(row, configs, req.app.last_seen.get(row["id"]))
+    edges = [edge_json(row, configs, req.app.last_seen.get(row["id"]), req.app.started)
              for row in query_edges(req.db)]
     return 200, {"edge_nodes": edges, "config_hash": configs[1][0],
                  "config_hashes": {str(schema): configs[schema][0] for schema in SCHEMAS},

@@ -480,3 +480,19 @@ def test_a_condition_is_sent_once_also_across_a_restart(api, tmp_path):
     assert rows == [("edge_apply_failed", 0), ("site_down", 0)]
     messages = [row[0] for row in api.rows("SELECT message FROM alert_deliveries")]
     assert any("nginx -t failed" in message for message in messages)
+
+
+def test_polls_missed_while_the_control_plane_was_down_do_not_count(api):
+    _, _, token, config = fleet(api)
+    report(api, token, config)
+    db = kokoa.connect(api.config.db_path)
+    try:
+        configs = {s: api.app.edge_config.get(kokoa.DbContext(db), s) for s in kokoa.SCHEMAS}
+        later = time.time() + 3600                      # an hour of downtime, then a restart
+        def nobody(_):
+            return None
+        view = kokoa.sites_view(db, configs, nobody, later, not_before=later - 5)
+        assert view["edges"][0]["state"] == "online"
+        assert kokoa.sites_view(db, configs, nobody, later)["edges"][0]["state"] == "offline"
+    finally:
+        db.close()
