@@ -321,6 +321,7 @@ class InProcessServer(ApiClient):
         self.server.close()
         self.server.task_dispatcher.shutdown(timeout=5)
         self.thread.join(timeout=5)
+        self.app.close()
 
     def rows(self, sql, params=()):
         db = kokoa.connect(self.config.db_path)

@@ -25,6 +25,8 @@ Environment (real variables win over kokoa.env):
                                   assigned from it (unset: private addresses only)
     KOKOA_TRUSTED_PROXY           address of a reverse proxy in front of serve: its last
                                   X-Forwarded-For entry becomes the client address
+    KOKOA_ALERT_RETRY_DELAYS      s before each retry of an alert webhook (default 1,5,25)
+    KOKOA_ALERT_TIMEOUT           s an alert webhook may take to connect and per read (5)
 """
 
 __version__ = "0.2.0"
@@ -38,16 +40,20 @@ import dataclasses
 import datetime
 import functools
 import hashlib
+import heapq
 import hmac
+import http.client
 import ipaddress
 import json
 import logging
 import math
 import os
+import queue
 import re
 import secrets
 import shlex
 import signal
+import socket
 import sqlite3
 import sys
 import tempfile
@@ -123,6 +129,23 @@ PASSWORD_MIN_LENGTH = 8
 PASSWORD_MAX_LENGTH = 1024
 PASSWORD_MAX_BYTES = 511            # crypt(3) of the edges (libxcrypt) refuses longer passphrases
 SHA512_CRYPT_ROUNDS = 5000
+# Health and alerts (issue 16)
+DEFAULT_POLL_INTERVAL = 30        # s between an edge's polls, when its agent never said
+STALE_POLLS, OFFLINE_POLLS = 3, 10      # an edge that missed this many polls is stale, offline
+STALE_MIN_SECONDS, OFFLINE_MIN_SECONDS = 10, 30     # ... but never sooner (a run takes time)
+CERT_EXPIRING_DAYS = 14
+HANDSHAKE_OLD_SECONDS = 180       # WireGuard's REJECT_AFTER_TIME: older, the tunnel is down
+ERROR_RATE_MIN_REQUESTS = 10      # at least this many requests in a report, and ...
+ERROR_RATE_DEGRADED = 0.05        # ... this share of 5xx / upstream errors: degraded
+HEALTH_LIMITS = {"origins": 1024, "hosts": 10000, "ports": 64}
+ALERT_EVENTS = ("edge_offline", "edge_apply_failed", "certificate_failing",
+                "certificate_expiring", "origin_down", "site_down")
+ALERT_FORMATS = ("json", "slack", "discord", "ntfy")
+ALERT_DELIVERIES_KEPT = 200       # per target
+ALERT_QUEUE_SIZE = 1000
+ALERT_RETRY_DELAYS = (1.0, 5.0, 25.0)   # s before each retry (KOKOA_ALERT_RETRY_DELAYS)
+ALERT_TIMEOUT = 5.0               # s to connect, and per read (KOKOA_ALERT_TIMEOUT)
+HEALTH_TICK_SECONDS = 5.0         # the health evaluator runs at least this often
 CRYPT_ALPHABET = "./0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
 # Admin sessions (issue 16): the UI's login. Only the SHA-256 of a cookie is stored.
 SESSION_IDLE_SECONDS = 12 * 3600
@@ -147,6 +170,9 @@ class Config:
     trusted_proxy: object = None    # ipaddress.ip_address of the reverse proxy, or None
     public_url: str = ""        # KOKOA_PUBLIC_URL as given (normalised), or ""
     public_host: str = ""       # its host, as a Host header names it (lower case, [v6])
+    alert_retry_delays: tuple = ALERT_RETRY_DELAYS
+    alert_timeout: float = ALERT_TIMEOUT
+    health_tick: float = HEALTH_TICK_SECONDS
 
 
 def read_env_file(path):
@@ -702,6 +728,50 @@ MIGRATIONS = [
             password_mac TEXT NOT NULL CHECK (length(password_mac) = 64),
             created_at   TEXT NOT NULL DEFAULT {NOW_SQL},
             last_used_at TEXT NOT NULL DEFAULT {NOW_SQL}
+        )""",
+    ],
+    [
+        # Health and alerts (issue 16): an edge's last measurements (JSON {"interval_s",
+        # "origins", "hosts"}, NULL when its agent sends none), webhook targets (the URL
+        # sealed with the keyring), their deliveries (the last ALERT_DELIVERIES_KEPT each), and
+        # the alert conditions that hold now (so that a change is sent once, also over restarts).
+        "ALTER TABLE edge_nodes ADD COLUMN health TEXT",
+        "ALTER TABLE edge_nodes ADD COLUMN health_at TEXT",
+        f"""
+        CREATE TABLE alert_targets (
+            id          TEXT PRIMARY KEY CHECK (length(id) = 36),
+            name        TEXT NOT NULL CHECK (length(name) BETWEEN 1 AND 64),
+            name_key    TEXT NOT NULL UNIQUE,
+            url_enc     BLOB NOT NULL,
+            url_display TEXT NOT NULL,
+            format      TEXT NOT NULL CHECK (format IN ('json', 'slack', 'discord', 'ntfy')),
+            events      TEXT NOT NULL,
+            created_at  TEXT NOT NULL DEFAULT {NOW_SQL},
+            updated_at  TEXT NOT NULL DEFAULT {NOW_SQL}
+        )""",
+        f"""
+        CREATE TABLE alert_deliveries (
+            id              TEXT PRIMARY KEY CHECK (length(id) = 36),
+            target_id       TEXT NOT NULL REFERENCES alert_targets (id) ON DELETE CASCADE,
+            event           TEXT NOT NULL,
+            state           TEXT NOT NULL CHECK (state IN ('pending', 'delivered', 'failed')),
+            status_code     INTEGER,
+            attempts        INTEGER NOT NULL DEFAULT 0 CHECK (attempts >= 0),
+            created_at      TEXT NOT NULL DEFAULT {NOW_SQL},
+            last_attempt_at TEXT,
+            error           TEXT,
+            resolved        INTEGER NOT NULL DEFAULT 0 CHECK (resolved IN (0, 1)),
+            subject         TEXT NOT NULL,
+            message         TEXT NOT NULL
+        )""",
+        "CREATE INDEX alert_deliveries_target ON alert_deliveries (target_id, created_at)",
+        """
+        CREATE TABLE alert_conditions (
+            key     TEXT PRIMARY KEY,
+            event   TEXT NOT NULL,
+            subject TEXT NOT NULL,
+            message TEXT NOT NULL,
+            since   TEXT NOT NULL
         )""",
     ],
 ]
@@ -1824,7 +1894,8 @@ def check_policy_exists(db, policy_id):
 # Edge nodes
 
 REGISTER_FIELDS = ("bootstrap_token", "name", "wg_public_key", "wg_ip", "wg_endpoint")
-STATUS_FIELDS = ("applied_hash", "ok", "error", "certificates", "agent_version", "schema")
+STATUS_FIELDS = ("applied_hash", "ok", "error", "certificates", "agent_version", "schema",
+                 "interval_s", "origins", "hosts")
 CERT_FIELDS = ("status", "not_after", "error")
 
 
@@ -1847,13 +1918,17 @@ def edge_schema(row):
     return row["agent_schema"] if row["agent_schema"] in SCHEMAS else 1
 
 
-def edge_json(row, configs, last_seen=None):
+def edge_json(row, configs, last_seen=None, not_before=0.0):
     """The public JSON of an edge row (never its token hash), judged against the payload of
     the schema its agent speaks: `configs` is {schema: (config_hash, body, unserved)}."""
     schema = edge_schema(row)
     config_hash, _, unserved = configs[schema]
     last_seen = last_seen or row["last_seen"]
+    health = edge_health(row)
+    judged = last_seen and max(last_seen, iso_time(not_before))       # as fleet_edges does
     return {
+        "state": edge_state(judged, health["interval_s"], time.time()),
+        "origins": health["origins"], "hosts": health["hosts"],
         "id": row["id"], "name": row["name"], "wg_ip": row["wg_ip"],
         "wg_public_key": row["wg_public_key"], "wg_endpoint": row["wg_endpoint"],
         "created_at": row["created_at"], "last_seen": last_seen,
@@ -1954,18 +2029,22 @@ def record_edge_status(db, edge_id, body):
     schema = body.get("schema")
     if schema is not None and (isinstance(schema, bool) or schema not in SCHEMAS):
         raise invalid("schema", "schema must be one of " + ", ".join(map(str, SCHEMAS)))
+    health = validate_health(body)
     now = utc_now()
     with transaction(db):
+        health = known_health(db, health)
         db.execute(
             """
             UPDATE edge_nodes
                SET applied_hash = ?, status_ok = ?, last_error = ?, last_status_at = ?,
                    last_seen = ?, certificates = coalesce(?, certificates),
                    agent_version = coalesce(?, agent_version),
-                   agent_schema = coalesce(?, agent_schema)
+                   agent_schema = coalesce(?, agent_schema), health = ?, health_at = ?
              WHERE id = ?""",
             (applied, int(body["ok"]), None if body["ok"] else (error or "unknown error"),
-             now, now, certificates, version, schema, edge_id))
+             now, now, certificates, version, schema,
+             None if health is None else json.dumps(health, sort_keys=True),
+             None if health is None else now, edge_id))
 
 
 def validate_agent_version(value, field="agent_version"):
@@ -2182,6 +2261,718 @@ def close_session(db, session_id):
     db.execute("DELETE FROM admin_sessions WHERE id = ?", (session_id,))
 
 
+# Health: what edges measure, what the control plane concludes, and alerts (issue 16)
+#
+# An edge's status report may carry its measurements (interval_s, origins, hosts), which are
+# checked here and stored as the edge's last report. sites_view() concludes, per hostname, one
+# state with its reasons; a HealthMonitor thread turns changes of those conclusions into alert
+# events, and an AlertSender thread delivers them (retries, bounded queue and storage).
+
+HEALTH_FIELDS = ("interval_s", "origins", "hosts")
+ORIGIN_HEALTH_FIELDS = ("handshake_age_s", "reachable", "rtt_ms", "ports")
+HOST_HEALTH_FIELDS = ("requests", "status_4xx", "status_5xx", "upstream_errors", "window_s")
+COUNT_MAX = 10 ** 12
+ALERT_TARGET_FIELDS = ("name", "url", "format", "events")
+
+
+def health_int(value, field, where, high):
+    """An integer 0..high (not a bool), else 400 naming `field`."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= high:
+        raise invalid(field, f"{where} must be an integer from 0 to {high}")
+    return value
+
+
+def health_map(value, field):
+    """A JSON object of at most HEALTH_LIMITS[field] entries."""
+    limit = HEALTH_LIMITS[field]
+    if not isinstance(value, dict):
+        raise invalid(field, f"{field} must be an object")
+    if len(value) > limit:
+        raise invalid(field, f"{field} must have at most {limit} entries")
+    return value
+
+
+def validate_origin_health(address, entry):
+    """(normalised address, {"handshake_age_s", "reachable", "rtt_ms", "ports"})."""
+    where = f"origins[{str(address)[:64]!r}]"
+    try:
+        address = str(ipaddress.ip_address(address))
+    except ValueError:
+        raise invalid("origins", f"{where}: the key must be an origin's wg_ip") from None
+    if not isinstance(entry, dict) or any(key not in ORIGIN_HEALTH_FIELDS for key in entry):
+        raise invalid("origins", f"{where} must be an object of "
+                                 + ", ".join(ORIGIN_HEALTH_FIELDS))
+    age, reachable, rtt = (entry.get(key) for key in ORIGIN_HEALTH_FIELDS[:3])
+    if age is not None:
+        health_int(age, "origins", f"{where}.handshake_age_s", 10 ** 10)
+    if reachable is not None and not isinstance(reachable, bool):
+        raise invalid("origins", f"{where}.reachable must be true, false or null")
+    if rtt is not None and (isinstance(rtt, bool) or not isinstance(rtt, (int, float))
+                            or not 0 <= rtt <= 60000):
+        raise invalid("origins", f"{where}.rtt_ms must be a number of ms from 0 to 60000")
+    ports = {}
+    for port, up in health_map(entry.get("ports", {}), "ports").items():
+        if not re.fullmatch("[1-9][0-9]{0,4}", port) or int(port) > 65535 \
+                or not isinstance(up, bool):
+            raise invalid("origins", f"{where}.ports must map ports (1-65535) to true/false")
+        ports[port] = up
+    return address, {"handshake_age_s": age, "reachable": reachable,
+                     "rtt_ms": None if rtt is None else round(float(rtt), 1), "ports": ports}
+
+
+def validate_host_health(hostname, entry):
+    """(hostname, counters): whole numbers, the parts no more than the requests."""
+    host = normalize_hostname(hostname, "hosts")
+    where = f"hosts[{host!r}]"
+    if not isinstance(entry, dict) or sorted(entry) != sorted(HOST_HEALTH_FIELDS):
+        raise invalid("hosts", f"{where} must be an object of exactly "
+                               + ", ".join(HOST_HEALTH_FIELDS))
+    counts = {key: health_int(entry[key], "hosts", f"{where}.{key}", COUNT_MAX)
+              for key in HOST_HEALTH_FIELDS}
+    if counts["status_4xx"] + counts["status_5xx"] > counts["requests"] \
+            or counts["upstream_errors"] > counts["requests"]:
+        raise invalid("hosts", f"{where}: the counts add up to more than its requests")
+    return host, counts
+
+
+def validate_health(body):
+    """The measurements of a status report: {"interval_s", "origins", "hosts"}, each checked;
+    None when the report has none (an agent from before 0.3)."""
+    if not any(field in body for field in HEALTH_FIELDS):
+        return None
+    interval = health_int(body.get("interval_s", DEFAULT_POLL_INTERVAL), "interval_s",
+                          "interval_s", 86400)
+    origins = dict(validate_origin_health(address, entry) for address, entry
+                   in health_map(body.get("origins", {}), "origins").items())
+    hosts = dict(validate_host_health(name, entry) for name, entry
+                 in health_map(body.get("hosts", {}), "hosts").items())
+    return {"interval_s": interval, "origins": origins, "hosts": hosts}
+
+
+def known_health(db, health):
+    """`health` with only the origins (by wg_ip) and hostnames this control plane has: an
+    edge's report can say nothing about what is not its to serve."""
+    if health is None:
+        return None
+    known_ips = {row[0] for row in db.execute(
+        "SELECT wg_ip FROM origins WHERE wg_ip IN (SELECT value FROM json_each(?))",
+        (json.dumps(list(health["origins"])),))}
+    known_hosts = {row[0] for row in db.execute(
+        "SELECT hostname FROM routes WHERE hostname IN (SELECT value FROM json_each(?))",
+        (json.dumps(list(health["hosts"])),))}
+    return {**health,
+            "origins": {k: v for k, v in health["origins"].items() if k in known_ips},
+            "hosts": {k: v for k, v in health["hosts"].items() if k in known_hosts}}
+
+
+def edge_health(row):
+    """The last measurements an edge reported ({} keys when none)."""
+    stored = row["health"] if "health" in row.keys() else None
+    health = json.loads(stored) if stored else {}
+    return {"interval_s": health.get("interval_s") or DEFAULT_POLL_INTERVAL,
+            "origins": health.get("origins", {}), "hosts": health.get("hosts", {})}
+
+
+def edge_state(last_seen, interval, now):
+    """online / stale (no poll for 3 intervals) / offline (10) / never."""
+    if last_seen is None:
+        return "never"
+    quiet = now - parse_iso_time(last_seen)
+    if quiet > max(OFFLINE_POLLS * interval, OFFLINE_MIN_SECONDS):
+        return "offline"
+    if quiet > max(STALE_POLLS * interval, STALE_MIN_SECONDS):
+        return "stale"
+    return "online"
+
+
+def site_certificate_state(hostname, edges, now):
+    """{"state": valid|expiring|pending|failed|none, "not_after", "error"} of a hostname's
+    certificate, from what the edges that serve it report. The one place that reads
+    certificate states (it will read the fleet's certificates table instead)."""
+    reports = [edge["certificates"][hostname] for edge in edges
+               if edge["state"] != "offline" and hostname in edge["certificates"]]
+    valid = [r for r in reports if r["status"] == "valid"]
+    if valid:
+        dates = sorted(r["not_after"] for r in valid if r.get("not_after"))
+        not_after = dates[0] if dates else None
+        soon = not_after is not None and parse_iso_time(not_after) - now \
+            < CERT_EXPIRING_DAYS * 86400
+        return {"state": "expiring" if soon else "valid", "not_after": not_after,
+                "error": None}
+    for state in ("failed", "pending"):
+        found = [r for r in reports if r["status"] == state]
+        if found:
+            return {"state": state, "not_after": found[0].get("not_after"),
+                    "error": found[0].get("error")}
+    return {"state": "none", "not_after": None, "error": None}
+
+
+def fleet_edges(db, configs, last_seen, now, not_before):
+    """Every edge as sites_view judges it: state, health, sync, what its schema leaves out.
+    Polls are counted missed only from `not_before` on (when this control plane started: it
+    cannot know of polls while it was down)."""
+    edges = []
+    for row in query_edges(db):
+        health = edge_health(row)
+        seen = last_seen(row["id"]) or row["last_seen"]
+        judged = seen and max(seen, iso_time(not_before))
+        config_hash, _, unserved = configs[edge_schema(row)]
+        edges.append({"id": row["id"], "name": row["name"], "last_seen": seen,
+                      "state": edge_state(judged, health["interval_s"], now), **health,
+                      "in_sync": row["applied_hash"] == config_hash,
+                      "status_ok": row["status_ok"], "last_error": row["last_error"],
+                      "certificates": json.loads(row["certificates"]),
+                      "unserved": unserved})
+    return edges
+
+
+def reason(kind, edge, message):
+    """One entry of a site's reasons."""
+    return {"kind": kind, "edge_id": edge and edge["id"], "edge_name": edge and edge["name"],
+            "message": message}
+
+
+def edge_site_reasons(edge, route):
+    """(whether `edge` serves the route's hostname, the reasons it says about it)."""
+    host, name = route["hostname"], edge["name"]
+    if edge["state"] in ("never", "offline"):
+        seen = edge["last_seen"]
+        return False, [] if seen is None else [
+            reason("edge", edge, f"edge {name} is offline (last poll {seen})")]
+    if host in edge["unserved"]:
+        return False, [reason("unserved", edge, f"edge {name} does not serve it: "
+                                                f"{edge['unserved'][host]}")]
+    reasons = []
+    if edge["state"] == "stale":
+        reasons.append(reason("edge", edge, f"edge {name} has not polled since "
+                                            f"{edge['last_seen']}"))
+    if not edge["in_sync"]:
+        reasons.append(reason("sync", edge, f"edge {name} has not applied the latest config"))
+    if edge["status_ok"] == 0:
+        reasons.append(reason("sync", edge, f"edge {name} reports an error: "
+                                            f"{(edge['last_error'] or '')[:300]}"))
+    serving = True
+    probe = edge["origins"].get(route["origin_wg_ip"])
+    if probe is not None:
+        port_up = probe["ports"].get(str(route["target_port"]), probe["reachable"])
+        age = probe["handshake_age_s"]
+        old = age is not None and age > HANDSHAKE_OLD_SECONDS
+        if port_up is False or (old and port_up is not True):
+            serving = False
+            why = f"; its last WireGuard handshake was {age} s ago" if old else ""
+            reasons.append(reason("origin", edge, f"edge {name} cannot connect to origin "
+                                  f"{route['origin_name']} on port {route['target_port']}"
+                                  f"{why}"))
+    counts = edge["hosts"].get(host)
+    if counts and counts["requests"] >= ERROR_RATE_MIN_REQUESTS:
+        failed = max(counts["status_5xx"], counts["upstream_errors"])
+        if failed >= ERROR_RATE_DEGRADED * counts["requests"]:
+            reasons.append(reason("error_rate", edge, f"edge {name}: {failed} of "
+                                  f"{counts['requests']} requests failed (5xx or no answer "
+                                  f"from the origin) in {counts['window_s']} s"))
+    return serving, reasons
+
+
+def site_json(route, edges, now):
+    """One site of GET /api/v1/sites."""
+    certificate = site_certificate_state(route["hostname"], edges, now)
+    traffic = dict.fromkeys(HOST_HEALTH_FIELDS, 0)
+    for edge in edges:
+        counts = edge["hosts"].get(route["hostname"]) if edge["state"] != "offline" else None
+        for key in HOST_HEALTH_FIELDS if counts else ():
+            traffic[key] = max(traffic[key], counts[key]) if key == "window_s" \
+                else traffic[key] + counts[key]
+    site = {"hostname": route["hostname"], "route_id": route["id"],
+            "origin_id": route["origin_id"], "origin_name": route["origin_name"],
+            "state": "disabled", "reasons": [],
+            "certificate": {"state": certificate["state"],
+                            "not_after": certificate["not_after"]},
+            "traffic": traffic}
+    if not route["enabled"]:
+        return site
+    serving, reasons = [], []
+    for edge in edges:
+        serves, said = edge_site_reasons(edge, route)
+        serving.append(serves)
+        reasons += said
+    down = not any(serving)
+    if down and not reasons:
+        reasons.append(reason("edge", None, "no edge serves it yet"))
+    cert_state = certificate["state"]
+    if cert_state in ("failed", "pending", "expiring"):
+        down = down or cert_state == "failed"
+        reasons.append(reason("certificate", None, {
+            "failed": f"no valid certificate: {(certificate['error'] or 'issuance failed')}"
+                      [:300],
+            "pending": "waiting for its certificate (the fallback one is served meanwhile)",
+            "expiring": f"its certificate expires at {certificate['not_after']}"}[cert_state]))
+    site["reasons"] = reasons
+    site["state"] = "down" if down else "degraded" if reasons else "ok"
+    return site
+
+
+def sites_view(db, configs, last_seen, now=None, not_before=0.0):
+    """GET /api/v1/sites: every hostname's state and reasons, the edges' states, a summary.
+    `configs` is {schema: (hash, body, unserved)}; last_seen(edge_id) the in-memory poll
+    time (or None); not_before, when this control plane started."""
+    now = time.time() if now is None else now
+    edges = fleet_edges(db, configs, last_seen, now, not_before)
+    sites = [site_json(route, edges, now) for route in db.execute(
+        """
+        SELECT r.id, r.hostname, r.origin_id, r.target_port, r.enabled,
+               o.name AS origin_name, o.wg_ip AS origin_wg_ip
+          FROM routes AS r
+          JOIN origins AS o ON o.id = r.origin_id
+         ORDER BY r.hostname""")]
+    summary = {"sites": dict.fromkeys(("ok", "degraded", "down", "disabled"), 0),
+               "edges": dict.fromkeys(("online", "stale", "offline", "never"), 0),
+               "certificates": {"expiring": 0, "failed": 0}}
+    for site in sites:
+        summary["sites"][site["state"]] += 1
+        if site["state"] != "disabled" and site["certificate"]["state"] in ("expiring",
+                                                                             "failed"):
+            summary["certificates"][site["certificate"]["state"]] += 1
+    for edge in edges:
+        summary["edges"][edge["state"]] += 1
+    return {"sites": sites, "summary": summary, "edges": [
+        {"id": e["id"], "name": e["name"], "state": e["state"], "last_seen": e["last_seen"]}
+        for e in edges], "_fleet": edges}
+
+
+# Alert events: a condition (key -> event, subject, message) holds now or not; each change is
+# sent once, when it starts and when it clears.
+
+def alert_conditions(view):
+    """{key: (event, subject, message)} of what is wrong now, from sites_view()."""
+    found = {}
+    for edge in view["_fleet"]:
+        if edge["state"] == "offline":
+            found[f"edge_offline:{edge['id']}"] = (
+                "edge_offline", edge["name"],
+                f"edge {edge['name']} is offline: no poll since {edge['last_seen']}")
+        if edge["status_ok"] == 0 and edge["state"] != "never":
+            found[f"edge_apply_failed:{edge['id']}"] = (
+                "edge_apply_failed", edge["name"], f"edge {edge['name']} failed to apply its "
+                f"config: {(edge['last_error'] or 'unknown error')[:300]}")
+    origins = collections.defaultdict(list)
+    for site in view["sites"]:
+        if site["state"] == "disabled":
+            continue
+        host, cert = site["hostname"], site["certificate"]
+        if cert["state"] == "failed":
+            found[f"certificate_failing:{host}"] = (
+                "certificate_failing", host, f"{host} has no valid certificate")
+        elif cert["state"] == "expiring":
+            found[f"certificate_expiring:{host}"] = (
+                "certificate_expiring", host,
+                f"the certificate of {host} expires at {cert['not_after']}")
+        if site["state"] == "down":
+            found[f"site_down:{host}"] = ("site_down", host, f"{host} is down: " + "; ".join(
+                r["message"] for r in site["reasons"])[:600])
+        origin_down = [r for r in site["reasons"] if r["kind"] == "origin"]
+        origins[site["origin_id"], site["origin_name"]].append(bool(origin_down))
+    for (origin_id, origin_name), down in origins.items():
+        if all(down):
+            found[f"origin_down:{origin_id}"] = (
+                "origin_down", origin_name,
+                f"origin {origin_name} does not answer the edges on any of its routes")
+    return found
+
+
+def apply_alert_conditions(db, current):
+    """Store the conditions that hold now; returns the changes as (state, event, subject,
+    message) with state "firing" or "resolved". One transaction: two evaluations at once
+    cannot both send a change."""
+    changes = []
+    with transaction(db):
+        stored = {row["key"]: row for row in db.execute("SELECT * FROM alert_conditions")}
+        for key in sorted(current.keys() - stored.keys()):
+            event, subject, message = current[key]
+            db.execute("""
+                INSERT INTO alert_conditions (key, event, subject, message, since)
+                VALUES (?, ?, ?, ?, ?)""", (key, event, subject, message, utc_now()))
+            changes.append(("firing", event, subject, message))
+        for key in sorted(stored.keys() - current.keys()):
+            row = stored[key]
+            db.execute("DELETE FROM alert_conditions WHERE key = ?", (key,))
+            changes.append(("resolved", row["event"], row["subject"],
+                            f"resolved: {row['message']}"))
+    return changes
+
+
+# Alert targets
+
+def validate_alert_url(value):
+    """(url, url_display): an http(s) URL of at most 2048 ASCII characters, without
+    credentials or a fragment; url_display is its scheme and host only."""
+    message = ("url must be an http:// or https:// URL of at most 2048 characters, in ASCII "
+               "(punycode, %-escapes), without user:password@ or #fragment")
+    if not isinstance(value, str) or len(value) > 2048 or not value.isascii() \
+            or any(c.isspace() or not c.isprintable() for c in value):
+        raise invalid("url", message)
+    parts = urllib.parse.urlsplit(value)
+    try:
+        parts.port                   # noqa: B018 -- raises ValueError for a bad port
+    except ValueError:
+        raise invalid("url", message) from None
+    host = parts.hostname or ""
+    if parts.scheme.lower() not in ("http", "https") or "%" in host \
+            or not (is_ip_address(host) or all(LABEL_RE.fullmatch(label)
+                                               for label in host.rstrip(".").split("."))) \
+            or parts.username is not None or parts.password is not None or parts.fragment \
+            or "@" in parts.netloc:
+        raise invalid("url", message)
+    return value, f"{parts.scheme.lower()}://{parts.netloc.lower()}/…"
+
+
+def validate_alert_events(value):
+    """A non-empty list of ALERT_EVENTS, deduplicated, in ALERT_EVENTS order."""
+    if not isinstance(value, list) or not value \
+            or any(not isinstance(v, str) or v not in ALERT_EVENTS for v in value):
+        raise invalid("events", "events must be a non-empty list of " + ", ".join(ALERT_EVENTS))
+    return [event for event in ALERT_EVENTS if event in value]
+
+
+def alert_target_json(row):
+    """The public JSON of an alert target: never its URL, only scheme and host."""
+    return {"id": row["id"], "name": row["name"], "url_display": row["url_display"],
+            "format": row["format"], "events": json.loads(row["events"]),
+            "created_at": row["created_at"], "updated_at": row["updated_at"]}
+
+
+def get_alert_target_row(db, target_id):
+    """The alert target row with `target_id`, or 404."""
+    return one_or_404(lambda d, i: d.execute("SELECT * FROM alert_targets WHERE id = ?",
+                                             (i,)).fetchall(), db, target_id, "alert target")
+
+
+def alert_target_values(keyring, target_id, body, current):
+    """The columns of a target from `body`, each validated, the others as in `current`."""
+    values = dict(current)
+    if "name" in body:
+        values["name"] = validate_name(body["name"])
+        values["name_key"] = name_key(values["name"])
+    if "url" in body:
+        url, values["url_display"] = validate_alert_url(body["url"])
+        values["url_enc"] = keyring.seal(url.encode(), secret_aad("alert_targets", target_id,
+                                                                  "url"))
+    if "format" in body:
+        if body["format"] not in ALERT_FORMATS:
+            raise invalid("format", "format must be one of " + ", ".join(ALERT_FORMATS))
+        values["format"] = body["format"]
+    if "events" in body:
+        values["events"] = json.dumps(validate_alert_events(body["events"]))
+    return values
+
+
+def insert_alert_target(db, keyring, body):
+    """Validate and insert an alert target; returns its row."""
+    check_fields(body, ALERT_TARGET_FIELDS, required=("name", "url"))
+    target_id = new_id()
+    values = alert_target_values(keyring, target_id, body, {
+        "format": "json", "events": json.dumps(list(ALERT_EVENTS))})
+    with transaction(db):
+        check_unique(db, "alert_targets", "name_key", values["name_key"], "name")
+        now = utc_now()
+        db.execute("""
+            INSERT INTO alert_targets (id, name, name_key, url_enc, url_display, format,
+                                       events, created_at, updated_at)
+            VALUES (:id, :name, :name_key, :url_enc, :url_display, :format, :events, :now,
+                    :now)""", {"id": target_id, "now": now, **values})
+    return get_alert_target_row(db, target_id)
+
+
+def patch_alert_target(db, keyring, target_id, body):
+    """Validate and apply a partial update to an alert target; returns its row."""
+    check_fields(body, ALERT_TARGET_FIELDS)
+    with transaction(db):
+        row = get_alert_target_row(db, target_id)
+        values = alert_target_values(keyring, target_id, body, dict(row))
+        check_unique(db, "alert_targets", "name_key", values["name_key"], "name", target_id)
+        db.execute("""
+            UPDATE alert_targets
+               SET name = :name, name_key = :name_key, url_enc = :url_enc,
+                   url_display = :url_display, format = :format, events = :events,
+                   updated_at = :now
+             WHERE id = :id""", {**values, "id": target_id, "now": utc_now()})
+    return get_alert_target_row(db, target_id)
+
+
+def delivery_json(row):
+    """One entry of a target's deliveries."""
+    return {"id": row["id"], "event": row["event"], "state": row["state"],
+            "status_code": row["status_code"], "attempts": row["attempts"],
+            "created_at": row["created_at"], "last_attempt_at": row["last_attempt_at"],
+            "error": row["error"], "message": row["message"]}
+
+
+def insert_deliveries(db, changes, only_target=None):
+    """A pending delivery per (change, target that wants its event), the oldest beyond
+    ALERT_DELIVERIES_KEPT per target dropped; returns [(delivery id, target id)]."""
+    made = []
+    with transaction(db):
+        targets = db.execute("SELECT id, events FROM alert_targets WHERE id = ? OR ? IS NULL",
+                             (only_target, only_target)).fetchall()
+        for state, event, subject, message in changes:
+            for target in targets:
+                if event != "test" and event not in json.loads(target["events"]):
+                    continue
+                delivery_id = new_id()
+                db.execute("""
+                    INSERT INTO alert_deliveries (id, target_id, event, state, attempts,
+                                                  created_at, resolved, subject, message)
+                    VALUES (?, ?, ?, 'pending', 0, ?, ?, ?, ?)""",
+                           (delivery_id, target["id"], event, utc_now(),
+                            int(state == "resolved"), subject, message))
+                made.append((delivery_id, target["id"]))
+        for target_id in {target_id for _, target_id in made}:
+            db.execute("""
+                DELETE FROM alert_deliveries
+                 WHERE target_id = :t AND rowid NOT IN (
+                       SELECT rowid FROM alert_deliveries WHERE target_id = :t
+                        ORDER BY created_at DESC, rowid DESC LIMIT :keep)""",
+                       {"t": target_id, "keep": ALERT_DELIVERIES_KEPT})
+    return made
+
+
+def webhook_request(fmt, delivery, public_url):
+    """(body bytes, headers) of one alert in a target's format."""
+    state = "resolved" if delivery["resolved"] else "firing"
+    if delivery["event"] == "test":
+        state = "test"
+    title = f"Kokoa {delivery['event'].replace('_', ' ')}" + (
+        " resolved" if state == "resolved" else "")
+    text = f"[{title}] {delivery['message']}"
+    if fmt == "slack":
+        return json.dumps({"text": text}).encode(), {"Content-Type": JSON_TYPE}
+    if fmt == "discord":
+        return json.dumps({"content": text[:2000], "username": "Kokoa"}).encode(), {
+            "Content-Type": JSON_TYPE}
+    if fmt == "ntfy":
+        header_title = title if title.isascii() else \
+            "=?UTF-8?B?" + base64.b64encode(title.encode()).decode() + "?="
+        return delivery["message"].encode(), {
+            "Content-Type": "text/plain; charset=utf-8", "Title": header_title,
+            "Tags": "white_check_mark" if state != "firing" else "warning",
+            "Priority": "high" if state == "firing" else "default"}
+    return json.dumps({"event": delivery["event"], "state": state,
+                       "subject": delivery["subject"], "message": delivery["message"],
+                       "time": delivery["created_at"], "kokoa": public_url or None}).encode(), {
+        "Content-Type": JSON_TYPE}
+
+
+def post_webhook(url, body, headers, timeout):
+    """POST `body` to `url`; the response's status code. Connect and each read wait at most
+    `timeout` s, the whole exchange at most twice that; no redirect is followed."""
+    parts = urllib.parse.urlsplit(url)
+    connection = (http.client.HTTPSConnection if parts.scheme.lower() == "https"
+                  else http.client.HTTPConnection)(parts.hostname, parts.port, timeout=timeout)
+    def cut():
+        with contextlib.suppress(OSError, AttributeError):
+            connection.sock.shutdown(socket.SHUT_RDWR)
+    guard = threading.Timer(2 * timeout, cut)
+    guard.daemon = True
+    guard.start()
+    try:
+        connection.request("POST", (parts.path or "/") + (f"?{parts.query}" if parts.query
+                                                          else ""), body,
+                           {**headers, "User-Agent": f"kokoa/{__version__}"})
+        return connection.getresponse().status
+    finally:
+        guard.cancel()
+        connection.close()
+
+
+def without_url_path(text, url):
+    """`text` with the path and query of `url` (where a webhook keeps its secret) cut out."""
+    parts = urllib.parse.urlsplit(url)
+    for secret in (parts.path + (f"?{parts.query}" if parts.query else ""), parts.path,
+                   parts.query):
+        if len(secret) > 1:
+            text = text.replace(secret, "/…")
+    return text
+
+
+class AlertSender:
+    """Delivers alert deliveries from a bounded queue in one background thread: retries after
+    each of `delays` s, records every attempt; a slow or hanging receiver delays only the
+    other alerts, never a request."""
+
+    def __init__(self, config):
+        self.config = config
+        self.queue = queue.Queue(ALERT_QUEUE_SIZE)
+        self._retries = []          # heap of (due, sequence, delivery id)
+        self._sequence = 0
+        self._stop = threading.Event()
+        self._thread = None
+        self._lock = threading.Lock()
+
+    def submit(self, delivery_ids):
+        """Queue deliveries (their rows exist); those the full queue refuses are failed."""
+        with self._lock:
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="kokoa-alerts",
+                                                daemon=True)
+                self._thread.start()
+        refused = []
+        for delivery_id in delivery_ids:
+            try:
+                self.queue.put_nowait(delivery_id)
+            except queue.Full:
+                refused.append(delivery_id)
+        if refused:
+            log.warning("alert queue full: %d delivery(ies) dropped", len(refused))
+            db = connect(self.config.db_path)
+            try:
+                for delivery_id in refused:
+                    self.record(db, delivery_id, "failed", None, "the alert queue was full")
+            finally:
+                db.close()
+
+    def close(self):
+        """Stop the thread (pending deliveries stay pending)."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=2 * self.config.alert_timeout + 1)
+
+    def _run(self):
+        while not self._stop.is_set():
+            wait = 0.5 if not self._retries else max(0.0, self._retries[0][0] - time.monotonic())
+            try:
+                delivery_id = self.queue.get(timeout=min(wait, 0.5))
+                self._push(0.0, delivery_id)
+            except queue.Empty:
+                pass
+            while self._retries and self._retries[0][0] <= time.monotonic():
+                _, _, delivery_id = heapq.heappop(self._retries)
+                try:
+                    self.attempt(delivery_id)
+                except Exception:
+                    log.exception("alert delivery %s failed unexpectedly", delivery_id)
+
+    def _push(self, delay, delivery_id):
+        self._sequence += 1
+        heapq.heappush(self._retries, (time.monotonic() + delay, self._sequence, delivery_id))
+
+    def attempt(self, delivery_id):
+        """One try of a delivery; schedules the next or records the outcome."""
+        db = connect(self.config.db_path)
+        try:
+            row = db.execute("""
+                SELECT d.*, t.url_enc, t.format
+                  FROM alert_deliveries AS d
+                  JOIN alert_targets AS t ON t.id = d.target_id
+                 WHERE d.id = ? AND d.state = 'pending'""", (delivery_id,)).fetchone()
+            if row is None:                 # target deleted, or pruned
+                return
+            status, error, final = None, None, False
+            try:
+                url = self.config.keyring.unseal(
+                    row["url_enc"], secret_aad("alert_targets", row["target_id"], "url")).decode()
+                body, headers = webhook_request(row["format"], row, self.config.public_url)
+                status = post_webhook(url, body, headers, self.config.alert_timeout)
+                if not 200 <= status < 300:
+                    error = f"the receiver answered HTTP {status}"
+            except SecretError as err:
+                error, final = f"the URL cannot be decrypted: {err}", True
+            except (OSError, ValueError, http.client.HTTPException) as err:
+                error = without_url_path(f"{type(err).__name__}: {err}", url)[:200]
+            attempts = row["attempts"] + 1
+            retry = error is not None and not final \
+                and attempts <= len(self.config.alert_retry_delays)
+            state = "delivered" if error is None else "pending" if retry else "failed"
+            self.record(db, delivery_id, state, status, error, attempts)
+            if retry:
+                self._push(self.config.alert_retry_delays[attempts - 1], delivery_id)
+        finally:
+            db.close()
+
+    @staticmethod
+    def record(db, delivery_id, state, status, error, attempts=None):
+        """Store the outcome of an attempt (the error never names the URL's path)."""
+        db.execute("""
+            UPDATE alert_deliveries
+               SET state = ?, status_code = ?, error = ?, last_attempt_at = ?,
+                   attempts = coalesce(?, attempts)
+             WHERE id = ?""", (state, status, error, utc_now(), attempts, delivery_id))
+
+
+class DbContext:
+    """What EdgeConfigCache.get needs of a request: a database connection."""
+
+    def __init__(self, db):
+        self.db = db
+
+
+class HealthMonitor:
+    """Evaluates the fleet's health in a background thread, every `health_tick` s and at once
+    after a status report, and hands each change of an alert condition to the AlertSender."""
+
+    def __init__(self, app):
+        self.app = app
+        self.sender = AlertSender(app.config)
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread = None
+
+    def start(self):
+        """Start the evaluator thread (serve does; tests that need alerts do). Deliveries left
+        pending by a previous run (their retries lived in its memory) are failed first."""
+        if self._thread is None:
+            db = connect(self.app.config.db_path)
+            try:
+                db.execute("""
+                    UPDATE alert_deliveries
+                       SET state = 'failed', error = 'interrupted by a restart of the control plane'
+                     WHERE state = 'pending'""")
+            finally:
+                db.close()
+            self._thread = threading.Thread(target=self._run, name="kokoa-health",
+                                            daemon=True)
+            self._thread.start()
+        return self
+
+    def wake(self):
+        """Ask for an evaluation now (cheap; the thread does the work)."""
+        self._wake.set()
+
+    def close(self):
+        """Stop both threads."""
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+        self.sender.close()
+
+    def _run(self):
+        while not self._stop.is_set():
+            try:
+                self.evaluate()
+            except Exception:
+                log.exception("health evaluation failed")
+            self._wake.wait(self.app.config.health_tick)
+            self._wake.clear()
+
+    def view(self, db):
+        """sites_view() of the database as this app's caches see it."""
+        context = DbContext(db)
+        configs = {schema: self.app.edge_config.get(context, schema) for schema in SCHEMAS}
+        return sites_view(db, configs, self.app.last_seen.get, not_before=self.app.started)
+
+    def evaluate(self):
+        """Compare what is wrong now with what was; queue a delivery for each change."""
+        db = connect(self.app.config.db_path)
+        try:
+            changes = apply_alert_conditions(db, alert_conditions(self.view(db)))
+            for state, event, subject, _ in changes:
+                log.info("alert %s: %s %s", state, event, subject)
+            made = insert_deliveries(db, changes) if changes else []
+        finally:
+            db.close()
+        if made:
+            self.sender.submit([delivery_id for delivery_id, _ in made])
+
+
 # Stored rows, checked again (a backup to restore may have been crafted)
 
 def as_stored(value, normalised, field):
@@ -2231,6 +3022,10 @@ def check_edge_row(row, network):
         validate_agent_version(row["agent_version"])
         if row["agent_schema"] is not None and row["agent_schema"] not in SCHEMAS:
             raise invalid("agent_schema", f"agent_schema must be one of {SCHEMAS}")
+    if "health" in columns and row["health"] is not None:
+        health = json.loads(row["health"])
+        if not isinstance(health, dict) or not validate_health(health):
+            raise invalid("health", "health is not an edge's measurements")
 
 
 def check_route_row(row, network):
@@ -2297,10 +3092,46 @@ def check_admin_session_row(row, network):
             raise invalid(field, f"{field} is not an ISO 8601 UTC time") from None
 
 
+def check_alert_target_row(row, network):
+    check_id(row["id"])
+    as_stored(row["name"], validate_name(row["name"]), "name")
+    as_stored(row["name_key"], name_key(row["name"]), "name_key")
+    if row["format"] not in ALERT_FORMATS:
+        raise invalid("format", "format is not one of " + ", ".join(ALERT_FORMATS))
+    events = json.loads(row["events"])
+    as_stored(events, validate_alert_events(events), "events")
+    if not isinstance(row["url_enc"], bytes) or len(row["url_enc"]) < 1 + KEY_ID_BYTES \
+            + NONCE_BYTES + 16:
+        raise invalid("url_enc", "url_enc is not a sealed secret")
+    if not isinstance(row["url_display"], str) \
+            or not re.fullmatch(r"https?://[A-Za-z0-9.:\[\]_-]{1,300}/…", row["url_display"]):
+        raise invalid("url_display", "url_display is not a URL's scheme and host")
+
+
+def check_alert_delivery_row(row, network):
+    check_id(row["id"])
+    check_id(row["target_id"], "target_id")
+    if row["event"] not in (*ALERT_EVENTS, "test"):
+        raise invalid("event", "event is not an alert event")
+    for field, limit in (("subject", 300), ("message", 1000), ("error", 400)):
+        optional(check_text, row[field], field, limit)
+
+
+def check_alert_condition_row(row, network):
+    if row["event"] not in ALERT_EVENTS or not isinstance(row["key"], str) \
+            or not row["key"].startswith(row["event"] + ":") or len(row["key"]) > 400:
+        raise invalid("key", "key is not an alert condition")
+    check_text(row["subject"], "subject", 300)
+    check_text(row["message"], "message", 1000)
+
+
 ROW_CHECKS = {"origins": check_origin_row, "edge_nodes": check_edge_row,
               "routes": check_route_row, "enrollment_keys": check_enrollment_key_row,
               "settings": check_setting_row, "access_policies": check_access_policy_row,
-              "admin_sessions": check_admin_session_row}
+              "admin_sessions": check_admin_session_row,
+              "alert_targets": check_alert_target_row,
+              "alert_deliveries": check_alert_delivery_row,
+              "alert_conditions": check_alert_condition_row}
 
 
 def stored_row_problems(db, network):
@@ -2590,7 +3421,8 @@ def render_origin_wireguard(origin, private_key, edges, network=None):
 
 JSON_TYPE = "application/json"
 STATUS_TEXT = {
-    200: "OK", 201: "Created", 204: "No Content", 304: "Not Modified", 400: "Bad Request",
+    200: "OK", 201: "Created", 202: "Accepted", 204: "No Content", 304: "Not Modified",
+    400: "Bad Request",
     401: "Unauthorized", 403: "Forbidden", 404: "Not Found", 405: "Method Not Allowed",
     409: "Conflict", 413: "Payload Too Large", 415: "Unsupported Media Type",
     421: "Misdirected Request", 429: "Too Many Requests", 500: "Internal Server Error",
@@ -3083,6 +3915,12 @@ class App:
         self.edge_config = EdgeConfigCache()
         self.last_seen = LastSeen()
         self.metrics = Metrics()
+        self.health = HealthMonitor(self)
+        self.started = time.time()      # edges' missed polls count from here (sites_view)
+
+    def close(self):
+        """Stop the background threads (the health evaluator and the alert sender)."""
+        self.health.close()
 
     def __call__(self, environ, start_response):
         started = time.perf_counter()
@@ -3286,7 +4124,7 @@ def get_healthz(req):
 @route("GET", "/metrics", auth="local_or_admin")
 def get_metrics(req):
     configs = {schema: req.app.edge_config.get(req, schema)[0] for schema in SCHEMAS}
-    lines = req.app.metrics.render() + fleet_metrics(req, configs)
+    lines = req.app.metrics.render() + fleet_metrics(req, configs) + health_metrics(req)
     return Response(200, ("\n".join(lines) + "\n").encode(),
                     "text/plain; version=0.0.4; charset=utf-8")
 
@@ -3315,6 +4153,31 @@ def fleet_metrics(req, config_hashes):
               "# TYPE kokoa_config_last_change_timestamp_seconds gauge",
               f"kokoa_config_last_change_timestamp_seconds {cache.changed_at:.3f}"]
     return lines
+
+
+def health_metrics(req):
+    """Gauges of GET /api/v1/sites: sites and edges by state, certificates at risk, and one
+    kokoa_site_state line per hostname."""
+    view = sites_view_of(req)
+    lines = ["# TYPE kokoa_sites gauge"]
+    lines += [f'kokoa_sites{{state="{state}"}} {count}'
+              for state, count in view["summary"]["sites"].items()]
+    lines.append("# TYPE kokoa_edge_states gauge")
+    lines += [f'kokoa_edge_states{{state="{state}"}} {count}'
+              for state, count in view["summary"]["edges"].items()]
+    lines.append("# TYPE kokoa_certificates gauge")
+    lines += [f'kokoa_certificates{{state="{state}"}} {count}'
+              for state, count in view["summary"]["certificates"].items()]
+    lines.append("# TYPE kokoa_site_state gauge")
+    lines += [f"kokoa_site_state{{{prometheus_labels(hostname=site['hostname'])},"
+              f'state="{site["state"]}"}} 1' for site in view["sites"]]
+    return lines
+
+
+def sites_view_of(req):
+    """sites_view() as this request's app sees the fleet."""
+    configs = {schema: req.app.edge_config.get(req, schema) for schema in SCHEMAS}
+    return sites_view(req.db, configs, req.app.last_seen.get, not_before=req.app.started)
 
 
 @route("GET", "/api/v1/origins")
@@ -3439,7 +4302,7 @@ def delete_access_policy(req, id):
 @route("GET", "/api/v1/edge-nodes")
 def list_edge_nodes(req):
     configs = {schema: req.app.edge_config.get(req, schema) for schema in SCHEMAS}
-    edges = [edge_json(row, configs, req.app.last_seen.get(row["id"]))
+    edges = [edge_json(row, configs, req.app.last_seen.get(row["id"]), req.app.started)
              for row in query_edges(req.db)]
     return 200, {"edge_nodes": edges, "config_hash": configs[1][0],
                  "config_hashes": {str(schema): configs[schema][0] for schema in SCHEMAS},
@@ -3489,6 +4352,66 @@ def delete_session(req):
         close_session(req.db, req.session["id"])
         log.info("admin logged out: session %s", req.session["id"])
     return Response(204, headers=[session_cookie(req, "", max_age=0)])
+
+
+@route("GET", "/api/v1/sites")
+def list_sites(req):
+    view = sites_view_of(req)
+    return 200, {key: view[key] for key in ("sites", "edges", "summary")}
+
+
+@route("GET", "/api/v1/alert-targets")
+def list_alert_targets(req):
+    rows = req.db.execute("SELECT * FROM alert_targets ORDER BY name_key").fetchall()
+    return 200, {"alert_targets": [alert_target_json(row) for row in rows]}
+
+
+@route("POST", "/api/v1/alert-targets")
+def create_alert_target(req):
+    row = insert_alert_target(req.db, req.app.config.keyring, req.json())
+    log.info("created alert target %s", row["id"])
+    return 201, alert_target_json(row)
+
+
+@route("GET", "/api/v1/alert-targets/<id>")
+def get_alert_target(req, id):
+    return 200, alert_target_json(get_alert_target_row(req.db, id))
+
+
+@route("PATCH", "/api/v1/alert-targets/<id>")
+def update_alert_target(req, id):
+    return 200, alert_target_json(patch_alert_target(req.db, req.app.config.keyring, id,
+                                                     req.json()))
+
+
+@route("DELETE", "/api/v1/alert-targets/<id>")
+def delete_alert_target(req, id):
+    delete_by_id(req.db, "alert_targets", id, "alert target")
+    return 204, None
+
+
+@route("POST", "/api/v1/alert-targets/<id>/test")
+def test_alert_target(req, id):
+    check_fields(req.json(), ())
+    row = get_alert_target_row(req.db, id)
+    message = f"test alert from Kokoa to {row['name']}: this target works"
+    [(delivery_id, _)] = insert_deliveries(req.db, [("firing", "test", row["name"], message)],
+                                           only_target=id)
+    req.app.health.sender.submit([delivery_id])
+    delivery = req.db.execute("SELECT * FROM alert_deliveries WHERE id = ?",
+                              (delivery_id,)).fetchone()
+    return 202, delivery_json(delivery)
+
+
+@route("GET", "/api/v1/alert-targets/<id>/deliveries")
+def list_alert_deliveries(req, id):
+    get_alert_target_row(req.db, id)
+    rows = req.db.execute("""
+        SELECT * FROM alert_deliveries
+         WHERE target_id = ?
+         ORDER BY created_at DESC, rowid DESC
+         LIMIT ?""", (id, ALERT_DELIVERIES_KEPT)).fetchall()
+    return 200, {"deliveries": [delivery_json(row) for row in rows]}
 
 
 @route("GET", "/api/v1/settings")
@@ -3570,6 +4493,7 @@ def get_my_config(req):
 def post_my_status(req):
     negotiate_schema(req.header("X-Kokoa-Agent"))
     record_edge_status(req.db, req.edge_id, req.json())
+    req.app.health.wake()
     return 204, None
 
 
@@ -3721,6 +4645,25 @@ def wg_network_from(env):
                        f"{DEFAULT_WG_NETWORK}: {err}") from None
 
 
+def alert_settings_from(env):
+    """KOKOA_ALERT_RETRY_DELAYS (s before each retry, e.g. 1,5,25) and KOKOA_ALERT_TIMEOUT."""
+    settings = {}
+    try:
+        if env.get("KOKOA_ALERT_RETRY_DELAYS"):
+            delays = tuple(float(part) for part in env["KOKOA_ALERT_RETRY_DELAYS"].split(","))
+            if len(delays) > 10 or not all(0 <= delay <= 3600 for delay in delays):
+                raise ValueError
+            settings["alert_retry_delays"] = delays
+        if env.get("KOKOA_ALERT_TIMEOUT"):
+            settings["alert_timeout"] = float(env["KOKOA_ALERT_TIMEOUT"])
+            if not 0.1 <= settings["alert_timeout"] <= 60:
+                raise ValueError
+    except ValueError:
+        raise CLIError("KOKOA_ALERT_RETRY_DELAYS must list at most 10 delays of 0-3600 s "
+                       "(e.g. 1,5,25) and KOKOA_ALERT_TIMEOUT be 0.1-60 s") from None
+    return settings
+
+
 def load_config(args, env):
     """Build a Config from parsed arguments and the merged environment."""
     network = wg_network_from(env)
@@ -3736,6 +4679,7 @@ def load_config(args, env):
         except ValueError as err:
             raise CLIError(f"KOKOA_PUBLIC_URL {err}") from None
     return Config(
+        **alert_settings_from(env),
         db_path=db_path_from(args, env),
         keyring=load_keyring(env),
         bootstrap_token=env.get("KOKOA_BOOTSTRAP_TOKEN", ""),
@@ -3995,8 +4939,9 @@ def cmd_serve(args):
     # As a container's PID 1, SIGTERM has no default action: without a handler `podman stop`
     # waits its 10 s and kills. SystemExit ends waitress's loop, which closes the server.
     signal.signal(signal.SIGTERM, stop_serving)
-    make_server(make_app(config), host, port, args.threads, config.trusted_proxy,
-                **WAITRESS_SETTINGS).run()
+    app = make_app(config)
+    app.health.start()
+    make_server(app, host, port, args.threads, config.trusted_proxy, **WAITRESS_SETTINGS).run()
     log.info("kokoa stopped")
     return 0
 
@@ -4097,6 +5042,14 @@ def rotate_secrets(db, keyring):
             aad = secret_aad("origins", row["id"], "wg_private_key")
             plaintext = keyring.unseal(row["wg_private_key_enc"], aad)
             db.execute("UPDATE origins SET wg_private_key_enc = ? WHERE id = ?",
+                       (keyring.seal(plaintext, aad), row["id"]))
+            count += 1
+        for row in db.execute("SELECT id, url_enc FROM alert_targets").fetchall():
+            if keyring.is_current(row["url_enc"]):
+                continue
+            aad = secret_aad("alert_targets", row["id"], "url")
+            plaintext = keyring.unseal(row["url_enc"], aad)
+            db.execute("UPDATE alert_targets SET url_enc = ? WHERE id = ?",
                        (keyring.seal(plaintext, aad), row["id"]))
             count += 1
     return count

@@ -249,7 +249,7 @@ NGINX_CONF = """worker_processes 1;
 error_log {prefix}/logs/error.log;
 events {{ worker_connections 256; }}
 http {{
-    access_log off;
+    # No `access_log off` here: it would also cancel the health log of agent.sh's default.conf.
     client_body_temp_path {prefix}/tmp/body;
     proxy_temp_path {prefix}/tmp/proxy;
     fastcgi_temp_path {prefix}/tmp/fastcgi;
@@ -479,6 +479,8 @@ class ControlPlaneDouble:
         self.reports = []
         self.config_requests = []
         self.status_requests = []   # the headers of each /me/status
+        self.refuse_field = None    # answer a /me/status holding this field 400, as an older
+                                    # control plane does
         double = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -546,7 +548,12 @@ class ControlPlaneDouble:
                 if not self._authorized():
                     return self._error(401, "unauthorized")
                 length = int(self.headers.get("Content-Length", "0"))
-                double.reports.append(json.loads(self.rfile.read(length)))
+                report = json.loads(self.rfile.read(length))
+                if double.refuse_field in report:
+                    body = json.dumps({"error": {"code": "invalid_field", "message": "unknown",
+                                                 "field": double.refuse_field}})
+                    return self._send(400, body.encode(), [("Content-Type", "application/json")])
+                double.reports.append(report)
                 self._send(204)
 
         self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
@@ -556,6 +563,48 @@ class ControlPlaneDouble:
         self.thread.start()
 
     def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+class WebhookReceiver:
+    """An alert receiver on loopback: records each POST (path, headers, body) and answers
+    `status`; with `hang`, it accepts and reads the request but never answers (until close)."""
+
+    def __init__(self, status=204, hang=False):
+        self.status = status
+        self.hang = hang
+        self.received = []
+        self.released = threading.Event()
+        receiver = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_POST(self):  # noqa: N802 (http.server API)
+                length = int(self.headers.get("Content-Length", "0"))
+                receiver.received.append({"path": self.path, "headers": dict(self.headers),
+                                          "body": self.rfile.read(length),
+                                          "at": time.monotonic()})
+                if receiver.hang:
+                    receiver.released.wait(120)
+                    return
+                self.send_response(receiver.status)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.server.block_on_close = False
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def json_bodies(self):
+        return [json.loads(item["body"]) for item in self.received]
+
+    def close(self):
+        self.released.set()
         self.server.shutdown()
         self.server.server_close()
 

@@ -6,11 +6,12 @@
   const API = "/api/v1";
   const EDGE_POLL_MS = 5000;     // edge status refresh
   const FULL_POLL_MS = 30000;    // everything else (changes made elsewhere)
-  const PAGES = ["origins", "routes", "policies", "edges", "settings"];
-  const TITLES = {origins: "Origins", routes: "Routes", policies: "Access policies", edges: "Edge nodes", settings: "Settings"};
+  const PAGES = ["overview", "origins", "routes", "policies", "edges", "alerts", "settings"];
+  const TITLES = {overview: "Overview", origins: "Origins", routes: "Routes", policies: "Access policies", edges: "Edge nodes", alerts: "Alerts", settings: "Settings"};
 
   const state = {
     origins: null, routes: null, policies: null, edges: null, configHash: null, version: null, settings: null, enrollKeys: null,
+    sites: null, siteFilter: null, alertTargets: null, deliveriesFor: null,
     skewMs: 0, offline: false, signedIn: false,
   };
 
@@ -1620,7 +1621,7 @@
   /** A 401 (the session ended, the password changed): back to the login page, data forgotten. */
   function signedOut(message) {
     if (!state.signedIn && !$("#login-page").hidden) return;
-    for (const key of ["origins", "routes", "policies", "edges", "settings", "enrollKeys"]) state[key] = null;
+    for (const key of ["origins", "routes", "policies", "edges", "settings", "enrollKeys", "sites", "alertTargets", "deliveriesFor"]) state[key] = null;
     for (const body of $$("#main tbody")) body.replaceChildren();
     hideNewKey();
     for (const dialog of $$("dialog[open]")) dialog.close();
@@ -1731,6 +1732,195 @@
         uses: (k) => k.uses_left, last_used: (k) => k.last_used_at || ""}});
   }
 
+  // ------------------------------------------------------------------ overview (issue 16)
+
+  const SITE_BADGES = {ok: "ok", degraded: "warn", down: "bad", disabled: "muted"};
+  const CERT_BADGES = {valid: "ok", expiring: "warn", pending: "warn", failed: "bad", none: "muted"};
+  const SITE_FILTERS = {
+    ok: ["Sites that work", (s) => s.state === "ok"],
+    degraded: ["Sites that work with a problem", (s) => s.state === "degraded"],
+    down: ["Sites that are down", (s) => s.state === "down"],
+    certificates: ["Sites whose certificate expires soon or failed",
+      (s) => s.state !== "disabled" && ["expiring", "failed"].includes(s.certificate.state)],
+  };
+
+  function overviewTile(kind, number, label, onclick, pressed) {
+    return el("button", {
+      type: "button", class: `tile ${kind}`, "data-tile": label, "aria-pressed": pressed ? "true" : "false",
+      onclick,
+    }, el("strong", {text: String(number)}), el("span", {text: label}));
+  }
+
+  function filterSites(name) {
+    state.siteFilter = state.siteFilter === name ? null : name;
+    renderOverview();
+    $("#sites-table").scrollIntoView({block: "nearest"});
+  }
+
+  function siteRow(site) {
+    const reasons = site.reasons.length
+      ? el("ul", {class: "reasons"}, site.reasons.map((r) => el("li", {text: sentence(r.message)})))
+      : el("span", {class: "muted", text: "—"});
+    const cert = site.certificate;
+    const t = site.traffic;
+    const failed = Math.max(t.status_5xx, t.upstream_errors);
+    return el("tr", {},
+      cell("Site", el("strong", {class: "name", text: site.hostname}),
+        el("span", {class: "sub", text: `origin ${site.origin_name}`})),
+      cell("State", badge(SITE_BADGES[site.state], site.state)),
+      cell("Why", reasons),
+      cell("Certificate", badge(CERT_BADGES[cert.state], cert.state),
+        cert.not_after ? el("span", {class: "sub", text: `until ${dateOnly(cert.not_after)}`}) : null),
+      cell("Traffic", t.requests
+        ? el("span", {text: `${t.requests} requests, ${failed} failed, in ${t.window_s} s`})
+        : el("span", {class: "muted", text: "no requests lately"})),
+    );
+  }
+
+  function renderOverview() {
+    const view = state.sites;
+    if (!view) return;
+    const sum = view.summary;
+    const edges = view.edges.length;
+    const filter = SITE_FILTERS[state.siteFilter];
+    $("#overview-tiles").replaceChildren(
+      overviewTile("ok", sum.sites.ok, "sites ok", () => filterSites("ok"), state.siteFilter === "ok"),
+      overviewTile(sum.sites.degraded ? "warn" : "muted", sum.sites.degraded, "degraded",
+        () => filterSites("degraded"), state.siteFilter === "degraded"),
+      overviewTile(sum.sites.down ? "bad" : "muted", sum.sites.down, "down",
+        () => filterSites("down"), state.siteFilter === "down"),
+      overviewTile(sum.edges.online === edges && edges ? "ok" : "warn", `${sum.edges.online} of ${edges}`,
+        "edges online", () => { window.location.hash = "#edges"; }, false),
+      overviewTile(sum.certificates.expiring + sum.certificates.failed ? "warn" : "muted",
+        sum.certificates.expiring + sum.certificates.failed, "certificates expiring or failed",
+        () => filterSites("certificates"), state.siteFilter === "certificates"),
+    );
+    const sites = view.sites.filter(filter ? filter[1] : () => true)
+      .map((site) => ({id: site.route_id, ...site}));
+    syncRows($("#sites-body"), sites, siteRow);
+    showList("sites", sites, filter ? "No site is in this state." : "No sites yet: add a route first.");
+    const note = $("#sites-filter");
+    note.hidden = !filter;
+    $("span", note).textContent = filter ? `${filter[0]}.` : "";
+    const down = $("#count-down");
+    down.textContent = sum.sites.down ? String(sum.sites.down) : "";
+    down.classList.toggle("warn", sum.sites.down > 0);
+    down.title = sum.sites.down ? `${sum.sites.down} site(s) down` : "";
+  }
+
+  async function loadSites() {
+    state.sites = await api("GET", "/sites");
+    renderOverview();
+  }
+
+  // ------------------------------------------------------------------ alerts (issue 16)
+
+  const DELIVERY_BADGES = {delivered: "ok", pending: "warn", failed: "bad"};
+
+  function alertRow(target) {
+    return el("tr", {},
+      cell("Name", el("strong", {class: "name", text: target.name}),
+        el("span", {class: "sub", text: target.format})),
+      cell("Sends to", el("code", {text: target.url_display})),
+      cell("Events", el("span", {class: "badges"}, target.events.map((e) => badge("muted", e.replace(/_/g, " "))))),
+      el("td", {class: "row-actions", role: "cell"},
+        el("button", {
+          type: "button", class: "btn small", "data-action": "test", text: "Test",
+          "aria-label": `Send a test alert to ${target.name}`, onclick: () => testAlert(target),
+        }),
+        el("button", {
+          type: "button", class: "btn small", "data-action": "deliveries", text: "Deliveries",
+          "aria-label": `Show the deliveries to ${target.name}`, onclick: () => showDeliveries(target, true),
+        }),
+        el("button", {
+          type: "button", class: "btn small danger", "data-action": "delete", text: "Delete",
+          "aria-label": `Delete alert target ${target.name}`, onclick: () => deleteAlert(target),
+        })),
+    );
+  }
+
+  function renderAlerts() {
+    const targets = state.alertTargets || [];
+    syncRows($("#alerts-body"), targets, alertRow);
+    showList("alerts", targets, "No alert targets yet. Add one below to hear when something breaks.");
+  }
+
+  async function loadAlertTargets() {
+    state.alertTargets = (await api("GET", "/alert-targets")).alert_targets || [];
+    renderAlerts();
+    if (state.deliveriesFor) await showDeliveries(state.deliveriesFor, false);
+  }
+
+  function deliveryRow(d) {
+    return el("tr", {},
+      cell("Time", relTime(d.created_at)),
+      cell("Event", el("span", {text: d.event.replace(/_/g, " ")}),
+        el("span", {class: "sub", text: d.message})),
+      cell("State", badge(DELIVERY_BADGES[d.state], d.state),
+        el("span", {class: "sub", text: `${d.attempts} attempt(s)${d.status_code ? `, HTTP ${d.status_code}` : ""}`})),
+      cell("Error", d.error ? el("span", {text: d.error}) : el("span", {class: "muted", text: "—"})),
+    );
+  }
+
+  async function showDeliveries(target, moveFocus) {
+    state.deliveriesFor = target;
+    const data = await api("GET", `/alert-targets/${encodeURIComponent(target.id)}/deliveries`);
+    $("#deliveries-card").hidden = false;
+    $("#deliveries-title").textContent = `Deliveries to ${target.name}`;
+    syncRows($("#deliveries-body"), data.deliveries, deliveryRow);
+    showList("deliveries", data.deliveries, "No deliveries yet: press Test to send one.");
+    if (moveFocus) $("#deliveries-title").focus();
+  }
+
+  async function testAlert(target) {
+    try {
+      await api("POST", `/alert-targets/${encodeURIComponent(target.id)}/test`, {});
+      banner(`Test alert to “${target.name}” queued; its delivery appears below.`, "ok");
+      await showDeliveries(target, false);
+      setTimeout(() => { if (state.deliveriesFor === target) showDeliveries(target, false).catch(() => {}); }, 2000);
+    } catch (err) {
+      banner(humanMessage(err), "bad");
+    }
+  }
+
+  function deleteAlert(target) {
+    confirmAction({
+      title: `Delete alert target “${target.name}”?`,
+      text: "It stops receiving alerts, and its deliveries are forgotten.",
+      button: "Delete alert target",
+      action: async () => {
+        await api("DELETE", `/alert-targets/${encodeURIComponent(target.id)}`);
+        if (state.deliveriesFor && state.deliveriesFor.id === target.id) {
+          state.deliveriesFor = null;
+          $("#deliveries-card").hidden = true;
+        }
+        await loadAlertTargets();
+      },
+    });
+  }
+
+  function setupAlertForm() {
+    const form = $("#alert-form");
+    form.addEventListener("submit", (event) => {
+      event.preventDefault();
+      clearErrors(form);
+      const body = {
+        name: value(form, "name"), url: value(form, "url"), format: value(form, "format"),
+        events: $$("input[name=events]:checked", form).map((box) => box.value),
+      };
+      if (reportLocal(form, Object.fromEntries([
+        !body.name && ["name", "Give the target a name."],
+        !body.url && ["url", "Paste the webhook URL."],
+        !body.events.length && ["events", "Choose at least one event."]].filter(Boolean)))) return;
+      runForm(form, async () => {
+        const created = await api("POST", "/alert-targets", body);
+        form.reset();
+        banner(`Alert target “${created.name}” added. Press Test to check that it arrives.`, "ok");
+        await loadAlertTargets();
+      });
+    });
+  }
+
   // ------------------------------------------------------------------ pages & refresh
 
   function currentPage() {
@@ -1740,7 +1930,7 @@
 
   let shownPage = null;
   function showPage(moveFocus) {
-    const name = currentPage() || shownPage || "origins";
+    const name = currentPage() || shownPage || "overview";
     shownPage = name;
     for (const section of $$("[data-page]")) section.hidden = section.dataset.page !== name;
     for (const link of $$("[data-nav]")) {
@@ -1754,7 +1944,8 @@
   async function refreshAll() {
     if (!state.signedIn) return;
     const results = await Promise.allSettled([
-      loadOrigins(), loadRoutes(), loadPolicies(), loadEdges(), loadSettings(), loadEnrollKeys()]);
+      loadOrigins(), loadRoutes(), loadPolicies(), loadEdges(), loadSettings(), loadEnrollKeys(),
+      loadSites(), loadAlertTargets()]);
     const failed = results.find((r) => r.status === "rejected");
     if (!state.signedIn) return;
     if (failed) connectionLost(failed.reason);
@@ -1767,7 +1958,9 @@
     polling = true;
     try {
       // Registrations spend enrollment keys: refresh their uses while they are on screen.
-      await Promise.all([loadEdges(), shownPage === "edges" ? loadEnrollKeys() : null]);
+      await Promise.all([loadEdges(), shownPage === "edges" ? loadEnrollKeys() : null,
+        shownPage === "overview" ? loadSites() : null,
+        shownPage === "alerts" && state.deliveriesFor ? showDeliveries(state.deliveriesFor, false) : null]);
       connectionOk();
     } catch (err) {
       if (state.signedIn) connectionLost(err);
@@ -1790,6 +1983,8 @@
     setupEdgeHelp();
     setupOriginInstall();
     setupEnrollKeys();
+    setupAlertForm();
+    $("#sites-filter-clear").addEventListener("click", () => filterSites(null));
     $("#confirm-cancel").addEventListener("click", () => $("#confirm-dialog").close());
     $(".skip-link").addEventListener("click", (event) => {
       event.preventDefault();
