@@ -22,7 +22,6 @@ import subprocess
 import tempfile
 import threading
 import time
-import urllib.request
 from pathlib import Path
 
 import kokoa
@@ -80,11 +79,12 @@ class Forwarder:
     plane) without giving the host any new address.
     """
 
-    def __init__(self, netns, target_port):
+    def __init__(self, netns, target_port, port=0, target_netns=None):
         self.target_port = target_port
+        self.target_netns = target_netns    # None: this namespace; else 127.0.0.1 in that one
         self.listener = None
         ready = threading.Event()
-        thread = threading.Thread(target=self._bind, args=(netns, ready), daemon=True)
+        thread = threading.Thread(target=self._bind, args=(netns, ready, port), daemon=True)
         thread.start()
         ready.wait(10)
         if self.listener is None:
@@ -93,11 +93,11 @@ class Forwarder:
         self._closed = False
         threading.Thread(target=self._accept_loop, daemon=True).start()
 
-    def _bind(self, netns, ready):
+    def _bind(self, netns, ready, port):
         with in_netns(netns):
             sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.bind(("127.0.0.1", 0))
+            sock.bind(("127.0.0.1", port))
             sock.listen(64)
         self.listener = sock
         ready.set()
@@ -112,7 +112,8 @@ class Forwarder:
 
     def _relay(self, client):
         try:
-            upstream = socket.create_connection(("127.0.0.1", self.target_port), timeout=10)
+            with in_netns(self.target_netns) if self.target_netns else contextlib.nullcontext():
+                upstream = socket.create_connection(("127.0.0.1", self.target_port), timeout=10)
         except OSError:
             client.close()
             return
@@ -210,6 +211,14 @@ class NetLab:
     def forward_loopback(self, name, target_port):
         """127.0.0.1:<returned port> inside host `name` reaches 127.0.0.1:target_port here."""
         forwarder = Forwarder(self.netns(name), target_port)
+        self.forwarders.append(forwarder)
+        return forwarder.port
+
+    def forward_between(self, name, port, target):
+        """127.0.0.1:port inside host `name` reaches 127.0.0.1:port inside host `target` (a
+        loopback-only service, e.g. pebble, shared by another namespace, URLs unchanged)."""
+        forwarder = Forwarder(self.netns(name), port, port=port,
+                              target_netns=self.netns(target))
         self.forwarders.append(forwarder)
         return forwarder.port
 
@@ -410,11 +419,10 @@ class Pebble:
 
     def add_a(self, host, address):
         """Make the mock DNS answer `host` with `address`."""
-        body = json.dumps({"host": host + ".", "addresses": [address]}).encode()
-        req = urllib.request.Request(f"http://127.0.0.1:{self.dns_mgmt_port}/add-a", data=body,
-                                     method="POST")
-        with urllib.request.urlopen(req, timeout=5):
-            pass
+        body = json.dumps({"host": host + ".", "addresses": [address]})
+        subprocess.run([*self.netns_args, "curl", "-sSf", "--max-time", "5", "--data-binary",
+                        body, f"http://127.0.0.1:{self.dns_mgmt_port}/add-a"], check=True,
+                       capture_output=True, timeout=10)     # inside pebble's namespace
 
     def stop(self):
         for proc in self.procs:
@@ -849,6 +857,7 @@ class World:
         self.edge_if = f"{self.lab.tag}e"
         self.extra_nginx = []
         self.netns_etc = None
+        self.edges = []             # more edges (add_edge), after the first one build() makes
 
     def build(self):
         (self.dir / "cp").mkdir()
@@ -1004,7 +1013,46 @@ class World:
         (self.netns_etc / "hosts").write_text(
             f"127.0.0.1 localhost\n{self.lab.address('edge')} {' '.join(hostnames)}\n")
 
+    def add_edge(self, name):
+        """Another edge, `name`, in its own namespace: its own nginx (ports 80/443 on its
+        underlay address), agent settings like the first edge's, pebble's directory reachable
+        at the same URL; no WireGuard (its tests are about certificates). Returns a WorldEdge;
+        close() stops it."""
+        index = 5 + len(self.edges)         # build() uses 1-4
+        address = self.lab.add_host(name, index)
+        edge_id, token = self.kokoa.register_edge(name)
+        root = self.dir / name
+        root.mkdir()
+        nginx = Nginx(root / "nginx", root / "nginx-kokoa", netns=self.lab.netns(name))
+        edge = WorldEdge(self, name, address, edge_id, token, nginx.start())
+        self.lab.forward_between(name, self.pebble.port, "edge")
+        cp_port = self.lab.forward_loopback(name, self.kokoa.port)
+        edge.agent_env = {**self.agent_env,
+                          "CONTROL_PLANE_URL": f"http://127.0.0.1:{cp_port}",
+                          "NODE_TOKEN": token, "CONFIG_DIR": str(root / "nginx-kokoa"),
+                          "STATE_DIR": str(root / "state"), "WEBROOT": str(root / "webroot"),
+                          "LETSENCRYPT_DIR": str(root / "letsencrypt"),
+                          "FALLBACK_CERT": str(root / "fallback/fallback.crt"),
+                          "FALLBACK_KEY": str(root / "fallback/fallback.key"),
+                          "NGINX_BIN": str(nginx.wrapper), "WG_INTERFACE": "none"}
+        self.edges.append(edge)
+        return edge
+
+    def first_edge(self):
+        """The edge build() made, as a WorldEdge (the same nginx, settings and namespace)."""
+        edge = WorldEdge(self, "edge", self.lab.address("edge"), self.edge_id, self.token,
+                         self.nginx)
+        edge.agent_env = self.agent_env
+        return edge
+
+    def issued_orders(self):
+        """How many certificates pebble has issued so far (its log says so once each)."""
+        log = (self.pebble.dir / "pebble.log").read_text(errors="replace")
+        return log.count("Issued certificate serial")
+
     def close(self):
+        for edge in self.edges:
+            edge.nginx.stop()
         for nginx in self.extra_nginx:
             nginx.stop()
         if self.netns_etc is not None:
@@ -1018,6 +1066,45 @@ class World:
             self.nginx.stop()
         self.kokoa.stop()
         self.lab.close()
+
+
+class WorldEdge:
+    """One edge of a World: its namespace, nginx, agent settings and node token."""
+
+    def __init__(self, world, name, address, edge_id, token, nginx):
+        self.world, self.name, self.address = world, name, address
+        self.edge_id, self.token, self.nginx = edge_id, token, nginx
+        self.agent_env = {}
+
+    def agent(self, *args, env=None, timeout=300):
+        """Start `agent.sh ARGS` inside this edge's namespace (a Popen: it may be killed)."""
+        return subprocess.Popen(
+            self.world.lab.exec_args(self.name, "bash", str(AGENT), *args),
+            env={**self.agent_env, **(env or {})}, stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+    def once(self, rc=0, env=None):
+        """Run `agent.sh once` here; wait until a reload (if any) took effect; its output."""
+        old = self.nginx.workers()
+        calls = len(self.nginx.calls())
+        result = self.world.lab.run(self.name, "bash", str(AGENT), "once",
+                                    env={**self.agent_env, **(env or {})}, check=False,
+                                    timeout=300)
+        assert result.returncode == rc, result.stdout + result.stderr
+        if any(c.startswith("-s reload") for c in self.nginx.calls()[calls:]):
+            self.nginx.wait_reloaded(old)
+        return result.stdout + result.stderr
+
+    def served_certificate(self, hostname):
+        """The SHA-256 fingerprint of the certificate this edge shows for `hostname` (SNI), as
+        the client namespace sees it."""
+        lab = self.world.lab
+        shown = lab.run("client", "openssl", "s_client", "-connect", f"{self.address}:443",
+                        "-servername", hostname, input="", check=False, timeout=30).stdout
+        pem = shown[shown.find("-----BEGIN CERTIFICATE-----"):
+                    shown.find("-----END CERTIFICATE-----") + 25]
+        return lab.run("client", "openssl", "x509", "-noout", "-fingerprint", "-sha256",
+                       input=pem, check=False).stdout.strip()
 
 
 # A workload origin for real applications' traffic (test_workloads) ########################
