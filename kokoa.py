@@ -43,6 +43,7 @@ import datetime
 import functools
 import hashlib
 import hmac
+import importlib.util
 import ipaddress
 import json
 import logging
@@ -2292,6 +2293,8 @@ ACME_CHALLENGE_SECONDS = 600        # a published HTTP-01 token lives at most 10
 ACME_CHALLENGES_PER_EDGE = 20
 ACME_CHALLENGES_MAX = 10000
 DNS_VALUE_RE = re.compile(r"[A-Za-z0-9_-]{16,128}")           # base64url SHA-256 (RFC 8555 8.4)
+DNS_CHALLENGE_TTL = 60
+DNS_VISIBLE_SECONDS = 60.0          # how long a PUT waits for the zone's server to serve it
 CERT_SIGNING_KEYS = (rsa.RSAPrivateKey, ec.EllipticCurvePrivateKey, ed25519.Ed25519PrivateKey)
 # What a CA's refusal means for an operator: a substring of certbot's detail -> a hint.
 CERT_ERROR_HINTS = (
@@ -2652,6 +2655,7 @@ class AcmeChallenges:
     def __init__(self, lifetime=ACME_CHALLENGE_SECONDS):
         self.lifetime = lifetime
         self._entries = {}          # token -> (key authorization, expiry, edge id)
+        self._dns = {}              # name -> DNS-01 values published for it
         self._lock = threading.Lock()
 
     def _expire(self, now):
@@ -2689,12 +2693,93 @@ class AcmeChallenges:
                 raise not_found("challenge")
             del self._entries[token]
 
+    def remember_dns(self, name, value):
+        """Note a DNS-01 value this control plane published for `name`."""
+        with self._lock:
+            self._dns.setdefault(name, set()).add(value)
+
+    def forget_dns(self, name):
+        """The DNS-01 values published for `name` (None if none are known), forgotten."""
+        with self._lock:
+            return self._dns.pop(name, None)
+
 
 def check_acme_token(token):
     """An ACME token from a path (base64url, 16-128 characters); 400 naming token."""
     if not ACME_TOKEN_RE.fullmatch(token or ""):
         raise invalid("token", "token must be 16-128 characters of A-Za-z0-9_-")
     return token
+
+
+@functools.lru_cache(maxsize=1)
+def dns_module():
+    """dns.py beside kokoa.py (loaded by path: an installed `dns` package is another thing)."""
+    spec = importlib.util.spec_from_file_location("kokoa_dns",
+                                                  Path(__file__).resolve().parent / "dns.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def dns_provider(config):
+    """(dns module, provider, zone) from the control plane's KOKOA_DNS_* settings; 503 when
+    none is configured or it is misconfigured."""
+    dns = dns_module()
+    if not dns_provider_configured(config):
+        raise HTTPError(503, "unavailable", "no DNS provider is configured on the control "
+                        "plane (KOKOA_DNS_PROVIDER, KOKOA_DNS_ZONE): DNS-01 is not possible")
+    try:
+        settings = dns.load_settings(dns.DEFAULT_CONFIG, False, config.dns_settings)
+        zone = dns.normalize_zone(settings.get("zone"))
+        return dns, dns.make_provider(settings, zone), zone
+    except dns.UsageError as err:
+        raise HTTPError(503, "unavailable", f"the DNS provider is misconfigured: {err}") from None
+
+
+def challenge_record_name(name, zone):
+    """`_acme-challenge.` + the name (a wildcard's without `*.`); 400 naming name unless it
+    lies in the zone."""
+    base = name[2:] if name.startswith("*.") else name
+    if base != zone and not base.endswith("." + zone):
+        raise invalid("name", f"{name} is not in the DNS zone {zone} of the control plane")
+    return f"_acme-challenge.{base}"
+
+
+def publish_dns_challenge(config, challenges, name, body):
+    """Publish a DNS-01 TXT value for `name` and wait (bounded) until the zone's configured
+    server serves it; 502 in words if the provider refuses, 504 if it never shows."""
+    check_fields(body, ("value",), required=("value",))
+    value = body["value"]
+    if not isinstance(value, str) or not DNS_VALUE_RE.fullmatch(value):
+        raise invalid("value", "value must be the base64url digest of the key authorization")
+    dns, provider, zone = dns_provider(config)
+    record = challenge_record_name(name, zone)
+    try:
+        if value not in provider.lookup_txt(record):
+            provider.add_txt(record, value, DNS_CHALLENGE_TTL)
+        challenges.remember_dns(name, value)
+        deadline = time.monotonic() + DNS_VISIBLE_SECONDS
+        while value not in provider.lookup_txt(record):
+            if time.monotonic() > deadline:
+                raise HTTPError(504, "timeout", f"the DNS server does not serve the TXT record "
+                                f"of {record} after {DNS_VISIBLE_SECONDS:.0f} s")
+            time.sleep(0.5)
+    except dns.ProviderError as err:
+        raise HTTPError(502, "dns_provider_error", f"the DNS provider: {err}") from None
+    log.info("published the DNS-01 record %s", record)
+
+
+def withdraw_dns_challenge(config, challenges, name):
+    """Remove the TXT values published for `name` (all of its _acme-challenge TXT records when
+    this control plane does not know which)."""
+    dns, provider, zone = dns_provider(config)
+    record = challenge_record_name(name, zone)
+    values = challenges.forget_dns(name)
+    try:
+        provider.remove_txt(record, None if values is None else sorted(values))
+    except dns.ProviderError as err:
+        raise HTTPError(502, "dns_provider_error", f"the DNS provider: {err}") from None
+    log.info("removed the DNS-01 record %s", record)
 
 
 def check_key_authorization(token, body):
@@ -2829,7 +2914,7 @@ STATUS_TEXT = {
     401: "Unauthorized", 403: "Forbidden", 404: "Not Found", 405: "Method Not Allowed",
     409: "Conflict", 413: "Payload Too Large", 415: "Unsupported Media Type",
     421: "Misdirected Request", 429: "Too Many Requests", 500: "Internal Server Error",
-    503: "Service Unavailable",
+    502: "Bad Gateway", 503: "Service Unavailable", 504: "Gateway Timeout",
 }
 STATUS_LINES = {code: f"{code} {text}" for code, text in STATUS_TEXT.items()}
 SECURITY_HEADERS = [
@@ -3750,6 +3835,24 @@ def put_my_acme_challenge(req, token):
 @route("DELETE", "/api/v1/edge-nodes/me/acme-challenges/<token>", auth="edge")
 def delete_my_acme_challenge(req, token):
     req.app.acme_challenges.delete(req.edge_id, check_acme_token(token))
+    return 204, None
+
+
+@route("PUT", "/api/v1/edge-nodes/me/dns-challenges/<name>", auth="edge")
+def put_my_dns_challenge(req, name):
+    name = certificate_name(req.db, name)
+    held_claim(req.db, req.edge_id, name, time.time())
+    publish_dns_challenge(req.app.config, req.app.acme_challenges, name, req.json())
+    return 204, None
+
+
+@route("DELETE", "/api/v1/edge-nodes/me/dns-challenges/<name>", auth="edge")
+def delete_my_dns_challenge(req, name):
+    name = certificate_name(req.db, name)
+    row = certificate_row(req.db, name)
+    if row is not None and claim_active(row, time.time()) and row["claim_edge_id"] != req.edge_id:
+        raise conflict("name", f"another edge issues the certificate of {name} now")
+    withdraw_dns_challenge(req.app.config, req.app.acme_challenges, name)
     return 204, None
 
 

@@ -429,6 +429,78 @@ class Pebble:
             stop_process(proc)
 
 
+KNOT_CONF = """server:
+    rundir: "{base}/run"
+    listen: {listen}@{port}
+log:
+  - target: stderr
+    any: info
+database:
+    storage: "{base}/db"
+key:
+  - id: kokoa-dns
+    algorithm: hmac-sha256
+    secret: {secret}
+acl:
+  - id: update
+    key: kokoa-dns
+    action: [update, transfer]
+template:
+  - id: default
+    storage: "{base}/zones"
+    file: "%s.zone"
+    zonefile-sync: -1
+zone:
+  - domain: {zone}
+    acl: [update]
+"""
+
+
+class Knot:
+    """knotd serving one zone on 127.0.0.1:port (of namespace `netns`, else here), updatable
+    with one TSIG key (RFC 2136): the DNS of dns.py's rfc2136 provider, and pebble's."""
+
+    def __init__(self, workdir, zone, records=(), netns=None):
+        self.netns_args = ["ip", "netns", "exec", netns] if netns else []
+        self.base = Path(workdir) / "knot"
+        for sub in ("run", "db", "zones"):
+            (self.base / sub).mkdir(parents=True)
+        self.zone, self.port = zone, free_port()
+        out = sh("keymgr", "-t", "kokoa-dns", "hmac-sha256").stdout
+        self.secret = out.splitlines()[0].split(":", 2)[2]
+        head = [f"$ORIGIN {zone}.", "$TTL 60", "@ SOA ns1 hostmaster 1 3600 900 604800 60",
+                "@ NS ns1", "ns1 A 192.0.2.53", *records]
+        (self.base / "zones" / f"{zone}.zone").write_text("\n".join(head) + "\n")
+        (self.base / "knot.conf").write_text(KNOT_CONF.format(
+            base=self.base, listen="127.0.0.1", port=self.port, secret=self.secret, zone=zone))
+        self.proc = None
+
+    def start(self):
+        with open(self.base / "knotd.log", "ab") as log:
+            self.proc = subprocess.Popen([*self.netns_args, "knotd", "-c",
+                                          str(self.base / "knot.conf")],
+                                         stdout=log, stderr=subprocess.STDOUT)
+        wait_until(lambda: self.dig(self.zone, "SOA"), timeout=20, what="knotd")
+        return self
+
+    def env(self):
+        """dns.py's (and the control plane's) settings for this server."""
+        return {"KOKOA_DNS_PROVIDER": "rfc2136", "KOKOA_DNS_ZONE": self.zone,
+                "KOKOA_DNS_SERVER": f"127.0.0.1:{self.port}", "KOKOA_DNS_TSIG_NAME": "kokoa-dns",
+                "KOKOA_DNS_TSIG_SECRET": self.secret, "KOKOA_DNS_TSIG_ALGORITHM": "hmac-sha256"}
+
+    def dig(self, name, rtype="A"):
+        """kdig +short over TCP: the sorted answer lines ([] when there are none)."""
+        out = subprocess.run([*self.netns_args, "kdig", "@127.0.0.1", "-p", str(self.port),
+                              "+tcp", "+time=3", "+retry=0", "+short", name, rtype],
+                             capture_output=True, text=True, timeout=15).stdout
+        return sorted(line for line in out.splitlines() if line)
+
+    def stop(self):
+        if self.proc is not None:
+            stop_process(self.proc)
+
+
 # The edge payload, as kokoa.py makes it ####################################################
 
 def make_payload(routes, staging=False, nginx_map=None, hostnames=None, schema=1, peers=()):

@@ -20,8 +20,10 @@ from conftest import (
     edited_backup,
     make_config,
     remember_secret,
+    require_tools,
     wait_until,
 )
+from netlab import Knot
 
 AGENT_HEADER = {"X-Kokoa-Agent": f"{kokoa.__version__}; schema=1,2,3"}
 TOKEN = "Tq3mZ8yVbN1cXr5wKp0aLs7dHf2gJe9u_-AbCdEfGhI"        # 43 base64url characters
@@ -430,3 +432,59 @@ def test_the_edge_payloads_of_schema_1_and_2_are_unchanged_by_schema_3():
     payload3 = kokoa.edge_payload(routes, [], False, 3)[0]
     assert payload3["nginx_map"] == old.replace("    default \"\";",
                                                 "    hostnames;\n    default \"\";")
+
+
+VALUE = "gfj9Xq-Rr8cMAeD8sN7tZkHY2aBkW0tPq3vRhL5ZfYc"
+
+
+@pytest.fixture
+def knot_fleet(tmp_path):
+    """A control plane whose DNS provider is a real knotd (RFC 2136, TSIG), with a wildcard
+    route *.example.test and an exact one: (server, tokens, knot)."""
+    require_tools("knotd", "kdig", "keymgr")
+    knot = Knot(tmp_path, "example.test").start()
+    server = InProcessServer(make_config(tmp_path / "kokoa.db", dns_settings=knot.env()))
+    try:
+        origin = server.create_origin()
+        for hostname in ("*.example.test", "a.other.test"):
+            server.create_route(hostname, origin["id"])
+        tokens = {name: server.register_edge(name)[1] for name in ("edge1", "edge2")}
+        yield server, tokens, knot
+    finally:
+        server.close()
+        knot.stop()
+
+
+def test_dns01_is_published_through_the_provider_and_removed_afterwards(knot_fleet):
+    server, tokens, knot = knot_fleet
+    path = "/dns-challenges/*.example.test"
+    status, _, body = edge_call(server, tokens["edge1"], "PUT", path, {"value": VALUE})
+    assert status == 409 and body["error"]["field"] == "name"        # claim first
+    assert claim(server, tokens["edge1"], "*.example.test")[0] == 200
+    status, _, body = edge_call(server, tokens["edge2"], "PUT", path, {"value": VALUE})
+    assert status == 409                                             # only the holder
+    # Answered once knotd serves it: no waiting needed afterwards.
+    assert edge_call(server, tokens["edge1"], "PUT", path, {"value": VALUE})[0] == 204
+    assert knot.dig("_acme-challenge.example.test", "TXT") == [f'"{VALUE}"']
+    assert edge_call(server, tokens["edge2"], "DELETE", path)[0] == 409
+    assert edge_call(server, tokens["edge1"], "DELETE", path)[0] == 204
+    assert knot.dig("_acme-challenge.example.test", "TXT") == []
+
+
+@pytest.mark.parametrize("name, body, status, field", [
+    ("*.example.test", {"value": "short"}, 400, "value"),
+    ("*.example.test", {"value": VALUE + '"; rm -rf /'}, 400, "value"),
+    ("*.example.test", {"value": 5}, 400, "value"),
+    ("*.example.test", {}, 400, "value"),
+    ("*.example.test", {"value": VALUE, "ttl": 1}, 400, "ttl"),
+    ("a.other.test", {"value": VALUE}, 400, "name"),               # not in the DNS zone
+    ("b.example.test", {"value": VALUE}, 403, "name"),             # not a route
+])
+def test_a_malformed_dns01_request_is_a_4xx_naming_the_field(knot_fleet, name, body, status,
+                                                             field):
+    server, tokens, knot = knot_fleet
+    if status != 403:
+        assert claim(server, tokens["edge1"], name)[0] == 200
+    answer = edge_call(server, tokens["edge1"], "PUT", f"/dns-challenges/{name}", body)
+    assert answer[0] == status and answer[2]["error"]["field"] == field, answer
+    assert knot.dig("_acme-challenge.example.test", "TXT") == []
