@@ -139,6 +139,48 @@ class Forwarder:
         self.listener.close()
 
 
+class UdpForwarder:
+    """Relays each UDP datagram to 127.0.0.1:port inside a namespace to 127.0.0.1:port here,
+    and its answer back (DNS queries of a process in the namespace to a server here)."""
+
+    def __init__(self, netns, port):
+        self.port = port
+        self.sock = None
+        ready = threading.Event()
+        threading.Thread(target=self._bind, args=(netns, ready), daemon=True).start()
+        ready.wait(10)
+        if self.sock is None:
+            raise RuntimeError(f"could not bind UDP inside {netns}")
+        threading.Thread(target=self._loop, daemon=True).start()
+
+    def _bind(self, netns, ready):
+        with in_netns(netns):
+            sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            sock.bind(("127.0.0.1", self.port))
+        self.sock = sock
+        ready.set()
+
+    def _loop(self):
+        while True:
+            try:
+                data, client = self.sock.recvfrom(65535)
+            except OSError:
+                return
+            threading.Thread(target=self._relay, args=(data, client), daemon=True).start()
+
+    def _relay(self, data, client):
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as upstream:
+            upstream.settimeout(5)
+            try:
+                upstream.sendto(data, ("127.0.0.1", self.port))
+                self.sock.sendto(upstream.recv(65535), client)
+            except OSError:
+                pass
+
+    def close(self):
+        self.sock.close()
+
+
 class NetLab:
     """A set of namespaces on one bridged underlay, plus the processes started in them."""
 
@@ -213,6 +255,12 @@ class NetLab:
         forwarder = Forwarder(self.netns(name), target_port)
         self.forwarders.append(forwarder)
         return forwarder.port
+
+    def forward_dns(self, name, port):
+        """127.0.0.1:port inside host `name`, UDP and TCP, reaches a DNS server on
+        127.0.0.1:port here."""
+        self.forwarders += [Forwarder(self.netns(name), port, port=port),
+                            UdpForwarder(self.netns(name), port)]
 
     def forward_between(self, name, port, target):
         """127.0.0.1:port inside host `name` reaches 127.0.0.1:port inside host `target` (a
@@ -354,8 +402,9 @@ class Pebble:
     With `netns`, both run inside that namespace (whose 127.0.0.1 is then the edge's).
     """
 
-    def __init__(self, workdir, http_port, netns=None):
+    def __init__(self, workdir, http_port, netns=None, dns_server=None):
         self.netns_args = ["ip", "netns", "exec", netns] if netns else []
+        self.dns_server = dns_server        # host:port of a real DNS (else challtestsrv's)
         self.dir = Path(workdir) / "pebble"
         self.dir.mkdir()
         self.port, self.mgmt_port = free_port(), free_port()
@@ -389,21 +438,23 @@ class Pebble:
 
     def start(self):
         log = open(self.dir / "pebble.log", "ab")
-        self.procs.append(subprocess.Popen(
-            [*self.netns_args, "pebble-challtestsrv", "-dns01", f"127.0.0.1:{self.dns_port}",
-             "-http01", "", "-https01", "", "-tlsalpn01", "",
-             "-management", f"127.0.0.1:{self.dns_mgmt_port}",
-             "-defaultIPv4", "127.0.0.1", "-defaultIPv6", ""],
-            stdout=log, stderr=subprocess.STDOUT))
+        if self.dns_server is None:
+            self.procs.append(subprocess.Popen(
+                [*self.netns_args, "pebble-challtestsrv", "-dns01",
+                 f"127.0.0.1:{self.dns_port}", "-http01", "", "-https01", "", "-tlsalpn01", "",
+                 "-management", f"127.0.0.1:{self.dns_mgmt_port}",
+                 "-defaultIPv4", "127.0.0.1", "-defaultIPv6", ""],
+                stdout=log, stderr=subprocess.STDOUT))
         env = dict(os.environ, PEBBLE_VA_NOSLEEP="1", PEBBLE_WFE_NONCEREJECT="0")
         self.procs.append(subprocess.Popen(
             [*self.netns_args, "pebble", "-config", str(self.dir / "pebble.json"), "-dnsserver",
-             f"127.0.0.1:{self.dns_port}", "-strict=false"],
+             self.dns_server or f"127.0.0.1:{self.dns_port}", "-strict=false"],
             stdout=log, stderr=subprocess.STDOUT, env=env))
         log.close()
         wait_until(lambda: self._get(self.directory), timeout=20, what="pebble directory")
-        wait_until(lambda: self._connects(self.dns_mgmt_port), timeout=20,
-                   what="challtestsrv management")
+        if self.dns_server is None:
+            wait_until(lambda: self._connects(self.dns_mgmt_port), timeout=20,
+                       what="challtestsrv management")
         self.root = self.dir / "root.pem"
         self.root.write_bytes(self._get(f"https://127.0.0.1:{self.mgmt_port}/roots/0"))
         return self
@@ -1109,6 +1160,19 @@ class World:
                           "NGINX_BIN": str(nginx.wrapper), "WG_INTERFACE": "none"}
         self.edges.append(edge)
         return edge
+
+    def pebble_with_dns(self, knot):
+        """Replace pebble by one that resolves through `knot` (a netlab.Knot here, relayed
+        into the edge's namespace): DNS-01 against real records. Edges use the new one."""
+        self.lab.forward_dns("edge", knot.port)
+        self.pebble.stop()
+        (self.dir / "pebble-knot").mkdir()
+        self.pebble = Pebble(self.dir / "pebble-knot", 80, netns=self.lab.netns("edge"),
+                             dns_server=f"127.0.0.1:{knot.port}")
+        self.pebble.start()
+        for env in [self.agent_env] + [edge.agent_env for edge in self.edges]:
+            env.update(ACME_SERVER=self.pebble.directory, ACME_CA_BUNDLE=str(self.pebble.ca))
+        return self.pebble
 
     def first_edge(self):
         """The edge build() made, as a WorldEdge (the same nginx, settings and namespace)."""

@@ -15,7 +15,7 @@ import stat
 import pytest
 
 from conftest import require_root, require_tools, wait_until
-from netlab import TOOLS, built_world
+from netlab import TOOLS, Knot, built_world
 
 HOST = "app.example.test"
 
@@ -132,3 +132,31 @@ def test_an_edge_limited_to_schema_2_keeps_its_own_certificates(world):
     assert world.issued_orders() == 1
     assert certificate_states(world)[HOST]["state"] == "none"     # nothing shared
     world.client_until(HOST, "hello from origin A")
+
+
+def test_a_wildcard_route_gets_its_certificate_by_dns01_through_knot(world):
+    require_tools("knotd", "kdig", "keymgr")
+    knot = Knot(world.dir, "example.test",
+                records=[f"{name} A 127.0.0.1" for name in ("a", "b", "app")]).start()
+    try:
+        restart_control_plane(world, **knot.env())
+        world.pebble_with_dns(knot)
+        world.route("*.example.test", world.origin_a, 8080)
+        world.route("app.example.test", world.origin_a, 8082)     # exact beats the wildcard
+        out = world.first_edge().once()
+        assert "certificate for *.example.test obtained and shared with the fleet" in out, out
+        assert "certificate for app.example.test obtained and shared" in out, out
+        assert world.issued_orders() == 2
+        world.client_until("a.example.test", "hello from origin A")
+        world.client_until("b.example.test", "hello from origin A")
+        world.client_until("app.example.test", "origin A on port 8082")
+        shown = world.lab.run("client", "openssl", "s_client", "-connect",
+                              f"{world.lab.address('edge')}:443", "-servername",
+                              "b.example.test", input="", check=False, timeout=30).stdout
+        assert "CN = *.example.test" in shown or "CN=*.example.test" in shown, shown[:2000]
+        assert knot.dig("_acme-challenge.example.test", "TXT") == []       # cleaned up
+        states = certificate_states(world)
+        assert states["*.example.test"]["wildcard"] is True
+        assert states["*.example.test"]["state"] == "valid"
+    finally:
+        knot.stop()
