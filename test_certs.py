@@ -9,17 +9,13 @@ import sqlite3
 import time
 
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
 import kokoa
 from conftest import (
     InProcessServer,
     edited_backup,
+    make_certificate,
     make_config,
-    remember_secret,
     require_tools,
     wait_until,
 )
@@ -28,25 +24,6 @@ from netlab import Knot
 AGENT_HEADER = {"X-Kokoa-Agent": f"{kokoa.__version__}; schema=1,2,3"}
 TOKEN = "Tq3mZ8yVbN1cXr5wKp0aLs7dHf2gJe9u_-AbCdEfGhI"        # 43 base64url characters
 THUMBPRINT = "9jg46WB3rR_AHD-EBXdN7cBkH1WOu0tA3M9fm21mqTI"
-
-
-def make_certificate(names, days=90, key=None, not_before=None):
-    """(fullchain PEM, privkey PEM) of a self-signed certificate for `names` (the key is
-    remembered for the suite's secret audit)."""
-    key = key or ec.generate_private_key(ec.SECP256R1())
-    now = datetime.datetime.now(datetime.timezone.utc)
-    start = not_before or now - datetime.timedelta(days=1)
-    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, names[0])])
-    cert = (x509.CertificateBuilder().subject_name(subject).issuer_name(subject)
-            .public_key(key.public_key()).serial_number(x509.random_serial_number())
-            .not_valid_before(start).not_valid_after(start + datetime.timedelta(days=days))
-            .add_extension(x509.SubjectAlternativeName([x509.DNSName(n) for n in names]),
-                           critical=False)
-            .sign(key, hashes.SHA256()))
-    key_pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                serialization.NoEncryption()).decode()
-    remember_secret(key_pem, "".join(key_pem.splitlines()[1:-1]))
-    return cert.public_bytes(serialization.Encoding.PEM).decode(), key_pem
 
 
 @pytest.fixture

@@ -6,11 +6,12 @@
   const API = "/api/v1";
   const EDGE_POLL_MS = 5000;     // edge status refresh
   const FULL_POLL_MS = 30000;    // everything else (changes made elsewhere)
-  const PAGES = ["origins", "routes", "policies", "edges", "settings"];
-  const TITLES = {origins: "Origins", routes: "Routes", policies: "Access policies", edges: "Edge nodes", settings: "Settings"};
+  const PAGES = ["origins", "routes", "policies", "edges", "certificates", "settings"];
+  const TITLES = {origins: "Origins", routes: "Routes", policies: "Access policies", edges: "Edge nodes", certificates: "Certificates", settings: "Settings"};
 
   const state = {
     origins: null, routes: null, policies: null, edges: null, configHash: null, version: null, settings: null, enrollKeys: null,
+    certificates: null,
     skewMs: 0, offline: false,
   };
 
@@ -1275,6 +1276,56 @@
     });
   }
 
+  // ------------------------------------------------------------------ certificates (issue 15)
+
+  const CERT_STATES = {
+    valid: ["ok", "valid"], expiring: ["warn", "renewal due"], pending: ["muted", "being issued"],
+    failed: ["bad", "failing"], none: ["muted", "not issued yet"],
+  };
+
+  function certificateRow(cert) {
+    const [tone, label] = CERT_STATES[cert.state] || ["muted", cert.state];
+    const stateCell = cell("State", el("span", {class: `badge ${tone}`, "data-state": cert.state, text: label}));
+    if (cert.claim) {
+      stateCell.firstChild.append(el("span", {class: "sub",
+        text: `edge ${cert.claim.holder_edge_name || "?"} is issuing it (claim ${until(cert.claim.until)})`}));
+    } else if (cert.next_attempt_at && cert.state !== "valid") {
+      stateCell.firstChild.append(el("span", {class: "sub", text: `next attempt ${until(cert.next_attempt_at)}`}));
+    }
+    const error = cert.last_error
+      ? el("span", {class: "error-text", text: sentence(cert.last_error)})
+      : el("span", {class: "muted", text: "none"});
+    return el("tr", {},
+      cell("Name", el("strong", {class: "name", text: cert.name}),
+        cert.wildcard ? el("span", {class: "sub", text: "wildcard, by DNS-01"}) : null),
+      stateCell,
+      cell("Expires", cert.not_after
+        ? el("time", {datetime: cert.not_after, title: utcText(cert.not_after), text: `${dateOnly(cert.not_after)} (${until(cert.not_after)})`})
+        : el("span", {class: "muted", text: "—"})),
+      cell("Issued by", cert.issuer_edge_name
+        ? el("span", {}, el("span", {text: cert.issuer_edge_name}), el("span", {class: "sub", text: dateOnly(cert.issued_at)}))
+        : el("span", {class: "muted", text: "—"})),
+      cell("Last error", error),
+    );
+  }
+
+  function renderCertificates() {
+    const certs = (state.certificates || []).map((c) => ({...c, id: c.name}));
+    syncRows($("#certificates-body"), certs, certificateRow);
+    showList("certificates", certs, "No hostnames yet: add a route, and its certificate appears here.");
+    const bad = certs.filter((c) => c.state === "failed" || c.state === "expiring").length;
+    const count = $("#count-certificates");
+    count.textContent = bad ? `${bad}!` : String(certs.length);
+    count.classList.toggle("warn", bad > 0);
+    count.title = `${bad} failing or due of ${certs.length}`;
+  }
+
+  async function loadCertificates() {
+    const data = await api("GET", "/certificates");
+    state.certificates = data.certificates || [];
+    renderCertificates();
+  }
+
   /** KOKOA_PUBLIC_URL when the control plane has one, else the address of this page. */
   function controlPlaneUrl() {
     return (state.settings && state.settings.public_url) || window.location.origin;
@@ -1480,7 +1531,8 @@
 
   async function refreshAll() {
     const results = await Promise.allSettled([
-      loadOrigins(), loadRoutes(), loadPolicies(), loadEdges(), loadSettings(), loadEnrollKeys()]);
+      loadOrigins(), loadRoutes(), loadPolicies(), loadEdges(), loadSettings(), loadEnrollKeys(),
+      loadCertificates()]);
     const failed = results.find((r) => r.status === "rejected");
     if (failed) connectionLost(failed.reason);
     else connectionOk();
@@ -1492,7 +1544,8 @@
     polling = true;
     try {
       // Registrations spend enrollment keys: refresh their uses while they are on screen.
-      await Promise.all([loadEdges(), shownPage === "edges" ? loadEnrollKeys() : null]);
+      await Promise.all([loadEdges(), shownPage === "edges" ? loadEnrollKeys() : null,
+        shownPage === "certificates" ? loadCertificates() : null]);
       connectionOk();
     } catch (err) {
       connectionLost(err);
