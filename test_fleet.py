@@ -160,3 +160,20 @@ def test_a_wildcard_route_gets_its_certificate_by_dns01_through_knot(world):
         assert states["*.example.test"]["state"] == "valid"
     finally:
         knot.stop()
+
+
+@pytest.mark.parametrize("schemas, expected", [("1,2", (6, 3)), ("1,2,3", (3, 3))],
+                         ids=["per-edge (before)", "fleet (after)"])
+def test_acme_orders_for_two_edges_and_three_names(world, schemas, expected):
+    """Before: each edge orders each name (and the edge the CA does not reach fails); after:
+    one order per name. Prints the figures (run with -s)."""
+    names = ("a.example.test", "b.example.test", "c.example.test")
+    for name in names:
+        world.route(name, world.origin_a, 8080)
+    edges = (world.first_edge(), world.add_edge("edge2"))
+    for edge in edges:
+        edge.once(rc=None if schemas == "1,2" else 0, env={"AGENT_SCHEMAS": schemas})
+    counted = (world.new_orders(), world.issued_orders())
+    print(f"\n2 edges x 3 names, AGENT_SCHEMAS={schemas}: {counted[0]} ACME orders, "
+          f"{counted[1]} certificates issued")
+    assert counted == expected
