@@ -2563,6 +2563,9 @@ fleet_issue() {
   fi
   read_cert_state "$h"
   C_FAILS=$((C_FAILS + 1))
+  # The control plane backs the fleet off as much; no claim is asked for until then.
+  now
+  C_NEXT=$((NOW + $(backoff_delay "$C_FAILS" "$CERT_BACKOFF_MIN" "$CERT_BACKOFF_MAX")))
   warn "certificate for $h: $C_ERROR"
   fleet_call "$h" POST /failure "$(jq -n -c --arg e "$C_ERROR" '{error: $e}')" "$out" >/dev/null
   write_cert_state "$h"

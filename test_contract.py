@@ -191,7 +191,7 @@ def test_in_sync_compares_with_the_payload_of_the_edges_own_schema(api):
     ({"ok": True, "agent_version": "0.2.0; rm -rf"}, "agent_version"),
     ({"ok": True, "agent_version": 2}, "agent_version"),
     ({"ok": True, "agent_version": ""}, "agent_version"),
-    ({"ok": True, "schema": 3}, "schema"),
+    ({"ok": True, "schema": 4}, "schema"),
     ({"ok": True, "schema": True}, "schema"),
     ({"ok": True, "schema": "2"}, "schema"),
 ])
