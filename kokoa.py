@@ -2318,10 +2318,13 @@ def wildcard_unserved(hostname, schema):
     return None
 
 
+DNS_MODULE_PATH = Path(__file__).resolve().parent / "dns.py"
+
+
 def dns_provider_configured(config):
-    """True when the control plane has a DNS provider (dns.py's) for DNS-01."""
+    """True when the control plane has a DNS provider (dns.py's, beside kokoa.py) for DNS-01."""
     return bool(config.dns_settings.get("KOKOA_DNS_PROVIDER")
-                and config.dns_settings.get("KOKOA_DNS_ZONE"))
+                and config.dns_settings.get("KOKOA_DNS_ZONE")) and DNS_MODULE_PATH.is_file()
 
 
 def check_wildcard_route(config, body):
@@ -2331,7 +2334,8 @@ def check_wildcard_route(config, body):
             and not dns_provider_configured(config):
         raise invalid("hostname", "a wildcard hostname needs a certificate by DNS-01, and no "
                       "DNS provider is configured: set KOKOA_DNS_PROVIDER, KOKOA_DNS_ZONE and "
-                      "the provider's credentials on the control plane (see dns.py --help)")
+                      "the provider's credentials on the control plane, with dns.py beside "
+                      "kokoa.py (see dns.py --help)")
 
 
 def route_hostnames(db):
@@ -2714,8 +2718,7 @@ def check_acme_token(token):
 @functools.lru_cache(maxsize=1)
 def dns_module():
     """dns.py beside kokoa.py (loaded by path: an installed `dns` package is another thing)."""
-    spec = importlib.util.spec_from_file_location("kokoa_dns",
-                                                  Path(__file__).resolve().parent / "dns.py")
+    spec = importlib.util.spec_from_file_location("kokoa_dns", DNS_MODULE_PATH)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -2724,10 +2727,11 @@ def dns_module():
 def dns_provider(config):
     """(dns module, provider, zone) from the control plane's KOKOA_DNS_* settings; 503 when
     none is configured or it is misconfigured."""
-    dns = dns_module()
     if not dns_provider_configured(config):
         raise HTTPError(503, "unavailable", "no DNS provider is configured on the control "
-                        "plane (KOKOA_DNS_PROVIDER, KOKOA_DNS_ZONE): DNS-01 is not possible")
+                        "plane (KOKOA_DNS_PROVIDER, KOKOA_DNS_ZONE, dns.py beside kokoa.py): "
+                        "DNS-01 is not possible")
+    dns = dns_module()
     try:
         settings = dns.load_settings(dns.DEFAULT_CONFIG, False, config.dns_settings)
         zone = dns.normalize_zone(settings.get("zone"))
