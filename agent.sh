@@ -767,10 +767,11 @@ listen_lines() {
   printf -v "$1" '%s' "${_lines%$'\n'}"
 }
 
+# (The fleet's certificate first; an edge upgraded to schema 3 serves its own until then.)
 have_cert() {
-  if ((FLEET)) && [[ $1 != "$EDGE_FQDN" ]]; then
-    [[ -s $CONFIG_DIR/$FLEET_SUBDIR/$(host_file "$1").pem ]]
-    return
+  # shellcheck disable=SC2310  # a predicate
+  if ((FLEET)) && have_fleet_cert "$1"; then
+    return 0
   fi
   [[ -s $LETSENCRYPT_DIR/live/$1/fullchain.pem && -s $LETSENCRYPT_DIR/live/$1/privkey.pem ]]
 }
@@ -2225,7 +2226,7 @@ forget_removed_hosts() {
 renew_if_due() {
   local stamp=$STATE_DIR/renew.stamp last=0 out rc=0 f h
   [[ -n $EMAIL ]] || return 0
-  local -a confs=("$LETSENCRYPT_DIR"/renewal/*.conf)
+  local -a confs=("$LETSENCRYPT_DIR"/renewal/*.conf) only=()
   ((${#confs[@]})) || return 0
   now
   if [[ -f $stamp ]]; then
@@ -2235,8 +2236,14 @@ renew_if_due() {
   ((NOW - last >= RENEW_INTERVAL)) || return 0
   # shellcheck disable=SC2310  # returns mktemp's status
   make_tmp out "$STATE_DIR/certbot.out" || return
+  # Schema 3: the fleet renews the routes' names (claimed, once); here only the edge's own.
+  if [[ -f $STATE_DIR/applied.json ]] && [[ $(jq -r '(.schema // 1) >= 3' \
+    -- "$STATE_DIR/applied.json") == true ]]; then
+    [[ -n $EDGE_FQDN && -f $LETSENCRYPT_DIR/renewal/$EDGE_FQDN.conf ]] || return 0
+    only=(--cert-name "$EDGE_FQDN")
+  fi
   # shellcheck disable=SC2310  # returns certbot's status
-  run_certbot "$out" 1800 renew --no-random-sleep-on-renew || rc=$?
+  run_certbot "$out" 1800 renew --no-random-sleep-on-renew "${only[@]}" || rc=$?
   if ((rc != 0)); then
     warn "certbot renew failed (rc $rc): $(one_line "$(tail -n 1 -- "$out")")"
   fi
@@ -2278,12 +2285,18 @@ fleet_mode() {
   fi
 }
 
-# In the variable named $1, point host $2's TLS server at its fleet certificate (one file,
-# chain then key, so that a rename swaps both at once).
+# True when host $1 (not the edge's own name) has a certificate from the fleet.
+have_fleet_cert() {
+  [[ $1 != "$EDGE_FQDN" && -s $CONFIG_DIR/$FLEET_SUBDIR/$(host_file "$1").pem ]]
+}
+
+# In the variable named $1, point host $2's TLS server at its fleet certificate, if it has one
+# (one file, chain then key, so that a rename swaps both at once).
 fleet_cert_lines() {
   local -n _fleet_lines=$1
   local file
-  if ((FLEET)) && [[ $2 != "$EDGE_FQDN" ]]; then
+  # shellcheck disable=SC2310  # a predicate
+  if ((FLEET)) && have_fleet_cert "$2"; then
     file=$CONFIG_DIR/$FLEET_SUBDIR/$(host_file "$2").pem
     _fleet_lines="    ssl_certificate $file;
     ssl_certificate_key $file;"
@@ -2459,7 +2472,7 @@ fleet_due() {
   now
   ((NOW >= C_NEXT)) || return 1
   # shellcheck disable=SC2310  # a predicate
-  have_cert "$h" || return 0
+  have_fleet_cert "$h" || return 0
   printf -v today '%(%Y-%m-%dT%H:%M:%SZ)T' -1
   [[ -n ${FLEET_RENEW[$h]:-} && ! $today < "${FLEET_RENEW[$h]}" ]]
 }
@@ -2545,10 +2558,18 @@ fleet_issue() {
       "$out"))"
     return 1
   fi
-  log "certificate for $h: this edge holds the fleet's claim; asking the CA"
+  live=$LETSENCRYPT_DIR/live/$h
+  if [[ $h != \** && -s $live/cert.pem && -s $live/privkey.pem ]] \
+    && openssl x509 -checkend 2592000 -noout -in "$live/cert.pem" >/dev/null 2>&1; then
+    # An edge upgraded from schema 2: its own certificate, valid 30 days more, serves all.
+    log "certificate for $h: this edge holds the fleet's claim; sharing its own certificate"
+  else
+    log "certificate for $h: this edge holds the fleet's claim; asking the CA"
+    live=""
+  fi
   # shellcheck disable=SC2310  # each step in fleet_certbot ends in || return
-  if fleet_certbot "$h" "$staging"; then
-    live=$STATE_DIR/certbot-fleet/config/live/$(host_file "$h")
+  if [[ -n $live ]] || fleet_certbot "$h" "$staging"; then
+    live=${live:-$STATE_DIR/certbot-fleet/config/live/$(host_file "$h")}
     # shellcheck disable=SC2310  # returns mktemp's status
     make_tmp body "$STATE_DIR/fleet-upload.json" || return
     jq -n --rawfile f "$live/fullchain.pem" --rawfile k "$live/privkey.pem" \

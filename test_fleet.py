@@ -123,14 +123,25 @@ def test_a_claim_holder_killed_mid_issue_hands_over_once_its_claim_expires(world
     assert certificate_states(world)[HOST]["issuer_edge_name"] == "edge2"
 
 
-def test_an_edge_limited_to_schema_2_keeps_its_own_certificates(world):
+def test_an_edge_limited_to_schema_2_keeps_its_own_certificates_and_shares_them_upgraded(
+        world):
     world.route(HOST, world.origin_a, 8080)
-    edge1 = world.first_edge()
+    edge1, edge2 = world.first_edge(), world.add_edge("edge2")
     out = edge1.once(env={"AGENT_SCHEMAS": "1,2"})
     assert f"certificate for {HOST} obtained (valid until" in out, out
     assert "the fleet" not in out and "fleet-certs" not in out
     assert world.issued_orders() == 1
     assert certificate_states(world)[HOST]["state"] == "none"     # nothing shared
+    world.client_until(HOST, "hello from origin A")
+    before = edge1.served_certificate(HOST)
+    # Upgraded to schema 3: the edge shares the certificate it has instead of ordering one,
+    # and a new edge serves the same.
+    out = edge1.once()
+    assert f"certificate for {HOST}: this edge holds the fleet's claim; sharing its own" in out
+    edge2.once()
+    assert world.issued_orders() == 1
+    assert edge1.served_certificate(HOST) == edge2.served_certificate(HOST) == before
+    assert certificate_states(world)[HOST]["state"] == "valid"
     world.client_until(HOST, "hello from origin A")
 
 
