@@ -1315,7 +1315,8 @@
     showList("certificates", certs, "No hostnames yet: add a route, and its certificate appears here.");
     const bad = certs.filter((c) => c.state === "failed" || c.state === "expiring").length;
     const count = $("#count-certificates");
-    count.textContent = bad ? `${bad}!` : String(certs.length);
+    count.textContent = bad ? String(bad) : "";       // only what needs a look: the bar is full
+    count.hidden = !bad;
     count.classList.toggle("warn", bad > 0);
     count.title = `${bad} failing or due of ${certs.length}`;
   }
