@@ -8,6 +8,7 @@ this module (so this one never imports netlab).
 """
 
 import base64
+import datetime
 import http.client
 import json
 import logging
@@ -27,6 +28,10 @@ from pathlib import Path
 from wsgiref.validate import validator
 
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 
 import kokoa
 
@@ -494,3 +499,24 @@ def debian_tarball(tmp_path_factory):
                             capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-4000:]
     return target
+
+
+# Certificates (issue 15): what an edge uploads, made here rather than by a CA #################
+
+def make_certificate(names, days=90, key=None, not_before=None):
+    """(fullchain PEM, privkey PEM) of a self-signed certificate for `names` (the key is
+    remembered for the suite's secret audit)."""
+    key = key or ec.generate_private_key(ec.SECP256R1())
+    now = datetime.datetime.now(datetime.timezone.utc)
+    start = not_before or now - datetime.timedelta(days=1)
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, names[0])])
+    cert = (x509.CertificateBuilder().subject_name(subject).issuer_name(subject)
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(start).not_valid_after(start + datetime.timedelta(days=days))
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName(n) for n in names]),
+                           critical=False)
+            .sign(key, hashes.SHA256()))
+    key_pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                serialization.NoEncryption()).decode()
+    remember_secret(key_pem, "".join(key_pem.splitlines()[1:-1]))
+    return cert.public_bytes(serialization.Encoding.PEM).decode(), key_pem

@@ -3,7 +3,9 @@
 
 Usage:
     python3 dns.py add    --name NAME --ip ADDRESS [--ttl N] [--dry-run]
+    python3 dns.py add    --name NAME --type TXT --value TEXT [--ttl N] [--dry-run]
     python3 dns.py remove --name NAME [--ip ADDRESS] [--dry-run]
+    python3 dns.py remove --name NAME --type TXT [--value TEXT] [--dry-run]
     python3 dns.py list   [--json]
     (every command also takes --config FILE, default /etc/kokoa/dns.conf)
 
@@ -12,6 +14,11 @@ that already exists is a no-op that says so (its TTL is left as it is). `remove`
 address (`--ip`) or every A/AAAA record of the name. `list` prints the zone's A/AAAA records as
 a table, or as a JSON list of {"name", "type", "ttl", "address"} with `--json`. `--dry-run`
 asks the provider what exists and prints what would change, without changing it.
+
+`--type TXT` works on TXT records instead (DNS-01 challenges: `_acme-challenge.app`): `add`
+adds one value (1-255 printable ASCII characters, no space, quote or backslash) to the name's
+values, `remove` removes one value (`--value`) or every TXT record of the name. TXT names may
+begin with labels that start with an underscore.
 
 NAME is relative to the zone (`app` -> app.example.com), `@` is the apex, a name that already
 ends with the zone's name is taken as it is, and a name ending in a dot is absolute (refused
@@ -87,6 +94,7 @@ SETTINGS = {
 
 TYPE_A = 1
 TYPE_CNAME = 5
+TYPE_TXT = 16
 TYPE_SOA = 6
 TYPE_AAAA = 28
 TYPE_TSIG = 250
@@ -121,6 +129,8 @@ CLOUDFLARE_MAX_PAGES = 1000
 HTTP_MAX_BODY = 16 * 1024 * 1024
 
 LABEL_RE = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
+SERVICE_LABEL_RE = re.compile(r"_[a-z0-9]([a-z0-9-]{0,60}[a-z0-9])?")   # _acme-challenge
+TXT_VALUE_RE = re.compile(r"[\x21\x23-\x5b\x5d-\x7e]{1,255}")  # one character-string
 
 
 # Errors #########################################################################################
@@ -221,6 +231,31 @@ def resolve_name(raw, zone):
         name = f"{name}.{zone}"
     check_hostname(name)
     return name
+
+
+def resolve_txt_name(raw, zone):
+    """A --name of a TXT record: leading service labels (`_acme-challenge.`) and then a name
+    as resolve_name takes it (none left: the apex); raise UsageError."""
+    labels = raw.strip().lower().split(".")
+    prefix = []
+    while labels and labels[0].startswith("_"):
+        if not SERVICE_LABEL_RE.fullmatch(labels[0]):
+            raise UsageError(f"invalid name {raw!r}: label {labels[0]!r} is not _ and 1-62 "
+                             "letters, digits or inner hyphens")
+        prefix.append(labels.pop(0))
+    rest = ".".join(labels)
+    if prefix and rest in ("", "."):
+        rest = "@"
+    name = resolve_name(rest, zone)
+    return ".".join(prefix + [name])
+
+
+def check_txt_value(raw):
+    """Return a TXT value: 1-255 printable ASCII characters, no space, quote or backslash."""
+    if not TXT_VALUE_RE.fullmatch(raw or ""):
+        raise UsageError(f"invalid TXT value {raw[:80]!r}: use 1-255 printable ASCII "
+                         "characters without space, quote or backslash")
+    return raw
 
 
 def in_zone(name, zone):
@@ -405,6 +440,25 @@ def parse_address_rdata(rtype, rdata):
     if len(rdata) != size:
         raise WireError(f"malformed DNS message: {TYPE_NAMES[rtype]} rdata of {len(rdata)} octets")
     return str(ipaddress.ip_address(rdata))
+
+
+def txt_rdata(value):
+    """The rdata of a TXT record of one character-string."""
+    data = value.encode("ascii")
+    return bytes([len(data)]) + data
+
+
+def parse_txt_rdata(rdata):
+    """The text of TXT rdata: its character-strings joined."""
+    parts, offset = [], 0
+    while offset < len(rdata):
+        length = rdata[offset]
+        chunk = rdata[offset + 1:offset + 1 + length]
+        if len(chunk) != length:
+            raise WireError("malformed DNS message: TXT character-string runs past the end")
+        parts.append(chunk.decode("ascii", "replace"))
+        offset += 1 + length
+    return "".join(parts)
 
 
 def to_records(rrs, owner=None):
@@ -795,6 +849,29 @@ class Rfc2136:
             what = "update removing " + ", ".join(r.describe() for r in records)
         self.update(changes, what)
 
+    def lookup_txt(self, name):
+        """Return the values of the name's TXT records (a signed query to the server)."""
+        query = pack_header(secrets.randbits(16), OPCODE_QUERY << 11, (1, 0, 0, 0))
+        query += pack_question(name, TYPE_TXT)
+        what = f"query TXT {name}"
+        answer = self.signed_exchange(query, what)
+        self.fail_on_rcode(answer, what, allowed=(0, 3))
+        return sorted(parse_txt_rdata(rr.rdata) for rr in answer.answer
+                      if rr.rtype == TYPE_TXT and rr.rclass == CLASS_IN and rr.name == name)
+
+    def add_txt(self, name, value, ttl):
+        """Add one TXT value to a name (RFC 2136 2.5.1)."""
+        self.update([pack_rr(name, TYPE_TXT, CLASS_IN, ttl, txt_rdata(value))],
+                    f"update adding TXT {name} {value}")
+
+    def remove_txt(self, name, values):
+        """Delete these TXT values of a name, or (None) its whole TXT RRset."""
+        if values is None:
+            changes = [pack_rr(name, TYPE_TXT, CLASS_ANY, 0, b"")]
+        else:
+            changes = [pack_rr(name, TYPE_TXT, CLASS_NONE, 0, txt_rdata(v)) for v in values]
+        self.update(changes, f"update removing TXT of {name}")
+
 
 # Provider: cloudflare ###########################################################################
 
@@ -917,6 +994,45 @@ class Cloudflare:
             rid = urllib.parse.quote(record.ref, safe="")
             self.call("DELETE", f"{self.zone_path()}/dns_records/{rid}")
 
+    def txt_records(self, name):
+        """[(value, id)] of the name's TXT records, following the pages. The API may give a
+        TXT content in quotes (RFC 1035 presentation form): they are not part of the value."""
+        path = self.zone_path() + "/dns_records"
+        found = []
+        for page in range(1, CLOUDFLARE_MAX_PAGES + 1):
+            query = [("type", "TXT"), ("name", name), ("page", page),
+                     ("per_page", CLOUDFLARE_PER_PAGE)]
+            envelope = self.call("GET", path, query)
+            result = envelope.get("result") or []
+            for item in result:
+                if isinstance(item, dict) and item.get("type") == "TXT" \
+                        and isinstance(item.get("content"), str):
+                    content = item["content"]
+                    if len(content) >= 2 and content[0] == content[-1] == '"':
+                        content = content[1:-1]
+                    found.append((content, str(item.get("id", ""))))
+            info = envelope.get("result_info")
+            total = info.get("total_pages") if isinstance(info, dict) else None
+            if not result or not isinstance(total, int) or page >= total:
+                break
+        return found
+
+    def lookup_txt(self, name):
+        """Return the values of the name's TXT records."""
+        return sorted(value for value, _ in self.txt_records(name))
+
+    def add_txt(self, name, value, ttl):
+        """Create one TXT record."""
+        body = {"type": "TXT", "name": name, "content": value, "ttl": ttl}
+        self.call("POST", self.zone_path() + "/dns_records", body=body)
+
+    def remove_txt(self, name, values):
+        """Delete the name's TXT records with these values (None: all of them)."""
+        for value, rid in self.txt_records(name):
+            if values is None or value in values:
+                rid = urllib.parse.quote(rid, safe="")
+                self.call("DELETE", f"{self.zone_path()}/dns_records/{rid}")
+
 
 # Commands #######################################################################################
 
@@ -957,6 +1073,67 @@ def command_remove(provider, args, zone):
     for record in sorted(existing, key=sort_key):
         print(f"{'would remove' if args.dry_run else 'removed'} {record.describe()}")
     return 0
+
+
+def command_add_txt(provider, args, zone):
+    """Add one TXT value to a name unless it is already there."""
+    name = resolve_txt_name(args.name, zone)
+    value = check_txt_value(args.value)
+    if value in provider.lookup_txt(name):
+        print(f"TXT {name} {value} already exists; nothing to do")
+        return 0
+    if args.dry_run:
+        print(f"would add TXT {name} {value} (ttl {args.ttl})")
+        return 0
+    provider.add_txt(name, value, args.ttl)
+    print(f"added TXT {name} {value} (ttl {args.ttl})")
+    return 0
+
+
+def command_remove_txt(provider, args, zone):
+    """Remove one TXT value of a name, or all of its TXT records."""
+    name = resolve_txt_name(args.name, zone)
+    existing = provider.lookup_txt(name)
+    if args.value is not None:
+        existing = [value for value in existing if value == check_txt_value(args.value)]
+    if not existing:
+        print(f"{name} has no {'such ' if args.value else ''}TXT record; nothing to do")
+        return 0
+    if not args.dry_run:
+        provider.remove_txt(name, None if args.value is None else existing)
+    for value in existing:
+        print(f"{'would remove' if args.dry_run else 'removed'} TXT {name} {value}")
+    return 0
+
+
+def check_argument_shape(args):
+    """Which of --ip, --type and --value add/remove were given together; raise UsageError."""
+    if args.command not in ("add", "remove"):
+        return
+    if args.type == "TXT":
+        if args.ip is not None:
+            raise UsageError("--type TXT takes --value, not --ip")
+        if args.command == "add" and args.value is None:
+            raise UsageError("add --type TXT needs --value")
+        if args.value is not None:
+            check_txt_value(args.value)
+        return
+    if args.value is not None:
+        raise UsageError("--value is for --type TXT; addresses are given with --ip")
+    if args.command == "add" and args.ip is None:
+        raise UsageError("add needs --ip (or --type TXT --value)")
+
+
+def check_arguments(args, zone):
+    """Check the name, address or value of add/remove before anything is sent."""
+    if args.type == "TXT":
+        resolve_txt_name(args.name, zone)
+        return
+    resolve_name(args.name, zone)
+    if args.ip is not None:
+        rtype, _ = parse_address(args.ip)
+        if args.type not in (None, rtype):
+            raise UsageError(f"--ip {args.ip} is an {rtype} address, not {args.type}")
 
 
 def command_list(provider, args, zone):
@@ -1042,7 +1219,10 @@ def build_parser():
     add = sub.add_parser("add", parents=[common], help="add an address to a name",
                          description="Add an A (IPv4) or AAAA (IPv6) record; no-op if present.")
     add.add_argument("--name", required=True, help="name relative to the zone, FQDN., or @")
-    add.add_argument("--ip", required=True, help="IPv4 or IPv6 address")
+    add.add_argument("--ip", help="IPv4 or IPv6 address (A or AAAA)")
+    add.add_argument("--type", choices=("A", "AAAA", "TXT"), type=str.upper,
+                     help="record type (default: A or AAAA by --ip)")
+    add.add_argument("--value", help="the TXT record's text (with --type TXT)")
     add.add_argument("--ttl", type=ttl_argument, default=DEFAULT_TTL,
                      help=f"time to live in seconds (default {DEFAULT_TTL})")
     add.add_argument("--dry-run", action="store_true", help="print what would change, only")
@@ -1050,6 +1230,9 @@ def build_parser():
                             description="Remove one address, or all A/AAAA records of a name.")
     remove.add_argument("--name", required=True, help="name relative to the zone, FQDN., or @")
     remove.add_argument("--ip", help="remove only this address (default: all A/AAAA)")
+    remove.add_argument("--type", choices=("A", "AAAA", "TXT"), type=str.upper,
+                        help="record type (TXT: remove TXT records, not addresses)")
+    remove.add_argument("--value", help="with --type TXT, remove only this value")
     remove.add_argument("--dry-run", action="store_true", help="print what would change, only")
     listing = sub.add_parser("list", parents=[common], help="list the zone's A/AAAA records",
                              description="Print the zone's A/AAAA records.")
@@ -1066,14 +1249,15 @@ def main(argv=None) -> int:
     except SystemExit as exc:
         return exc.code if isinstance(exc.code, int) else 2
     commands = {"add": command_add, "remove": command_remove, "list": command_list}
+    if getattr(args, "type", None) == "TXT":
+        commands.update(add=command_add_txt, remove=command_remove_txt)
     try:
+        check_argument_shape(args)
         settings = load_settings(args.config or DEFAULT_CONFIG, args.config is not None,
                                  os.environ)
         zone = normalize_zone(settings.get("zone"))
         if args.command in ("add", "remove"):
-            resolve_name(args.name, zone)
-            if args.ip is not None:
-                parse_address(args.ip)
+            check_arguments(args, zone)
         provider = make_provider(settings, zone)
         return commands[args.command](provider, args, zone)
     except UsageError as err:

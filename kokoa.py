@@ -27,6 +27,10 @@ Environment (real variables win over kokoa.env):
                                   X-Forwarded-For entry becomes the client address
     KOKOA_ALERT_RETRY_DELAYS      s before each retry of an alert webhook (default 1,5,25)
     KOKOA_ALERT_TIMEOUT           s an alert webhook may take to connect and per read (5)
+    KOKOA_CERT_CLAIM_SECONDS      how long an edge's claim to issue a certificate lasts (900)
+    KOKOA_CERT_BACKOFF_SECONDS    the fleet's first wait after a failed issuance (300), doubling
+    KOKOA_CERT_RENEW_BEFORE_SECONDS  renew this long before a certificate expires (30 days)
+    KOKOA_DNS_*, CLOUDFLARE_*     the DNS provider of dns.py, for DNS-01 (wildcard routes)
 """
 
 __version__ = "0.2.0"
@@ -43,6 +47,7 @@ import hashlib
 import heapq
 import hmac
 import http.client
+import importlib.util
 import ipaddress
 import json
 import logging
@@ -64,8 +69,10 @@ import urllib.parse
 import uuid
 from pathlib import Path
 
-from cryptography.exceptions import InvalidTag
+from cryptography import x509
+from cryptography.exceptions import InvalidTag, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
@@ -91,7 +98,7 @@ EDGE_STALE_SECONDS = 300.0        # an edge that has not polled for this long is
 # Idle connections each nginx worker keeps per upstream. Schema 2 keeps as many as one HTTP/2
 # client may have streams at once (nginx's http2_max_concurrent_streams), so that a browser's
 # burst reuses its tunnel connections; schema 1's map stays as 0.1.0 rendered it.
-UPSTREAM_KEEPALIVE = {1: 32, 2: 128}
+UPSTREAM_KEEPALIVE = {1: 32, 2: 128, 3: 128}
 REQUEST_ID_RE = re.compile(r"[A-Za-z0-9._-]{1,128}")
 UUID_RE = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}")
 HEX64_RE = re.compile(r"[0-9a-f]{64}")
@@ -106,7 +113,7 @@ DEFAULT_WG_NETWORK = "10.8.0.0/24"
 # Without KOKOA_WG_NETWORK (an install from before 0.2), wg_ip must be one of these.
 PRIVATE_NETWORKS = tuple(ipaddress.ip_network(net) for net in (
     "10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "100.64.0.0/10", "fc00::/7"))
-SCHEMAS = (1, 2)                  # edge payload schemas this control plane can send
+SCHEMAS = (1, 2, 3)               # edge payload schemas this control plane can send
 NGINX_MAP_GENERATOR = "kokoa 0.1.0"   # the map grammar, not the release: an upgrade of the
                                       # control plane must not change every edge's payload
 VERSION_RE = re.compile(r"[0-9]{1,4}(\.[0-9]{1,4}){0,3}([.+-][A-Za-z0-9.+-]{0,40})?")
@@ -173,6 +180,10 @@ class Config:
     alert_retry_delays: tuple = ALERT_RETRY_DELAYS
     alert_timeout: float = ALERT_TIMEOUT
     health_tick: float = HEALTH_TICK_SECONDS
+    cert_claim_seconds: int = 900           # fleet certificates (issue 15): a claim's life,
+    cert_backoff_seconds: int = 300         # the first wait after a failure (doubling),
+    cert_renew_before: int = 30 * 86400     # and when before not_after renewal is due
+    dns_settings: dict = dataclasses.field(default_factory=dict)    # KOKOA_DNS_*, for DNS-01
 
 
 def read_env_file(path):
@@ -774,6 +785,33 @@ MIGRATIONS = [
             since   TEXT NOT NULL
         )""",
     ],
+    [
+        # Certificates shared by the fleet (issue 15): one row per name, issued by one edge
+        # and served by all. The private key is sealed with the keyring (AAD: the name); a
+        # claim names the edge that issues now and until when; failures and next_attempt_at
+        # are the fleet's back-off for the name, last_error says why in words.
+        f"""
+        CREATE TABLE certificates (
+            name             TEXT PRIMARY KEY CHECK (length(name) BETWEEN 1 AND 253),
+            fullchain        TEXT CHECK (fullchain IS NULL OR length(fullchain) <= 65536),
+            privkey_enc      BLOB,
+            not_after        TEXT,
+            issuer_edge_id   TEXT REFERENCES edge_nodes (id) ON DELETE SET NULL,
+            issuer_edge_name TEXT,
+            issued_at        TEXT,
+            claim_edge_id    TEXT REFERENCES edge_nodes (id) ON DELETE SET NULL,
+            claim_until      TEXT,
+            failures         INTEGER NOT NULL DEFAULT 0
+                             CHECK (typeof(failures) = 'integer' AND failures >= 0),
+            next_attempt_at  TEXT,
+            last_error       TEXT,
+            updated_at       TEXT NOT NULL DEFAULT {NOW_SQL},
+            CHECK ((fullchain IS NULL) = (privkey_enc IS NULL)
+                   AND (fullchain IS NULL) = (not_after IS NULL))
+        )""",
+        "CREATE INDEX certificates_issuer_edge_id ON certificates (issuer_edge_id)",
+        "CREATE INDEX certificates_claim_edge_id ON certificates (claim_edge_id)",
+    ],
 ]
 
 
@@ -1106,6 +1144,14 @@ def normalize_hostname(value, field="hostname"):
     except UnicodeError:
         raise invalid(field, f"{field} is not a valid internationalized name") from None
     return check_dns_name(ascii_name.lower(), field, min_labels=2)
+
+
+def normalize_route_hostname(value, field="hostname"):
+    """A route's hostname: as normalize_hostname gives it, or a wildcard `*.` + such a name
+    (one leading `*` label, at least two labels after it: `*.example.com`)."""
+    if isinstance(value, str) and value.strip().startswith("*."):
+        return "*." + normalize_hostname(value.strip()[2:], field)
+    return normalize_hostname(value, field)
 
 
 def validate_port(value, field="target_port"):
@@ -1448,8 +1494,9 @@ def hostname_from_url(value, field="hostname"):
 
 
 def route_hostname(value, field="hostname"):
-    """A route's hostname from the API: a bare name or its URL, normalised."""
-    return normalize_hostname(hostname_from_url(value, field), field)
+    """A route's hostname from the API: a bare name or its URL, normalised (a wildcard
+    `*.example.com` too)."""
+    return normalize_route_hostname(hostname_from_url(value, field), field)
 
 
 def hostname_unicode(hostname):
@@ -1998,7 +2045,7 @@ def validate_certificates(value):
         raise invalid("certificates", "certificates must be an object of hostname -> state")
     clean = {}
     for hostname, state in value.items():
-        host = normalize_hostname(hostname, "certificates")
+        host = normalize_route_hostname(hostname, "certificates")
         if not isinstance(state, dict) or state.get("status") not in CERT_STATUSES:
             raise invalid("certificates", "each certificate needs a status: "
                                           + ", ".join(CERT_STATUSES))
@@ -3031,7 +3078,7 @@ def check_edge_row(row, network):
 def check_route_row(row, network):
     check_id(row["id"])
     check_id(row["origin_id"], "origin_id")
-    as_stored(row["hostname"], normalize_hostname(row["hostname"]), "hostname")
+    as_stored(row["hostname"], normalize_route_hostname(row["hostname"]), "hostname")
     validate_port(row["target_port"])
     if "access_policy_id" in row.keys():
         optional(check_id, row["access_policy_id"], "access_policy_id")
@@ -3180,6 +3227,7 @@ def wireguard_peers(origins):
 # payload and listed as unserved: never served without it.
 SCHEMA_ROUTE_KEYS = {1: frozenset({"upstream"}),
                      2: frozenset({"upstream", "max_body_size", "buffering", "hsts", "access"})}
+SCHEMA_ROUTE_KEYS[3] = SCHEMA_ROUTE_KEYS[2]     # schema 3: wildcards, fleet certificates
 # Options that a schema without them may leave out: its agents then serve the route as 0.1.0
 # did (a 1 MiB body limit, buffered responses, no HSTS), which protects no less.
 DROPPABLE_ROUTE_KEYS = frozenset({"max_body_size", "buffering", "hsts"})
@@ -3273,16 +3321,16 @@ def edge_payloads(routes, peers, staging, schemas=SCHEMAS):
     for schema in schemas:
         unserved, served = {}, {}
         for hostname, route in routes.items():
-            reason = unserved_reason(route, schema)
+            reason = unserved_reason(route, schema) or wildcard_unserved(hostname, schema)
             if reason is None:
                 served[hostname] = route
             else:
                 unserved[hostname] = reason
         upstreams = {hostname: route["upstream"] for hostname, route in served.items()}
         keepalive = UPSTREAM_KEEPALIVE[schema]
-        key = keepalive, frozenset(upstreams.items())
+        key = keepalive, schema >= 3, frozenset(upstreams.items())
         if key not in maps:
-            maps[key] = render_nginx_map(upstreams, keepalive)
+            maps[key] = render_nginx_map(upstreams, keepalive, hostnames=schema >= 3)
         payload = {
             "hostnames": sorted(served),
             "routes": upstreams if schema == 1 else {
@@ -3309,6 +3357,528 @@ def build_edge_configs(db):
             for schema, (payload, unserved) in payloads.items()}
 
 
+# Fleet certificates (issue 15): claimed, issued once, shared; HTTP-01 and DNS-01 from any edge
+
+CERT_PEM_MAX_BYTES = 65536          # each of fullchain and privkey
+CERT_CHAIN_MAX = 10                 # certificates in one fullchain
+CERT_BACKOFF_MAX = 21600            # the fleet's back-off of a failing name doubles up to 6 h
+CERT_UPLOAD_FIELDS = ("fullchain", "privkey")
+CERT_FAILURE_FIELDS = ("error",)
+CERT_ERROR_MAX = 2000
+ACME_TOKEN_RE = re.compile(r"[A-Za-z0-9_-]{16,128}")           # RFC 8555 8.3: base64url
+ACME_THUMBPRINT_RE = re.compile(r"[A-Za-z0-9_-]{16,128}")      # base64url SHA-256 of the JWK
+ACME_CHALLENGE_SECONDS = 600        # a published HTTP-01 token lives at most 10 min
+ACME_CHALLENGES_PER_EDGE = 20
+ACME_CHALLENGES_MAX = 10000
+DNS_VALUE_RE = re.compile(r"[A-Za-z0-9_-]{16,128}")           # base64url SHA-256 (RFC 8555 8.4)
+DNS_CHALLENGE_TTL = 60
+DNS_VISIBLE_SECONDS = 60.0          # how long a PUT waits for the zone's server to serve it
+CERT_SIGNING_KEYS = (rsa.RSAPrivateKey, ec.EllipticCurvePrivateKey, ed25519.Ed25519PrivateKey)
+# What a CA's refusal means for an operator: a substring of certbot's detail -> a hint.
+CERT_ERROR_HINTS = (
+    ("connection refused", "is port 80 open on every edge the name's DNS points to?"),
+    ("timeout", "does the name's DNS point only at edges that answer on port 80?"),
+    ("no valid ip addresses", "the name has no A/AAAA record: point its DNS at the edges"),
+    ("nxdomain", "the name does not exist in DNS: point its DNS at the edges"),
+    ("404", "an edge answered 404 for the token: are all the name's edges running schema-3 "
+            "agents that reach the control plane?"),
+    ("ratelimited", "the CA's rate limit: the fleet waits before it tries again"),
+    ("rate limit", "the CA's rate limit: the fleet waits before it tries again"),
+)
+
+
+def wildcard_unserved(hostname, schema):
+    """Why a schema cannot carry a route's hostname (None if it can): wildcards need 3."""
+    if hostname.startswith("*.") and schema < 3:
+        return (f"is a wildcard, which needs a schema-3 agent (its certificate comes by DNS-01 "
+                f"through the fleet; schema {schema} agents cannot serve it): upgrade the "
+                "edge's agent")
+    return None
+
+
+DNS_MODULE_PATH = Path(__file__).resolve().parent / "dns.py"
+
+
+def dns_provider_configured(config):
+    """True when the control plane has a DNS provider (dns.py's, beside kokoa.py) for DNS-01."""
+    return bool(config.dns_settings.get("KOKOA_DNS_PROVIDER")
+                and config.dns_settings.get("KOKOA_DNS_ZONE")) and DNS_MODULE_PATH.is_file()
+
+
+def check_wildcard_route(config, body):
+    """400 naming hostname for a wildcard route when no DNS provider can publish DNS-01."""
+    hostname = body.get("hostname") if isinstance(body, dict) else None
+    if isinstance(hostname, str):
+        hostname = hostname_from_url(hostname, "hostname")      # https://*.example.com/ too
+    if isinstance(hostname, str) and hostname.strip().startswith("*.") \
+            and not dns_provider_configured(config):
+        raise invalid("hostname", "a wildcard hostname needs a certificate by DNS-01, and no "
+                      "DNS provider is configured: set KOKOA_DNS_PROVIDER, KOKOA_DNS_ZONE and "
+                      "the provider's credentials on the control plane, with dns.py beside "
+                      "kokoa.py (see dns.py --help)")
+
+
+def route_hostnames(db):
+    """The hostnames of every enabled route: the names the fleet certifies."""
+    return {row["hostname"] for row in db.execute("SELECT hostname FROM routes WHERE enabled")}
+
+
+def certificate_name(db, name):
+    """A {name} from a path, normalised; 403 naming name unless an enabled route has it."""
+    try:
+        normalised = normalize_route_hostname(name, "name")
+    except HTTPError:
+        raise HTTPError(403, "forbidden", "name is not a hostname of this fleet's routes",
+                        field="name") from None
+    if normalised != name or normalised not in route_hostnames(db):
+        raise HTTPError(403, "forbidden", "name is not a hostname of this fleet's routes",
+                        field="name")
+    return normalised
+
+
+def certificate_row(db, name, create=False):
+    """The certificates row of `name` (inserted empty first with create=True), or None."""
+    if create:
+        db.execute("INSERT OR IGNORE INTO certificates (name, updated_at) VALUES (?, ?)",
+                   (name, utc_now()))
+    return db.execute("SELECT * FROM certificates WHERE name = ?", (name,)).fetchone()
+
+
+def renew_after(row, config):
+    """Unix time from which the certificate of `row` is due for renewal (None: none yet)."""
+    if row is None or row["not_after"] is None:
+        return None
+    return parse_iso_time(row["not_after"]) - config.cert_renew_before
+
+
+def claim_active(row, now):
+    """True while the claim of `row` has not expired."""
+    return row["claim_edge_id"] is not None and row["claim_until"] is not None \
+        and parse_iso_time(row["claim_until"]) > now
+
+
+def edge_name(db, edge_id):
+    """The name of an edge (None if it is gone)."""
+    row = db.execute("SELECT name FROM edge_nodes WHERE id = ?", (edge_id,)).fetchone()
+    return row["name"] if row else None
+
+
+def claim_refusal(db, row, edge_id, now, config):
+    """The 409 body refusing a claim of `row` to `edge_id`, or None when it may issue."""
+    due = renew_after(row, config)
+    if claim_active(row, now) and row["claim_edge_id"] != edge_id:
+        holder = edge_name(db, row["claim_edge_id"])
+        message = f"edge {holder} issues the certificate of {row['name']} now"
+        return {"error": {"code": "conflict", "message": message, "field": "name"},
+                "holder": holder, "until": row["claim_until"]}
+    if due is not None and now < due:
+        message = (f"the certificate of {row['name']} is valid until {row['not_after']}; "
+                   f"renewal is due from {iso_time(due)}")
+        return {"error": {"code": "conflict", "message": message, "field": "name"},
+                "holder": None, "until": None, "renew_after": iso_time(due)}
+    if row["next_attempt_at"] is not None and now < parse_iso_time(row["next_attempt_at"]):
+        message = (f"the last attempt for {row['name']} failed ({row['last_error']}); the "
+                   f"fleet waits until {row['next_attempt_at']} before the next")
+        return {"error": {"code": "conflict", "message": message, "field": "name"},
+                "holder": None, "until": None, "next_attempt_at": row["next_attempt_at"]}
+    return None
+
+
+def claim_certificate(db, config, edge_id, name):
+    """(200, {"name", "until"}) when this edge is to issue `name` now, else (409, why)."""
+    now = time.time()
+    with transaction(db):
+        row = certificate_row(db, name, create=True)
+        refusal = claim_refusal(db, row, edge_id, now, config)
+        if refusal is not None:
+            return 409, refusal
+        until = iso_time(now + config.cert_claim_seconds)
+        db.execute("""
+            UPDATE certificates
+               SET claim_edge_id = ?, claim_until = ?, updated_at = ?
+             WHERE name = ?""", (edge_id, until, iso_time(now), name))
+    log.info("edge %s claimed the certificate of %s until %s", edge_id, name, until)
+    return 200, {"name": name, "until": until}
+
+
+def held_claim(db, edge_id, name, now):
+    """The row of `name` if `edge_id` holds its live claim; 409 naming name otherwise."""
+    row = certificate_row(db, name)
+    if row is None or not claim_active(row, now) or row["claim_edge_id"] != edge_id:
+        raise conflict("name", f"this edge does not hold a live claim on {name}: claim it "
+                               "first (POST .../claim); a claim expires")
+    return row
+
+
+def check_pem(value, field):
+    """A PEM text as bytes: ASCII, under CERT_PEM_MAX_BYTES; 400 naming `field`."""
+    if not isinstance(value, str):
+        raise invalid(field, f"{field} must be a PEM text")
+    if not value.isascii() or len(value) >= CERT_PEM_MAX_BYTES:
+        raise invalid(field, f"{field} must be an ASCII PEM text under 64 KiB")
+    return value.encode("ascii")
+
+
+def public_key_der(key):
+    """SubjectPublicKeyInfo DER of a public key."""
+    return key.public_bytes(serialization.Encoding.DER,
+                            serialization.PublicFormat.SubjectPublicKeyInfo)
+
+
+def certificate_dns_names(cert):
+    """The DNS names of a certificate's subjectAltName, lower case."""
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return []
+    return [name.lower() for name in san.get_values_for_type(x509.DNSName)]
+
+
+def parse_chain(pem, field="fullchain"):
+    """The certificates of a PEM chain (1 to CERT_CHAIN_MAX); 400 naming `field`."""
+    try:
+        chain = x509.load_pem_x509_certificates(pem)
+    except ValueError:
+        raise invalid(field, f"{field} is not a PEM certificate chain") from None
+    if not 1 <= len(chain) <= CERT_CHAIN_MAX:
+        raise invalid(field, f"{field} must hold 1 to {CERT_CHAIN_MAX} certificates")
+    return chain
+
+
+def check_certificate_upload(name, body, now):
+    """(fullchain text, PKCS#8 private key PEM bytes, not_after ISO) of a valid upload for
+    `name`: the key matches the leaf, its names cover `name`, it is valid now; 400 naming the
+    field at fault otherwise."""
+    check_fields(body, CERT_UPLOAD_FIELDS, required=CERT_UPLOAD_FIELDS)
+    chain = parse_chain(check_pem(body["fullchain"], "fullchain"))
+    try:
+        key = serialization.load_pem_private_key(check_pem(body["privkey"], "privkey"), None)
+    except (ValueError, TypeError, UnsupportedAlgorithm):
+        raise invalid("privkey", "privkey is not an unencrypted PEM private key") from None
+    if not isinstance(key, CERT_SIGNING_KEYS):
+        raise invalid("privkey", "privkey must be an RSA, ECDSA or Ed25519 key")
+    leaf = chain[0]
+    if not hmac.compare_digest(public_key_der(leaf.public_key()),
+                               public_key_der(key.public_key())):
+        raise invalid("privkey", "privkey does not match the first certificate of fullchain")
+    names = certificate_dns_names(leaf)
+    if name not in names:
+        shown = ", ".join(names[:5]) or "none"
+        raise invalid("fullchain", f"the certificate does not name {name} (its DNS names: "
+                                   f"{shown})")
+    not_after = leaf.not_valid_after_utc.timestamp()
+    if not_after <= now:
+        raise invalid("fullchain", f"the certificate expired at {iso_time(not_after)}")
+    if leaf.not_valid_before_utc.timestamp() > now + 3600:
+        raise invalid("fullchain", "the certificate is not valid yet")
+    text = "".join(cert.public_bytes(serialization.Encoding.PEM).decode() for cert in chain)
+    key_pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                serialization.NoEncryption())
+    return text, key_pem, iso_time(not_after)
+
+
+def store_certificate(db, config, edge_id, name, body):
+    """Check and store an upload from the claim holder; the claim and back-off end."""
+    now = time.time()
+    fullchain, key_pem, not_after = check_certificate_upload(name, body, now)
+    sealed = config.keyring.seal(key_pem, secret_aad("certificates", name, "privkey"))
+    with transaction(db):
+        held_claim(db, edge_id, name, now)
+        db.execute("""
+            UPDATE certificates
+               SET fullchain = ?, privkey_enc = ?, not_after = ?, issuer_edge_id = ?,
+                   issuer_edge_name = ?, issued_at = ?, claim_edge_id = NULL,
+                   claim_until = NULL, failures = 0, next_attempt_at = NULL,
+                   last_error = NULL, updated_at = ?
+             WHERE name = ?""",
+                   (fullchain, sealed, not_after, edge_id, edge_name(db, edge_id),
+                    iso_time(now), iso_time(now), name))
+    log.info("edge %s uploaded the certificate of %s (valid until %s)", edge_id, name,
+             not_after)
+
+
+def certificate_error_words(error):
+    """A CA's or certbot's error, with a hint of what to check when one is known."""
+    lowered = error.lower()
+    for fragment, hint in CERT_ERROR_HINTS:
+        if fragment in lowered:
+            return f"{error} — {hint}"
+    return error
+
+
+def record_certificate_failure(db, config, edge_id, name, body):
+    """The claim holder's attempt failed: release the claim, back off (doubling, capped)."""
+    check_fields(body, CERT_FAILURE_FIELDS, required=CERT_FAILURE_FIELDS)
+    error = check_text(body["error"], "error", CERT_ERROR_MAX, allow_newlines=True).strip()
+    now = time.time()
+    with transaction(db):
+        row = held_claim(db, edge_id, name, now)
+        failures = row["failures"] + 1
+        delay = min(config.cert_backoff_seconds * 2 ** min(failures - 1, 20), CERT_BACKOFF_MAX)
+        db.execute("""
+            UPDATE certificates
+               SET failures = ?, next_attempt_at = ?, last_error = ?, claim_edge_id = NULL,
+                   claim_until = NULL, updated_at = ?
+             WHERE name = ?""",
+                   (failures, iso_time(now + delay), certificate_error_words(error or "failed"),
+                    iso_time(now), name))
+    log.warning("certificate of %s: attempt %d by edge %s failed; next in %ds", name,
+                failures, edge_id, delay)
+
+
+def served_certificate_rows(db):
+    """The stored certificates of the fleet's current hostnames, by name."""
+    names = route_hostnames(db)
+    return [row for row in db.execute(
+        "SELECT * FROM certificates WHERE fullchain IS NOT NULL ORDER BY name")
+        if row["name"] in names]
+
+
+def certificates_etag(rows, config):
+    """A strong tag of what GET /me/certificates would answer, computed without unsealing."""
+    return sha256_hex(canonical_json([config.cert_renew_before] + [
+        [row["name"], row["not_after"], sha256_hex(row["fullchain"]),
+         sha256_hex(bytes(row["privkey_enc"]))] for row in rows]))
+
+
+def edge_certificates(rows, config):
+    """The body of GET /me/certificates: every stored certificate with its key, unsealed."""
+    certificates = {}
+    for row in rows:
+        key = config.keyring.unseal(bytes(row["privkey_enc"]),
+                                    secret_aad("certificates", row["name"], "privkey"))
+        certificates[row["name"]] = {"fullchain": row["fullchain"], "privkey": key.decode(),
+                                     "not_after": row["not_after"],
+                                     "renew_after": iso_time(renew_after(row, config))}
+    return {"certificates": certificates}
+
+
+def certificate_state(row, now, config):
+    """valid, expiring (renewal due), pending (being issued), failed or none."""
+    if row is not None and row["not_after"] is not None \
+            and parse_iso_time(row["not_after"]) > now:
+        return "valid" if now < renew_after(row, config) else "expiring"
+    if row is not None and claim_active(row, now):
+        return "pending"
+    if row is not None and row["failures"] > 0:
+        return "failed"
+    return "none"
+
+
+def certificate_json(name, row, now, config, edge_names):
+    """The admin view of one name's certificate: never a key."""
+    claim = None
+    if row is not None and claim_active(row, now):
+        claim = {"holder_edge_name": edge_names.get(row["claim_edge_id"]),
+                 "until": row["claim_until"]}
+    stored = dict(row) if row is not None else {}
+    value = stored.get
+    return {"name": name, "state": certificate_state(row, now, config),
+            "not_after": value("not_after"), "issuer_edge_id": value("issuer_edge_id"),
+            "issuer_edge_name": value("issuer_edge_name"), "issued_at": value("issued_at"),
+            "last_error": value("last_error"), "failures": value("failures") or 0,
+            "next_attempt_at": value("next_attempt_at"), "claim": claim,
+            "wildcard": name.startswith("*.")}
+
+
+def list_certificate_states(db, config):
+    """Every route hostname's certificate, sorted by name."""
+    now = time.time()
+    rows = {row["name"]: row for row in db.execute("SELECT * FROM certificates")}
+    edge_names = {row["id"]: row["name"] for row in db.execute("SELECT id, name FROM edge_nodes")}
+    return [certificate_json(name, rows.get(name), now, config, edge_names)
+            for name in sorted(route_hostnames(db))]
+
+
+def rotate_certificate_keys(db, keyring):
+    """Re-seal every certificate's private key with the current key (inside the caller's
+    transaction); returns a count."""
+    count = 0
+    for row in db.execute("SELECT name, privkey_enc FROM certificates "
+                          "WHERE privkey_enc IS NOT NULL").fetchall():
+        blob = bytes(row["privkey_enc"])
+        if keyring.is_current(blob):
+            continue
+        aad = secret_aad("certificates", row["name"], "privkey")
+        db.execute("UPDATE certificates SET privkey_enc = ? WHERE name = ?",
+                   (keyring.seal(keyring.unseal(blob, aad), aad), row["name"]))
+        count += 1
+    return count
+
+
+def check_certificate_row(row, network):
+    """A certificates row as the API stores it (the key's seal is checked by shape only:
+    restore has no keyring)."""
+    as_stored(row["name"], normalize_route_hostname(row["name"], "name"), "name")
+    for column in ("issuer_edge_id", "claim_edge_id"):
+        optional(check_id, row[column], column)
+    for column in ("not_after", "issued_at", "claim_until", "next_attempt_at", "updated_at"):
+        if row[column] is not None and iso_time(parse_iso_time(row[column])) != row[column]:
+            raise invalid(column, f"{column} is not an ISO time")
+    optional(check_text, row["last_error"], "last_error", CERT_ERROR_MAX + 200, True)
+    optional(validate_name, row["issuer_edge_name"], "issuer_edge_name")
+    if row["fullchain"] is not None:
+        leaf = parse_chain(check_pem(row["fullchain"], "fullchain"))[0]
+        if iso_time(leaf.not_valid_after_utc.timestamp()) != row["not_after"]:
+            raise invalid("not_after", "not_after is not the certificate's")
+        if row["name"] not in certificate_dns_names(leaf):
+            raise invalid("fullchain", "the certificate does not name the row's name")
+        blob = row["privkey_enc"]
+        if not isinstance(blob, bytes) or len(blob) < 1 + KEY_ID_BYTES + NONCE_BYTES + 16 \
+                or blob[0] != SECRET_BLOB_VERSION:
+            raise invalid("privkey_enc", "privkey_enc is not a sealed secret")
+
+
+ROW_CHECKS["certificates"] = check_certificate_row
+
+
+class AcmeChallenges:
+    """HTTP-01 key authorizations published by edges, served to the CA by every edge (through
+    GET /.well-known/acme-challenge/<token>); in memory, each for at most 10 min."""
+
+    def __init__(self, lifetime=ACME_CHALLENGE_SECONDS):
+        self.lifetime = lifetime
+        self._entries = {}          # token -> (key authorization, expiry, edge id)
+        self._dns = {}              # name -> DNS-01 values published for it
+        self._lock = threading.Lock()
+
+    def _expire(self, now):
+        for token in [t for t, (_, expiry, _) in self._entries.items() if expiry <= now]:
+            del self._entries[token]
+
+    def put(self, edge_id, token, key_authorization):
+        """Publish a token (409 if another edge has it; 429 over the per-edge bound)."""
+        now = time.monotonic()
+        with self._lock:
+            self._expire(now)
+            current = self._entries.get(token)
+            if current is not None and current[2] != edge_id:
+                raise conflict("token", "another edge has published this token")
+            mine = sum(1 for _, _, owner in self._entries.values() if owner == edge_id)
+            if current is None and (mine >= ACME_CHALLENGES_PER_EDGE
+                                    or len(self._entries) >= ACME_CHALLENGES_MAX):
+                raise HTTPError(429, "too_many_requests", "too many live challenges: at most "
+                                f"{ACME_CHALLENGES_PER_EDGE} per edge", field="token",
+                                headers=[("Retry-After", "60")])
+            self._entries[token] = (key_authorization, now + self.lifetime, edge_id)
+
+    def get(self, token):
+        """The live key authorization of `token`, or None."""
+        entry = self._entries.get(token)
+        if entry is None or entry[1] <= time.monotonic():
+            return None
+        return entry[0]
+
+    def delete(self, edge_id, token):
+        """Withdraw an edge's own token; 404 if it has none by that name."""
+        with self._lock:
+            entry = self._entries.get(token)
+            if entry is None or entry[2] != edge_id:
+                raise not_found("challenge")
+            del self._entries[token]
+
+    def remember_dns(self, name, value):
+        """Note a DNS-01 value this control plane published for `name`."""
+        with self._lock:
+            self._dns.setdefault(name, set()).add(value)
+
+    def forget_dns(self, name):
+        """The DNS-01 values published for `name` (None if none are known), forgotten."""
+        with self._lock:
+            return self._dns.pop(name, None)
+
+
+def check_acme_token(token):
+    """An ACME token from a path (base64url, 16-128 characters); 400 naming token."""
+    if not ACME_TOKEN_RE.fullmatch(token or ""):
+        raise invalid("token", "token must be 16-128 characters of A-Za-z0-9_-")
+    return token
+
+
+@functools.lru_cache(maxsize=1)
+def dns_module():
+    """dns.py beside kokoa.py (loaded by path: an installed `dns` package is another thing)."""
+    spec = importlib.util.spec_from_file_location("kokoa_dns", DNS_MODULE_PATH)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def dns_provider(config):
+    """(dns module, provider, zone) from the control plane's KOKOA_DNS_* settings; 503 when
+    none is configured or it is misconfigured."""
+    if not dns_provider_configured(config):
+        raise HTTPError(503, "unavailable", "no DNS provider is configured on the control "
+                        "plane (KOKOA_DNS_PROVIDER, KOKOA_DNS_ZONE, dns.py beside kokoa.py): "
+                        "DNS-01 is not possible")
+    dns = dns_module()
+    try:
+        settings = dns.load_settings(dns.DEFAULT_CONFIG, False, config.dns_settings)
+        zone = dns.normalize_zone(settings.get("zone"))
+        return dns, dns.make_provider(settings, zone), zone
+    except dns.UsageError as err:
+        raise HTTPError(503, "unavailable", f"the DNS provider is misconfigured: {err}") from None
+
+
+def challenge_record_name(name, zone):
+    """`_acme-challenge.` + the name (a wildcard's without `*.`); 400 naming name unless it
+    lies in the zone."""
+    base = name[2:] if name.startswith("*.") else name
+    if base != zone and not base.endswith("." + zone):
+        raise invalid("name", f"{name} is not in the DNS zone {zone} of the control plane")
+    return f"_acme-challenge.{base}"
+
+
+def publish_dns_challenge(config, challenges, name, body):
+    """Publish a DNS-01 TXT value for `name` and wait (bounded) until the zone's configured
+    server serves it; 502 in words if the provider refuses, 504 if it never shows."""
+    check_fields(body, ("value",), required=("value",))
+    value = body["value"]
+    if not isinstance(value, str) or not DNS_VALUE_RE.fullmatch(value):
+        raise invalid("value", "value must be the base64url digest of the key authorization")
+    dns, provider, zone = dns_provider(config)
+    record = challenge_record_name(name, zone)
+    try:
+        if value not in provider.lookup_txt(record):
+            provider.add_txt(record, value, DNS_CHALLENGE_TTL)
+        challenges.remember_dns(name, value)
+        deadline = time.monotonic() + DNS_VISIBLE_SECONDS
+        while value not in provider.lookup_txt(record):
+            if time.monotonic() > deadline:
+                raise HTTPError(504, "timeout", f"the DNS server does not serve the TXT record "
+                                f"of {record} after {DNS_VISIBLE_SECONDS:.0f} s")
+            time.sleep(0.5)
+    except dns.ProviderError as err:
+        raise HTTPError(502, "dns_provider_error", f"the DNS provider: {err}") from None
+    log.info("published the DNS-01 record %s", record)
+
+
+def withdraw_dns_challenge(config, challenges, name):
+    """Remove the TXT values published for `name` (all of its _acme-challenge TXT records when
+    this control plane does not know which)."""
+    dns, provider, zone = dns_provider(config)
+    record = challenge_record_name(name, zone)
+    values = challenges.forget_dns(name)
+    try:
+        provider.remove_txt(record, None if values is None else sorted(values))
+    except dns.ProviderError as err:
+        raise HTTPError(502, "dns_provider_error", f"the DNS provider: {err}") from None
+    log.info("removed the DNS-01 record %s", record)
+
+
+def check_key_authorization(token, body):
+    """The key authorization of an HTTP-01 challenge: `token.thumbprint`; 400 naming it."""
+    check_fields(body, ("key_authorization",), required=("key_authorization",))
+    value = body["key_authorization"]
+    if not isinstance(value, str) or len(value) > 300:
+        raise invalid("key_authorization", "key_authorization must be token.thumbprint")
+    prefix, dot, thumbprint = value.partition(".")
+    if not dot or prefix != token or not ACME_THUMBPRINT_RE.fullmatch(thumbprint):
+        raise invalid("key_authorization", "key_authorization must be the token, a dot and "
+                      "the account key's base64url thumbprint")
+    return value
+
+
 # nginx config generator ######################################################################
 
 NGINX_HOSTNAME_RE = re.compile(r"[a-z0-9.-]{1,253}")
@@ -3332,15 +3902,17 @@ def map_hash_sizes(hostnames):
     return max_size, bucket
 
 
-def render_nginx_map(routes, keepalive=UPSTREAM_KEEPALIVE[1]):
+def render_nginx_map(routes, keepalive=UPSTREAM_KEEPALIVE[1], hostnames=False):
     """The text of map.conf from {hostname: "ip:port"}: upstreams with `keepalive` idle
-    connections each, then the map.
+    connections each, then the map (with `hostnames`, schema 3: `*.example.com` names match
+    as nginx's server_name does, exact names first).
 
     Pure and deterministic; every value is checked again against a strict pattern so that
     nothing but a validated hostname or address can ever reach the text.
     """
     for hostname, address in routes.items():
-        if not NGINX_HOSTNAME_RE.fullmatch(hostname) or not NGINX_UPSTREAM_RE.fullmatch(address):
+        name = hostname[2:] if hostnames and hostname.startswith("*.") else hostname
+        if not NGINX_HOSTNAME_RE.fullmatch(name) or not NGINX_UPSTREAM_RE.fullmatch(address):
             raise ValueError(f"refusing to render unvalidated route {hostname!r} -> {address!r}")
     max_size, bucket = map_hash_sizes(routes)
     lines = [
@@ -3359,7 +3931,8 @@ def render_nginx_map(routes, keepalive=UPSTREAM_KEEPALIVE[1]):
             f"    keepalive {keepalive};",
             "}",
         ]
-    lines += ["map $host $kokoa_backend {", '    default "";']
+    lines += ["map $host $kokoa_backend {", *(["    hostnames;"] if hostnames else []),
+              '    default "";']
     lines += [f"    {host} {upstream_name(routes[host])};" for host in sorted(routes)]
     lines.append("}")
     return "\n".join(lines) + "\n"
@@ -3426,7 +3999,7 @@ STATUS_TEXT = {
     401: "Unauthorized", 403: "Forbidden", 404: "Not Found", 405: "Method Not Allowed",
     409: "Conflict", 413: "Payload Too Large", 415: "Unsupported Media Type",
     421: "Misdirected Request", 429: "Too Many Requests", 500: "Internal Server Error",
-    503: "Service Unavailable",
+    502: "Bad Gateway", 503: "Service Unavailable", 504: "Gateway Timeout",
 }
 STATUS_LINES = {code: f"{code} {text}" for code, text in STATUS_TEXT.items()}
 SECURITY_HEADERS = [
@@ -3915,6 +4488,7 @@ class App:
         self.edge_config = EdgeConfigCache()
         self.last_seen = LastSeen()
         self.metrics = Metrics()
+        self.acme_challenges = AcmeChallenges()
         self.health = HealthMonitor(self)
         self.started = time.time()      # edges' missed polls count from here (sites_view)
 
@@ -4253,7 +4827,9 @@ def list_routes(req):
 
 @route("POST", "/api/v1/routes", changes_config=True)
 def create_route(req):
-    return 201, route_json(insert_route(req.db, req.json()))
+    body = req.json()
+    check_wildcard_route(req.app.config, body)
+    return 201, route_json(insert_route(req.db, body))
 
 
 @route("GET", "/api/v1/routes/<id>")
@@ -4263,7 +4839,9 @@ def get_route(req, id):
 
 @route("PATCH", "/api/v1/routes/<id>", changes_config=True)
 def update_route(req, id):
-    return 200, route_json(patch_route(req.db, id, req.json()))
+    body = req.json()
+    check_wildcard_route(req.app.config, body)
+    return 200, route_json(patch_route(req.db, id, body))
 
 
 @route("DELETE", "/api/v1/routes/<id>", changes_config=True)
@@ -4556,6 +5134,85 @@ def get_installer(req, name):
                     [("Cache-Control", "no-cache"), ("X-Kokoa-Sha256", digest)])
 
 
+# Fleet certificates (issue 15): edges claim, upload and download; HTTP-01 tokens; the admin view
+
+@route("GET", "/api/v1/certificates")
+def list_certificates(req):
+    return 200, {"certificates": list_certificate_states(req.db, req.app.config)}
+
+
+@route("GET", "/api/v1/edge-nodes/me/certificates", auth="edge")
+def get_my_certificates(req):
+    negotiate_schema(req.header("X-Kokoa-Agent"))
+    rows = served_certificate_rows(req.db)
+    tag = certificates_etag(rows, req.app.config)
+    headers = [("ETag", f'"{tag}"'), ("Cache-Control", "no-store")]
+    if etag_matches(req.header("If-None-Match"), tag):
+        return Response(304, headers=headers)
+    return json_response(200, edge_certificates(rows, req.app.config), headers)
+
+
+@route("POST", "/api/v1/edge-nodes/me/certificates/<name>/claim", auth="edge")
+def claim_my_certificate(req, name):
+    name = certificate_name(req.db, name)
+    check_fields(req.json(), ())
+    return claim_certificate(req.db, req.app.config, req.edge_id, name)
+
+
+@route("PUT", "/api/v1/edge-nodes/me/certificates/<name>", auth="edge")
+def put_my_certificate(req, name):
+    name = certificate_name(req.db, name)
+    store_certificate(req.db, req.app.config, req.edge_id, name, req.json())
+    return 204, None
+
+
+@route("POST", "/api/v1/edge-nodes/me/certificates/<name>/failure", auth="edge")
+def post_my_certificate_failure(req, name):
+    name = certificate_name(req.db, name)
+    record_certificate_failure(req.db, req.app.config, req.edge_id, name, req.json())
+    return 204, None
+
+
+@route("PUT", "/api/v1/edge-nodes/me/acme-challenges/<token>", auth="edge")
+def put_my_acme_challenge(req, token):
+    token = check_acme_token(token)
+    key_authorization = check_key_authorization(token, req.json())
+    req.app.acme_challenges.put(req.edge_id, token, key_authorization)
+    return 204, None
+
+
+@route("DELETE", "/api/v1/edge-nodes/me/acme-challenges/<token>", auth="edge")
+def delete_my_acme_challenge(req, token):
+    req.app.acme_challenges.delete(req.edge_id, check_acme_token(token))
+    return 204, None
+
+
+@route("PUT", "/api/v1/edge-nodes/me/dns-challenges/<name>", auth="edge")
+def put_my_dns_challenge(req, name):
+    name = certificate_name(req.db, name)
+    held_claim(req.db, req.edge_id, name, time.time())
+    publish_dns_challenge(req.app.config, req.app.acme_challenges, name, req.json())
+    return 204, None
+
+
+@route("DELETE", "/api/v1/edge-nodes/me/dns-challenges/<name>", auth="edge")
+def delete_my_dns_challenge(req, name):
+    name = certificate_name(req.db, name)
+    row = certificate_row(req.db, name)
+    if row is not None and claim_active(row, time.time()) and row["claim_edge_id"] != req.edge_id:
+        raise conflict("name", f"another edge issues the certificate of {name} now")
+    withdraw_dns_challenge(req.app.config, req.app.acme_challenges, name)
+    return 204, None
+
+
+@route("GET", "/.well-known/acme-challenge/<token>", auth="none")
+def get_acme_challenge(req, token):
+    value = req.app.acme_challenges.get(token) if ACME_TOKEN_RE.fullmatch(token) else None
+    if value is None:
+        raise not_found("challenge")
+    return Response(200, value.encode("ascii"), "text/plain")
+
+
 # Static UI ###################################################################################
 
 STATIC_TYPES = {
@@ -4664,6 +5321,24 @@ def alert_settings_from(env):
     return settings
 
 
+def certificate_settings_from(env):
+    """The Config fields of fleet certificates from KOKOA_CERT_* and the DNS provider's
+    variables (dns.py's, for DNS-01); CLIError if a number is malformed."""
+    fields = {}
+    for variable, field, low in (("KOKOA_CERT_CLAIM_SECONDS", "cert_claim_seconds", 5),
+                                 ("KOKOA_CERT_BACKOFF_SECONDS", "cert_backoff_seconds", 1),
+                                 ("KOKOA_CERT_RENEW_BEFORE_SECONDS", "cert_renew_before", 0)):
+        text = env.get(variable, "").strip()
+        if text:
+            if not re.fullmatch("[0-9]{1,9}", text) or int(text) < low:
+                raise CLIError(f"{variable} must be a whole number of seconds >= {low}")
+            fields[field] = int(text)
+    fields["dns_settings"] = {key: value for key, value in env.items()
+                              if key.startswith(("KOKOA_DNS_", "CLOUDFLARE_",
+                                                 "KOKOA_CLOUDFLARE_")) and value}
+    return fields
+
+
 def load_config(args, env):
     """Build a Config from parsed arguments and the merged environment."""
     network = wg_network_from(env)
@@ -4689,6 +5364,7 @@ def load_config(args, env):
         trusted_proxy=trusted_proxy,
         public_url=public_url,
         public_host=public_host,
+        **certificate_settings_from(env),
     )
 
 
@@ -5052,6 +5728,7 @@ def rotate_secrets(db, keyring):
             db.execute("UPDATE alert_targets SET url_enc = ? WHERE id = ?",
                        (keyring.seal(plaintext, aad), row["id"]))
             count += 1
+        count += rotate_certificate_keys(db, keyring)
     return count
 
 

@@ -22,7 +22,6 @@ import subprocess
 import tempfile
 import threading
 import time
-import urllib.request
 from pathlib import Path
 
 import kokoa
@@ -80,11 +79,12 @@ class Forwarder:
     plane) without giving the host any new address.
     """
 
-    def __init__(self, netns, target_port):
+    def __init__(self, netns, target_port, port=0, target_netns=None):
         self.target_port = target_port
+        self.target_netns = target_netns    # None: this namespace; else 127.0.0.1 in that one
         self.listener = None
         ready = threading.Event()
-        thread = threading.Thread(target=self._bind, args=(netns, ready), daemon=True)
+        thread = threading.Thread(target=self._bind, args=(netns, ready, port), daemon=True)
         thread.start()
         ready.wait(10)
         if self.listener is None:
@@ -93,11 +93,11 @@ class Forwarder:
         self._closed = False
         threading.Thread(target=self._accept_loop, daemon=True).start()
 
-    def _bind(self, netns, ready):
+    def _bind(self, netns, ready, port):
         with in_netns(netns):
             sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.bind(("127.0.0.1", 0))
+            sock.bind(("127.0.0.1", port))
             sock.listen(64)
         self.listener = sock
         ready.set()
@@ -112,7 +112,8 @@ class Forwarder:
 
     def _relay(self, client):
         try:
-            upstream = socket.create_connection(("127.0.0.1", self.target_port), timeout=10)
+            with in_netns(self.target_netns) if self.target_netns else contextlib.nullcontext():
+                upstream = socket.create_connection(("127.0.0.1", self.target_port), timeout=10)
         except OSError:
             client.close()
             return
@@ -136,6 +137,48 @@ class Forwarder:
     def close(self):
         self._closed = True
         self.listener.close()
+
+
+class UdpForwarder:
+    """Relays each UDP datagram to 127.0.0.1:port inside a namespace to 127.0.0.1:port here,
+    and its answer back (DNS queries of a process in the namespace to a server here)."""
+
+    def __init__(self, netns, port):
+        self.port = port
+        self.sock = None
+        ready = threading.Event()
+        threading.Thread(target=self._bind, args=(netns, ready), daemon=True).start()
+        ready.wait(10)
+        if self.sock is None:
+            raise RuntimeError(f"could not bind UDP inside {netns}")
+        threading.Thread(target=self._loop, daemon=True).start()
+
+    def _bind(self, netns, ready):
+        with in_netns(netns):
+            sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            sock.bind(("127.0.0.1", self.port))
+        self.sock = sock
+        ready.set()
+
+    def _loop(self):
+        while True:
+            try:
+                data, client = self.sock.recvfrom(65535)
+            except OSError:
+                return
+            threading.Thread(target=self._relay, args=(data, client), daemon=True).start()
+
+    def _relay(self, data, client):
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as upstream:
+            upstream.settimeout(5)
+            try:
+                upstream.sendto(data, ("127.0.0.1", self.port))
+                self.sock.sendto(upstream.recv(65535), client)
+            except OSError:
+                pass
+
+    def close(self):
+        self.sock.close()
 
 
 class NetLab:
@@ -210,6 +253,20 @@ class NetLab:
     def forward_loopback(self, name, target_port):
         """127.0.0.1:<returned port> inside host `name` reaches 127.0.0.1:target_port here."""
         forwarder = Forwarder(self.netns(name), target_port)
+        self.forwarders.append(forwarder)
+        return forwarder.port
+
+    def forward_dns(self, name, port):
+        """127.0.0.1:port inside host `name`, UDP and TCP, reaches a DNS server on
+        127.0.0.1:port here."""
+        self.forwarders += [Forwarder(self.netns(name), port, port=port),
+                            UdpForwarder(self.netns(name), port)]
+
+    def forward_between(self, name, port, target):
+        """127.0.0.1:port inside host `name` reaches 127.0.0.1:port inside host `target` (a
+        loopback-only service, e.g. pebble, shared by another namespace, URLs unchanged)."""
+        forwarder = Forwarder(self.netns(name), port, port=port,
+                              target_netns=self.netns(target))
         self.forwarders.append(forwarder)
         return forwarder.port
 
@@ -345,8 +402,9 @@ class Pebble:
     With `netns`, both run inside that namespace (whose 127.0.0.1 is then the edge's).
     """
 
-    def __init__(self, workdir, http_port, netns=None):
+    def __init__(self, workdir, http_port, netns=None, dns_server=None):
         self.netns_args = ["ip", "netns", "exec", netns] if netns else []
+        self.dns_server = dns_server        # host:port of a real DNS (else challtestsrv's)
         self.dir = Path(workdir) / "pebble"
         self.dir.mkdir()
         self.port, self.mgmt_port = free_port(), free_port()
@@ -380,21 +438,23 @@ class Pebble:
 
     def start(self):
         log = open(self.dir / "pebble.log", "ab")
-        self.procs.append(subprocess.Popen(
-            [*self.netns_args, "pebble-challtestsrv", "-dns01", f"127.0.0.1:{self.dns_port}",
-             "-http01", "", "-https01", "", "-tlsalpn01", "",
-             "-management", f"127.0.0.1:{self.dns_mgmt_port}",
-             "-defaultIPv4", "127.0.0.1", "-defaultIPv6", ""],
-            stdout=log, stderr=subprocess.STDOUT))
+        if self.dns_server is None:
+            self.procs.append(subprocess.Popen(
+                [*self.netns_args, "pebble-challtestsrv", "-dns01",
+                 f"127.0.0.1:{self.dns_port}", "-http01", "", "-https01", "", "-tlsalpn01", "",
+                 "-management", f"127.0.0.1:{self.dns_mgmt_port}",
+                 "-defaultIPv4", "127.0.0.1", "-defaultIPv6", ""],
+                stdout=log, stderr=subprocess.STDOUT))
         env = dict(os.environ, PEBBLE_VA_NOSLEEP="1", PEBBLE_WFE_NONCEREJECT="0")
         self.procs.append(subprocess.Popen(
             [*self.netns_args, "pebble", "-config", str(self.dir / "pebble.json"), "-dnsserver",
-             f"127.0.0.1:{self.dns_port}", "-strict=false"],
+             self.dns_server or f"127.0.0.1:{self.dns_port}", "-strict=false"],
             stdout=log, stderr=subprocess.STDOUT, env=env))
         log.close()
         wait_until(lambda: self._get(self.directory), timeout=20, what="pebble directory")
-        wait_until(lambda: self._connects(self.dns_mgmt_port), timeout=20,
-                   what="challtestsrv management")
+        if self.dns_server is None:
+            wait_until(lambda: self._connects(self.dns_mgmt_port), timeout=20,
+                       what="challtestsrv management")
         self.root = self.dir / "root.pem"
         self.root.write_bytes(self._get(f"https://127.0.0.1:{self.mgmt_port}/roots/0"))
         return self
@@ -410,15 +470,86 @@ class Pebble:
 
     def add_a(self, host, address):
         """Make the mock DNS answer `host` with `address`."""
-        body = json.dumps({"host": host + ".", "addresses": [address]}).encode()
-        req = urllib.request.Request(f"http://127.0.0.1:{self.dns_mgmt_port}/add-a", data=body,
-                                     method="POST")
-        with urllib.request.urlopen(req, timeout=5):
-            pass
+        body = json.dumps({"host": host + ".", "addresses": [address]})
+        subprocess.run([*self.netns_args, "curl", "-sSf", "--max-time", "5", "--data-binary",
+                        body, f"http://127.0.0.1:{self.dns_mgmt_port}/add-a"], check=True,
+                       capture_output=True, timeout=10)     # inside pebble's namespace
 
     def stop(self):
         for proc in self.procs:
             stop_process(proc)
+
+
+KNOT_CONF = """server:
+    rundir: "{base}/run"
+    listen: {listen}@{port}
+log:
+  - target: stderr
+    any: info
+database:
+    storage: "{base}/db"
+key:
+  - id: kokoa-dns
+    algorithm: hmac-sha256
+    secret: {secret}
+acl:
+  - id: update
+    key: kokoa-dns
+    action: [update, transfer]
+template:
+  - id: default
+    storage: "{base}/zones"
+    file: "%s.zone"
+    zonefile-sync: -1
+zone:
+  - domain: {zone}
+    acl: [update]
+"""
+
+
+class Knot:
+    """knotd serving one zone on 127.0.0.1:port (of namespace `netns`, else here), updatable
+    with one TSIG key (RFC 2136): the DNS of dns.py's rfc2136 provider, and pebble's."""
+
+    def __init__(self, workdir, zone, records=(), netns=None):
+        self.netns_args = ["ip", "netns", "exec", netns] if netns else []
+        self.base = Path(workdir) / "knot"
+        for sub in ("run", "db", "zones"):
+            (self.base / sub).mkdir(parents=True)
+        self.zone, self.port = zone, free_port()
+        out = sh("keymgr", "-t", "kokoa-dns", "hmac-sha256").stdout
+        self.secret = out.splitlines()[0].split(":", 2)[2]
+        head = [f"$ORIGIN {zone}.", "$TTL 60", "@ SOA ns1 hostmaster 1 3600 900 604800 60",
+                "@ NS ns1", "ns1 A 192.0.2.53", *records]
+        (self.base / "zones" / f"{zone}.zone").write_text("\n".join(head) + "\n")
+        (self.base / "knot.conf").write_text(KNOT_CONF.format(
+            base=self.base, listen="127.0.0.1", port=self.port, secret=self.secret, zone=zone))
+        self.proc = None
+
+    def start(self):
+        with open(self.base / "knotd.log", "ab") as log:
+            self.proc = subprocess.Popen([*self.netns_args, "knotd", "-c",
+                                          str(self.base / "knot.conf")],
+                                         stdout=log, stderr=subprocess.STDOUT)
+        wait_until(lambda: self.dig(self.zone, "SOA"), timeout=20, what="knotd")
+        return self
+
+    def env(self):
+        """dns.py's (and the control plane's) settings for this server."""
+        return {"KOKOA_DNS_PROVIDER": "rfc2136", "KOKOA_DNS_ZONE": self.zone,
+                "KOKOA_DNS_SERVER": f"127.0.0.1:{self.port}", "KOKOA_DNS_TSIG_NAME": "kokoa-dns",
+                "KOKOA_DNS_TSIG_SECRET": self.secret, "KOKOA_DNS_TSIG_ALGORITHM": "hmac-sha256"}
+
+    def dig(self, name, rtype="A"):
+        """kdig +short over TCP: the sorted answer lines ([] when there are none)."""
+        out = subprocess.run([*self.netns_args, "kdig", "@127.0.0.1", "-p", str(self.port),
+                              "+tcp", "+time=3", "+retry=0", "+short", name, rtype],
+                             capture_output=True, text=True, timeout=15).stdout
+        return sorted(line for line in out.splitlines() if line)
+
+    def stop(self):
+        if self.proc is not None:
+            stop_process(self.proc)
 
 
 # The edge payload, as kokoa.py makes it ####################################################
@@ -898,6 +1029,7 @@ class World:
         self.edge_if = f"{self.lab.tag}e"
         self.extra_nginx = []
         self.netns_etc = None
+        self.edges = []             # more edges (add_edge), after the first one build() makes
 
     def build(self):
         (self.dir / "cp").mkdir()
@@ -1053,7 +1185,65 @@ class World:
         (self.netns_etc / "hosts").write_text(
             f"127.0.0.1 localhost\n{self.lab.address('edge')} {' '.join(hostnames)}\n")
 
+    def add_edge(self, name):
+        """Another edge, `name`, in its own namespace: its own nginx (ports 80/443 on its
+        underlay address), agent settings like the first edge's, pebble's directory reachable
+        at the same URL; no WireGuard (its tests are about certificates). Returns a WorldEdge;
+        close() stops it."""
+        index = 5 + len(self.edges)         # build() uses 1-4
+        address = self.lab.add_host(name, index)
+        edge_id, token = self.kokoa.register_edge(name)
+        root = self.dir / name
+        root.mkdir()
+        nginx = Nginx(root / "nginx", root / "nginx-kokoa", netns=self.lab.netns(name))
+        edge = WorldEdge(self, name, address, edge_id, token, nginx.start())
+        self.lab.forward_between(name, self.pebble.port, "edge")
+        cp_port = self.lab.forward_loopback(name, self.kokoa.port)
+        edge.agent_env = {**self.agent_env,
+                          "CONTROL_PLANE_URL": f"http://127.0.0.1:{cp_port}",
+                          "NODE_TOKEN": token, "CONFIG_DIR": str(root / "nginx-kokoa"),
+                          "STATE_DIR": str(root / "state"), "WEBROOT": str(root / "webroot"),
+                          "LETSENCRYPT_DIR": str(root / "letsencrypt"),
+                          "FALLBACK_CERT": str(root / "fallback/fallback.crt"),
+                          "FALLBACK_KEY": str(root / "fallback/fallback.key"),
+                          "NGINX_BIN": str(nginx.wrapper), "WG_INTERFACE": "none"}
+        self.edges.append(edge)
+        return edge
+
+    def pebble_with_dns(self, knot):
+        """Replace pebble by one that resolves through `knot` (a netlab.Knot here, relayed
+        into the edge's namespace): DNS-01 against real records. Edges use the new one."""
+        self.lab.forward_dns("edge", knot.port)
+        self.pebble.stop()
+        (self.dir / "pebble-knot").mkdir()
+        self.pebble = Pebble(self.dir / "pebble-knot", 80, netns=self.lab.netns("edge"),
+                             dns_server=f"127.0.0.1:{knot.port}")
+        self.pebble.start()
+        for env in [self.agent_env] + [edge.agent_env for edge in self.edges]:
+            env.update(ACME_SERVER=self.pebble.directory, ACME_CA_BUNDLE=str(self.pebble.ca))
+        return self.pebble
+
+    def first_edge(self):
+        """The edge build() made, as a WorldEdge (the same nginx, settings and namespace)."""
+        edge = WorldEdge(self, "edge", self.lab.address("edge"), self.edge_id, self.token,
+                         self.nginx)
+        edge.agent_env = self.agent_env
+        return edge
+
+    def issued_orders(self):
+        """How many certificates pebble has issued so far (its log says so once each)."""
+        log = (self.pebble.dir / "pebble.log").read_text(errors="replace")
+        return log.count("Issued certificate serial")
+
+    def new_orders(self):
+        """How many ACME orders pebble was asked for so far, issued or not (what counts
+        against a CA's rate limits)."""
+        log = (self.pebble.dir / "pebble.log").read_text(errors="replace")
+        return log.count("Added order")
+
     def close(self):
+        for edge in self.edges:
+            edge.nginx.stop()
         for nginx in self.extra_nginx:
             nginx.stop()
         if self.netns_etc is not None:
@@ -1067,6 +1257,45 @@ class World:
             self.nginx.stop()
         self.kokoa.stop()
         self.lab.close()
+
+
+class WorldEdge:
+    """One edge of a World: its namespace, nginx, agent settings and node token."""
+
+    def __init__(self, world, name, address, edge_id, token, nginx):
+        self.world, self.name, self.address = world, name, address
+        self.edge_id, self.token, self.nginx = edge_id, token, nginx
+        self.agent_env = {}
+
+    def agent(self, *args, env=None, timeout=300):
+        """Start `agent.sh ARGS` inside this edge's namespace (a Popen: it may be killed)."""
+        return subprocess.Popen(
+            self.world.lab.exec_args(self.name, "bash", str(AGENT), *args),
+            env={**self.agent_env, **(env or {})}, stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+    def once(self, rc=0, env=None):
+        """Run `agent.sh once` here; wait until a reload (if any) took effect; its output."""
+        old = self.nginx.workers()
+        calls = len(self.nginx.calls())
+        result = self.world.lab.run(self.name, "bash", str(AGENT), "once",
+                                    env={**self.agent_env, **(env or {})}, check=False,
+                                    timeout=300)
+        assert rc is None or result.returncode == rc, result.stdout + result.stderr
+        if any(c.startswith("-s reload") for c in self.nginx.calls()[calls:]):
+            self.nginx.wait_reloaded(old)
+        return result.stdout + result.stderr
+
+    def served_certificate(self, hostname):
+        """The SHA-256 fingerprint of the certificate this edge shows for `hostname` (SNI), as
+        the client namespace sees it."""
+        lab = self.world.lab
+        shown = lab.run("client", "openssl", "s_client", "-connect", f"{self.address}:443",
+                        "-servername", hostname, input="", check=False, timeout=30).stdout
+        pem = shown[shown.find("-----BEGIN CERTIFICATE-----"):
+                    shown.find("-----END CERTIFICATE-----") + 25]
+        return lab.run("client", "openssl", "x509", "-noout", "-fingerprint", "-sha256",
+                       input=pem, check=False).stdout.strip()
 
 
 # A workload origin for real applications' traffic (test_workloads) ########################

@@ -101,7 +101,7 @@ def test_the_highest_common_schema_is_sent_with_its_own_etag(api):
 
 
 @pytest.mark.parametrize("header", [
-    "0.2.0", "0.2.0; schema=", "0.2.0; schema=3", "0.2.0; schema=0,9", "; schema=2",
+    "0.2.0", "0.2.0; schema=", "0.2.0; schema=4", "0.2.0; schema=0,9", "; schema=2",
     "0.2.0; schema=2; evil=1", "x" * 100 + "; schema=2",
     "0.2.0; schema=" + ",".join(["2"] * 40),
 ])
@@ -191,7 +191,7 @@ def test_in_sync_compares_with_the_payload_of_the_edges_own_schema(api):
     ({"ok": True, "agent_version": "0.2.0; rm -rf"}, "agent_version"),
     ({"ok": True, "agent_version": 2}, "agent_version"),
     ({"ok": True, "agent_version": ""}, "agent_version"),
-    ({"ok": True, "schema": 3}, "schema"),
+    ({"ok": True, "schema": 4}, "schema"),
     ({"ok": True, "schema": True}, "schema"),
     ({"ok": True, "schema": "2"}, "schema"),
 ])
@@ -276,7 +276,7 @@ def assert_refused_and_still_serving(edge, double, fragment, **agent_env):
 def test_the_agent_names_its_version_and_schemas_on_every_request(live_edge, double):
     agent_version = re.search(r"^VERSION=(\S+)$", AGENT.read_text(), re.M).group(1)
     assert agent_version == kokoa.__version__
-    expected = f"{agent_version}; schema=1,2"
+    expected = f"{agent_version}; schema=1,2,3"
     assert {h.get("X-Kokoa-Agent") for h in double.config_requests} == {expected}
     assert {h.get("X-Kokoa-Agent") for h in double.status_requests} == {expected}
     report = double.reports[-1]
@@ -307,7 +307,7 @@ def test_an_agent_limited_to_schema_1_applies_the_0_1_0_payload(edge, double):
     ("peer key", lambda p: p["wireguard"]["peers"][0].update(psk="x"),
      "unknown key 'psk' in a WireGuard peer"),
     ("missing key", lambda p: p.pop("acme"), "the payload lacks acme"),
-    ("future schema", lambda p: p.update(schema=3), "payload schema 3 is not one this agent"),
+    ("future schema", lambda p: p.update(schema=4), "payload schema 4 is not one this agent"),
     ("schema as text", lambda p: p.update(schema="2"), "is not one this agent knows"),
     ("schema 1 spelt out", lambda p: [p.update(schema=1), p.pop("access")],
      "unknown key 'schema'"),

@@ -725,6 +725,9 @@ class CloudflareHandler(BaseHTTPRequestHandler):
         if not isinstance(body.get("ttl"), int) or not (body["ttl"] == 1 or 60 <= body["ttl"]):
             return self.fail(400, 9021, "Invalid TTL. Must be between 60 and 86400 seconds, "
                                         "or 1 for Automatic.")
+        if body["type"] == "TXT" and (not isinstance(body["content"], str)
+                                      or len(body["content"]) > 2048):
+            return self.fail(400, 9100, "DNS record content must be at most 2048 characters.")
         rid = self.server.seed(body["type"], body["name"], body["content"], body["ttl"])
         self.ok(self.server.records[rid])
 
@@ -859,3 +862,87 @@ def test_cloudflare_unreachable_api_is_a_provider_error(cli):
     rc, _, err = cli("list", env=env)
     assert rc == 1
     assert "cannot reach the Cloudflare API" in one_line(err)
+
+
+# TXT records (DNS-01 challenges, issue 15) ##################################################
+
+CHALLENGE = "gfj9Xq-Rr8cMAeD8sN7tZkHY2aBkW0tPq3vRhL5ZfYc"
+
+
+def test_txt_add_and_remove_through_knot(knot, cli):
+    rc, out, err = cli("add", "--name", "_acme-challenge.app", "--type", "TXT", "--value",
+                       CHALLENGE, "--ttl", "60", env=knot.env())
+    assert rc == 0, err
+    assert out == f"added TXT _acme-challenge.app.{ZONE} {CHALLENGE} (ttl 60)\n"
+    assert knot.dig(f"_acme-challenge.app.{ZONE}", "TXT") == [f'"{CHALLENGE}"']
+    rc, out, _ = cli("add", "--name", "_acme-challenge.app", "--type", "txt", "--value",
+                     CHALLENGE, env=knot.env())
+    assert rc == 0 and "already exists; nothing to do" in out
+    rc, out, _ = cli("add", "--name", "_acme-challenge.app", "--type", "TXT", "--value",
+                     "second-value", env=knot.env())
+    assert rc == 0 and len(knot.dig(f"_acme-challenge.app.{ZONE}", "TXT")) == 2
+    rc, out, _ = cli("remove", "--name", "_acme-challenge.app", "--type", "TXT", "--value",
+                     CHALLENGE, env=knot.env())
+    assert rc == 0 and out == f"removed TXT _acme-challenge.app.{ZONE} {CHALLENGE}\n"
+    assert knot.dig(f"_acme-challenge.app.{ZONE}", "TXT") == ['"second-value"']
+    rc, out, _ = cli("remove", "--name", "_acme-challenge.app", "--type", "TXT",
+                     env=knot.env())
+    assert rc == 0 and knot.dig(f"_acme-challenge.app.{ZONE}", "TXT") == []
+    rc, out, _ = cli("remove", "--name", "_acme-challenge.app", "--type", "TXT",
+                     env=knot.env())
+    assert rc == 0 and "nothing to do" in out
+
+
+def test_txt_at_the_apex_and_a_plain_name(knot, cli):
+    rc, _, err = cli("add", "--name", "_acme-challenge", "--type", "TXT", "--value", CHALLENGE,
+                     env=knot.env())
+    assert rc == 0, err
+    assert knot.dig(f"_acme-challenge.{ZONE}", "TXT") == [f'"{CHALLENGE}"']
+    assert cli("remove", "--name", "_acme-challenge", "--type", "TXT", env=knot.env())[0] == 0
+    assert knot.dig(f"_acme-challenge.{ZONE}", "TXT") == []
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["add", "--name", "_acme-challenge.app", "--type", "TXT"], "needs --value"),
+    (["add", "--name", "x", "--type", "TXT", "--value", "a b"], "invalid TXT value"),
+    (["add", "--name", "x", "--type", "TXT", "--value", 'a"b'], "invalid TXT value"),
+    (["add", "--name", "x", "--type", "TXT", "--value", "a\\b"], "invalid TXT value"),
+    (["add", "--name", "x", "--type", "TXT", "--value", "v" * 256], "invalid TXT value"),
+    (["add", "--name", "x", "--type", "TXT", "--value", "ü"], "invalid TXT value"),
+    (["add", "--name", "_a_b.app", "--type", "TXT", "--value", "v"], "is not _ and"),
+    (["add", "--name", "_acme.app", "--type", "TXT", "--value", "v", "--ip", "192.0.2.1"],
+     "not --ip"),
+    (["add", "--name", "_acme.other.test.", "--type", "TXT", "--value", "v"],
+     "outside the zone"),
+    (["add", "--name", "app", "--value", "v", "--ip", "192.0.2.1"], "--value is for"),
+    (["add", "--name", "app"], "add needs --ip"),
+    (["add", "--name", "app", "--type", "AAAA", "--ip", "192.0.2.1"], "not AAAA"),
+])
+def test_invalid_txt_arguments_are_refused_before_anything_is_sent(knot, cli, args, fragment):
+    rc, out, err = cli(*args, env=knot.env())
+    assert rc == 2 and out == ""
+    assert fragment in one_line(err)
+
+
+def test_cloudflare_txt_add_and_remove(cloudflare, cli):
+    rc, out, err = cli("add", "--name", "_acme-challenge.app", "--type", "TXT", "--value",
+                       CHALLENGE, "--ttl", "60", env=cloudflare.env)
+    assert rc == 0, err
+    [record] = cloudflare.records.values()
+    assert (record["type"], record["name"], record["content"], record["ttl"]) == (
+        "TXT", "_acme-challenge.app.example.com", CHALLENGE, 60)
+    path = f"/client/v4/zones/{CF_ZONE_ID}/dns_records"
+    assert ("GET", path, {"type": "TXT", "name": "_acme-challenge.app.example.com", "page": "1",
+                          "per_page": "100"}) in cloudflare.calls()
+    # The API may show a TXT content in quotes: the value is the same.
+    cloudflare.seed("TXT", "_acme-challenge.app.example.com", '"other-value"')
+    rc, out, _ = cli("add", "--name", "_acme-challenge.app", "--type", "TXT", "--value",
+                     "other-value", env=cloudflare.env)
+    assert rc == 0 and "already exists" in out
+    rc, out, _ = cli("remove", "--name", "_acme-challenge.app", "--type", "TXT", "--value",
+                     CHALLENGE, env=cloudflare.env)
+    assert rc == 0 and out == f"removed TXT _acme-challenge.app.example.com {CHALLENGE}\n"
+    assert [r["content"] for r in cloudflare.records.values()] == ['"other-value"']
+    assert cli("remove", "--name", "_acme-challenge.app", "--type", "TXT",
+               env=cloudflare.env)[0] == 0
+    assert cloudflare.records == {}

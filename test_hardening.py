@@ -779,13 +779,20 @@ def test_every_route_has_a_known_auth_kind_and_only_these_are_public():
     kinds = {(entry.method, entry.pattern): entry.auth for entry in kokoa.ROUTES}
     assert set(kinds.values()) <= {"admin", "edge", "origin", "local_or_admin", "none"}
     # the login (it checks the credentials in its body) and the UI's shell, which holds no
-    # data: its login page must load before anyone has logged in (issue 16)
+    # data: its login page must load before anyone has logged in (issue 16); the CA reads
+    # HTTP-01 tokens (through any edge) without credentials (issue 15)
     assert {key for key, kind in kinds.items() if kind == "none"} == {
         ("GET", "/healthz"), ("POST", "/api/v1/edge-nodes/register"),
         ("POST", "/api/v1/session"), ("GET", "/"), ("GET", "/static/<name>"),
-        ("GET", "/install/<name>")}       # the served installers hold no secret
+        ("GET", "/install/<name>"),       # the served installers hold no secret
+        ("GET", "/.well-known/acme-challenge/<token>")}
+    me = "/api/v1/edge-nodes/me"
     assert {key for key, kind in kinds.items() if kind == "edge"} == {
-        ("GET", "/api/v1/edge-nodes/me/config"), ("POST", "/api/v1/edge-nodes/me/status")}
+        ("GET", f"{me}/config"), ("POST", f"{me}/status"), ("GET", f"{me}/certificates"),
+        ("POST", f"{me}/certificates/<name>/claim"), ("PUT", f"{me}/certificates/<name>"),
+        ("POST", f"{me}/certificates/<name>/failure"),
+        ("PUT", f"{me}/acme-challenges/<token>"), ("DELETE", f"{me}/acme-challenges/<token>"),
+        ("PUT", f"{me}/dns-challenges/<name>"), ("DELETE", f"{me}/dns-challenges/<name>")}
     assert {key for key, kind in kinds.items() if kind == "origin"} == {
         ("GET", "/api/v1/origins/me/wireguard.conf")}
 
@@ -829,7 +836,7 @@ def test_edge_routes_refuse_admin_and_revoked_and_act_only_as_the_caller(api):
     ids, token_a, revoked_token = security_fixture(api)
     _, token_b = api.register_edge("edge-b")
     status_body = json.dumps({"ok": True, "applied_hash": "a" * 64}).encode()
-    for entry in [e for e in kokoa.ROUTES if e.auth == "edge"]:
+    for index, entry in enumerate([e for e in kokoa.ROUTES if e.auth == "edge"]):
         body = status_body if entry.method == "POST" else b""
         for headers in ({"Authorization": api.basic()}, {},
                         {"Authorization": f"Bearer {revoked_token}"},
@@ -838,7 +845,7 @@ def test_edge_routes_refuse_admin_and_revoked_and_act_only_as_the_caller(api):
             before = api.snapshot()
             status, got_headers, raw = send(api.url, entry.method, entry.pattern, body,
                                             {**headers, "Content-Type": "application/json"},
-                                            source="127.56.0.1")
+                                            source=f"127.56.0.{index + 1}")  # under the limit
             assert status == 401, (entry.pattern, headers, raw)
             assert_error_envelope(status, got_headers, raw)
             assert api.snapshot() == before

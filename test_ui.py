@@ -18,7 +18,7 @@ from urllib.parse import urlsplit
 import pytest
 
 import kokoa
-from conftest import REPO, KokoaServer, remember_secret, require, require_tools
+from conftest import REPO, KokoaServer, make_certificate, remember_secret, require, require_tools
 
 try:
     from playwright.sync_api import expect, sync_playwright
@@ -41,7 +41,8 @@ PAGE_BUDGET_BYTES = 176 * 1024      # uncompressed; 100 KiB until the Policies p
 HOSTILE = "<img src=x onerror=alert(1)>"
 CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
        "connect-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'")
-PAGES = ("overview", "origins", "routes", "policies", "edges", "alerts", "settings")
+PAGES = ("overview", "origins", "routes", "policies", "edges", "certificates", "alerts",
+         "settings")
 ORIGIN_KEY = "8cHeykp4BvaGOmRjnBp0Zd7Qw9ia7DEp3eE+2bV3KUI="  # any 32 bytes, base64
 
 
@@ -1466,3 +1467,41 @@ def test_the_overview_shows_each_state_and_leads_to_its_cause(browser, kokoa_ser
     finally:
         ui.close()
         receiver.close()
+
+
+def test_certificates_page_shows_state_expiry_issuer_and_the_last_error_in_words(ui):
+    server, page = ui.server, ui.page
+    origin = make_origin(server)
+    for hostname in ("app.example.com", "wiki.example.org", "new.example.com"):
+        make_route(server, origin, hostname=hostname)
+    _, token = server.register_edge("edge1", wg_ip="10.8.0.1")
+    agent = {"X-Kokoa-Agent": f"{kokoa.__version__}; schema=1,2,3"}
+    me = "/api/v1/edge-nodes/me/certificates"
+    fullchain, privkey = make_certificate(["app.example.com"])
+    for path, body, expected in (
+            (f"{me}/app.example.com/claim", {}, 200),
+            (f"{me}/app.example.com", {"fullchain": fullchain, "privkey": privkey}, 204),
+            (f"{me}/wiki.example.org/claim", {}, 200),
+            (f"{me}/wiki.example.org/failure", {"error": (
+                "Detail: 198.51.100.7: Fetching http://wiki.example.org/.well-known/"
+                "acme-challenge/abc: Connection refused")}, 204)):
+        method = "PUT" if expected == 204 and "failure" not in path else "POST"
+        status, _, answer = server.request(method, path, body, auth=token, headers=agent)
+        assert status == expected, (path, answer)
+    ui.open("certificates")
+    app = ui.row("certificates", "app.example.com")
+    expect(app.locator(".badge")).to_have_text("valid")
+    expect(app.locator('td[data-label="Issued by"]')).to_contain_text("edge1")
+    expect(app.locator('td[data-label="Expires"]')).to_contain_text("days")
+    wiki = ui.row("certificates", "wiki.example.org")
+    expect(wiki.locator(".badge")).to_have_text("failing")
+    expect(wiki).to_contain_text("Connection refused")
+    expect(wiki).to_contain_text("is port 80 open on every edge")
+    expect(wiki).to_contain_text("next attempt in")
+    expect(ui.row("certificates", "new.example.com").locator(".badge")).to_have_text(
+        "not issued yet")
+    expect(page.locator("#count-certificates")).to_have_text("1")      # one failing
+    assert privkey.splitlines()[1] not in page.content()
+    ui.shot("certificates")
+    ui.assert_clean()
+

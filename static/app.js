@@ -6,12 +6,12 @@
   const API = "/api/v1";
   const EDGE_POLL_MS = 5000;     // edge status refresh
   const FULL_POLL_MS = 30000;    // everything else (changes made elsewhere)
-  const PAGES = ["overview", "origins", "routes", "policies", "edges", "alerts", "settings"];
-  const TITLES = {overview: "Overview", origins: "Origins", routes: "Routes", policies: "Access policies", edges: "Edge nodes", alerts: "Alerts", settings: "Settings"};
+  const PAGES = ["overview", "origins", "routes", "policies", "edges", "certificates", "alerts", "settings"];
+  const TITLES = {overview: "Overview", origins: "Origins", routes: "Routes", policies: "Access policies", edges: "Edge nodes", certificates: "Certificates", alerts: "Alerts", settings: "Settings"};
 
   const state = {
     origins: null, routes: null, policies: null, edges: null, configHash: null, version: null, settings: null, enrollKeys: null,
-    sites: null, siteFilter: null, alertTargets: null, deliveriesFor: null,
+    sites: null, siteFilter: null, alertTargets: null, deliveriesFor: null, certificates: null,
     skewMs: 0, offline: false, signedIn: false,
   };
 
@@ -1373,6 +1373,57 @@
     });
   }
 
+  // ------------------------------------------------------------------ certificates (issue 15)
+
+  const CERT_STATES = {
+    valid: ["ok", "valid"], expiring: ["warn", "renewal due"], pending: ["muted", "being issued"],
+    failed: ["bad", "failing"], none: ["muted", "not issued yet"],
+  };
+
+  function certificateRow(cert) {
+    const [tone, label] = CERT_STATES[cert.state] || ["muted", cert.state];
+    const stateCell = cell("State", el("span", {class: `badge ${tone}`, "data-state": cert.state, text: label}));
+    if (cert.claim) {
+      stateCell.firstChild.append(el("span", {class: "sub",
+        text: `edge ${cert.claim.holder_edge_name || "?"} is issuing it (claim ${until(cert.claim.until)})`}));
+    } else if (cert.next_attempt_at && cert.state !== "valid") {
+      stateCell.firstChild.append(el("span", {class: "sub", text: `next attempt ${until(cert.next_attempt_at)}`}));
+    }
+    const error = cert.last_error
+      ? el("span", {class: "error-text", text: sentence(cert.last_error)})
+      : el("span", {class: "muted", text: "none"});
+    return el("tr", {},
+      cell("Name", el("strong", {class: "name", text: cert.name}),
+        cert.wildcard ? el("span", {class: "sub", text: "wildcard, by DNS-01"}) : null),
+      stateCell,
+      cell("Expires", cert.not_after
+        ? el("time", {datetime: cert.not_after, title: utcText(cert.not_after), text: `${dateOnly(cert.not_after)} (${until(cert.not_after)})`})
+        : el("span", {class: "muted", text: "—"})),
+      cell("Issued by", cert.issuer_edge_name
+        ? el("span", {}, el("span", {text: cert.issuer_edge_name}), el("span", {class: "sub", text: dateOnly(cert.issued_at)}))
+        : el("span", {class: "muted", text: "—"})),
+      cell("Last error", error),
+    );
+  }
+
+  function renderCertificates() {
+    const certs = (state.certificates || []).map((c) => ({...c, id: c.name}));
+    syncRows($("#certificates-body"), certs, certificateRow);
+    showList("certificates", certs, "No hostnames yet: add a route, and its certificate appears here.");
+    const bad = certs.filter((c) => c.state === "failed" || c.state === "expiring").length;
+    const count = $("#count-certificates");
+    count.textContent = bad ? String(bad) : "";       // only what needs a look: the bar is full
+    count.hidden = !bad;
+    count.classList.toggle("warn", bad > 0);
+    count.title = `${bad} failing or due of ${certs.length}`;
+  }
+
+  async function loadCertificates() {
+    const data = await api("GET", "/certificates");
+    state.certificates = data.certificates || [];
+    renderCertificates();
+  }
+
   /** KOKOA_PUBLIC_URL when the control plane has one, else the address of this page. */
   function controlPlaneUrl() {
     return (state.settings && state.settings.public_url) || window.location.origin;
@@ -1621,7 +1672,7 @@
   /** A 401 (the session ended, the password changed): back to the login page, data forgotten. */
   function signedOut(message) {
     if (!state.signedIn && !$("#login-page").hidden) return;
-    for (const key of ["origins", "routes", "policies", "edges", "settings", "enrollKeys", "sites", "alertTargets", "deliveriesFor"]) state[key] = null;
+    for (const key of ["origins", "routes", "policies", "edges", "settings", "enrollKeys", "sites", "alertTargets", "deliveriesFor", "certificates"]) state[key] = null;
     for (const body of $$("#main tbody")) body.replaceChildren();
     hideNewKey();
     for (const dialog of $$("dialog[open]")) dialog.close();
@@ -1945,7 +1996,7 @@
     if (!state.signedIn) return;
     const results = await Promise.allSettled([
       loadOrigins(), loadRoutes(), loadPolicies(), loadEdges(), loadSettings(), loadEnrollKeys(),
-      loadSites(), loadAlertTargets()]);
+      loadSites(), loadAlertTargets(), loadCertificates()]);
     const failed = results.find((r) => r.status === "rejected");
     if (!state.signedIn) return;
     if (failed) connectionLost(failed.reason);
@@ -1960,6 +2011,7 @@
       // Registrations spend enrollment keys: refresh their uses while they are on screen.
       await Promise.all([loadEdges(), shownPage === "edges" ? loadEnrollKeys() : null,
         shownPage === "overview" ? loadSites() : null,
+        shownPage === "certificates" ? loadCertificates() : null,
         shownPage === "alerts" && state.deliveriesFor ? showDeliveries(state.deliveriesFor, false) : null]);
       connectionOk();
     } catch (err) {
