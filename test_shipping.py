@@ -76,8 +76,8 @@ def test_containerfile_is_small_pinned_and_non_root():
     [base] = instructions("FROM")
     assert re.fullmatch(r"\S+/python:3\.\d+\.\d+-slim-\w+", base), base
     copies = [source for arg in instructions("COPY") for source in arg.split()[:-1]]
-    assert sorted(copies) == ["agent.sh", "install-edge.sh", "install-origin.sh", "kokoa.py",
-                              "requirements.txt", "static/"]   # /install/* serves the scripts
+    assert sorted(copies) == ["agent.sh", "dns.py", "install-edge.sh", "install-origin.sh",
+                              "kokoa.py", "requirements.txt", "static/"]   # /install/*, DNS-01
     context = [line for line in (REPO / ".dockerignore").read_text().splitlines()
                if line and not line.startswith("#")]
     assert context == ["*", *(f"!{name}" for name in sorted(copies))]   # nothing else to copy
@@ -351,8 +351,8 @@ def test_podman_builds_a_non_root_image_with_healthcheck_and_volume(image):
     assert "/healthz" in " ".join(image.healthcheck["Test"])
     assert not [item for item in config["Env"] if item.split("=", 1)[0] in SECRET_NAMES]
     assert sorted(p.name for p in (image.root / "app").iterdir()) == [
-        "agent.sh", "install-edge.sh", "install-origin.sh", "kokoa.py", "requirements.txt",
-        "static"]
+        "agent.sh", "dns.py", "install-edge.sh", "install-origin.sh", "kokoa.py",
+        "requirements.txt", "static"]
     assert sorted(p.name for p in (image.root / "app/static").iterdir()) == sorted(
         p.name for p in (REPO / "static").iterdir())           # .dockerignore kept them
     data = image.root / "data"
