@@ -3409,7 +3409,10 @@ def check_wildcard_route(config, body):
     """400 naming hostname for a wildcard route when no DNS provider can publish DNS-01."""
     hostname = body.get("hostname") if isinstance(body, dict) else None
     if isinstance(hostname, str):
-        hostname = hostname_from_url(hostname, "hostname")      # https://*.example.com/ too
+        try:
+            hostname = hostname_from_url(hostname, "hostname")  # https://*.example.com/ too
+        except HTTPError:
+            return              # insert_route / patch_route name it, with the other faults
     if isinstance(hostname, str) and hostname.strip().startswith("*.") \
             and not dns_provider_configured(config):
         raise invalid("hostname", "a wildcard hostname needs a certificate by DNS-01, and no "

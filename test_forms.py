@@ -110,3 +110,13 @@ def test_an_idn_route_carries_its_unicode_form(api):
     listed = {r["hostname"]: r for r in api.request("GET", "/api/v1/routes")[2]["routes"]}
     assert listed["xn--bcher-kva.example.org"]["hostname_unicode"] == "bücher.example.org"
     assert kokoa.hostname_unicode("xn--zz.example.org") is None     # undecodable: no guess
+
+
+def test_a_wildcard_typed_as_a_url_is_refused_without_a_dns_provider(api):
+    origin = api.create_origin()
+    for hostname in ("*.example.com", "https://*.example.com/"):
+        status, _, error = api.request("POST", "/api/v1/routes", {
+            "hostname": hostname, "origin_id": origin["id"], "target_port": 8080})
+        assert status == 400 and error["error"]["field"] == "hostname", error
+        assert "DNS provider" in error["error"]["message"]
+    assert api.request("GET", "/api/v1/routes")[2]["routes"] == []
