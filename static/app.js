@@ -11,7 +11,7 @@
 
   const state = {
     origins: null, routes: null, policies: null, edges: null, configHash: null, version: null, settings: null, enrollKeys: null,
-    sites: null, siteFilter: null, alertTargets: null, deliveriesFor: null, certificates: null,
+    sites: null, siteFilter: null, alertTargets: null, deliveriesFor: null, deliveries: null, certificates: null,
     skewMs: 0, offline: false, signedIn: false,
   };
 
@@ -1408,8 +1408,9 @@
 
   function renderCertificates() {
     const certs = (state.certificates || []).map((c) => ({...c, id: c.name}));
-    syncRows($("#certificates-body"), certs, certificateRow);
-    showList("certificates", certs, "No hostnames yet: add a route, and its certificate appears here.");
+    const shown = viewOf("certificates", certs);
+    syncRows($("#certificates-body"), shown, certificateRow);
+    showList("certificates", shown, "No hostnames yet: add a route, and its certificate appears here.", certs.length);
     const bad = certs.filter((c) => c.state === "failed" || c.state === "expiring").length;
     const count = $("#count-certificates");
     count.textContent = bad ? String(bad) : "";       // only what needs a look: the bar is full
@@ -1672,7 +1673,7 @@
   /** A 401 (the session ended, the password changed): back to the login page, data forgotten. */
   function signedOut(message) {
     if (!state.signedIn && !$("#login-page").hidden) return;
-    for (const key of ["origins", "routes", "policies", "edges", "settings", "enrollKeys", "sites", "alertTargets", "deliveriesFor", "certificates"]) state[key] = null;
+    for (const key of ["origins", "routes", "policies", "edges", "settings", "enrollKeys", "sites", "alertTargets", "deliveriesFor", "deliveries", "certificates"]) state[key] = null;
     for (const body of $$("#main tbody")) body.replaceChildren();
     hideNewKey();
     for (const dialog of $$("dialog[open]")) dialog.close();
@@ -1778,6 +1779,18 @@
       sort: {name: (p) => p.name, routes: (p) => p.routes.length}});
     listView("edges", {label: "edges", render: renderEdges, text: text("name", "wg_ip", "wg_endpoint", "agent_version", "last_error"),
       sort: {name: (e) => e.name, last_seen: (e) => e.last_seen || "", agent: (e) => e.agent_version || ""}});
+    const SEVERITY = {down: 0, failed: 0, degraded: 1, expiring: 1, pending: 2, ok: 3, valid: 3, none: 4, disabled: 5};
+    listView("sites", {label: "sites", render: renderOverview,
+      text: text("hostname", "origin_name", "state", (s) => s.reasons.map((r) => r.message).join(" ")),
+      sort: {hostname: (s) => s.hostname, state: (s) => SEVERITY[s.state], certificate: (s) => s.certificate.not_after || "",
+        traffic: (s) => s.traffic.requests}});
+    listView("certificates", {label: "certificates", render: renderCertificates,
+      text: text("name", "state", "issuer_edge_name", "last_error"),
+      sort: {name: (c) => c.name, state: (c) => SEVERITY[c.state], expires: (c) => c.not_after || "", issuer: (c) => c.issuer_edge_name || ""}});
+    listView("alerts", {label: "alert targets", render: renderAlerts, text: text("name", "url_display", "format", (t) => t.events.join(" ")),
+      sort: {name: (t) => t.name, url: (t) => t.url_display}});
+    listView("deliveries", {label: "deliveries", render: renderDeliveries, text: text("event", "state", "error", "message"),
+      initial: "time", dir: -1, sort: {time: (d) => d.created_at, event: (d) => d.event, state: (d) => d.state}});
     listView("enroll", {label: "keys", render: renderEnrollKeys, text: text("description"), initial: "created", dir: -1,
       sort: {description: (k) => k.description, created: (k) => k.created_at, expires: (k) => k.expires_at,
         uses: (k) => k.uses_left, last_used: (k) => k.last_used_at || ""}});
@@ -1848,8 +1861,9 @@
     );
     const sites = view.sites.filter(filter ? filter[1] : () => true)
       .map((site) => ({id: site.route_id, ...site}));
-    syncRows($("#sites-body"), sites, siteRow);
-    showList("sites", sites, filter ? "No site is in this state." : "No sites yet: add a route first.");
+    const shown = viewOf("sites", sites);
+    syncRows($("#sites-body"), shown, siteRow);
+    showList("sites", shown, filter ? "No site is in this state." : "No sites yet: add a route first.", sites.length);
     const note = $("#sites-filter");
     note.hidden = !filter;
     $("span", note).textContent = filter ? `${filter[0]}.` : "";
@@ -1892,13 +1906,15 @@
 
   function renderAlerts() {
     const targets = state.alertTargets || [];
-    syncRows($("#alerts-body"), targets, alertRow);
-    showList("alerts", targets, "No alert targets yet. Add one below to hear when something breaks.");
+    const shown = viewOf("alerts", targets);
+    syncRows($("#alerts-body"), shown, alertRow);
+    showList("alerts", shown, "No alert targets yet. Add one to hear when something breaks.", targets.length);
   }
 
   async function loadAlertTargets() {
     state.alertTargets = (await api("GET", "/alert-targets")).alert_targets || [];
     renderAlerts();
+    openFormWhenEmpty("alert-form", state.alertTargets);
     if (state.deliveriesFor) await showDeliveries(state.deliveriesFor, false);
   }
 
@@ -1918,9 +1934,16 @@
     const data = await api("GET", `/alert-targets/${encodeURIComponent(target.id)}/deliveries`);
     $("#deliveries-card").hidden = false;
     $("#deliveries-title").textContent = `Deliveries to ${target.name}`;
-    syncRows($("#deliveries-body"), data.deliveries, deliveryRow);
-    showList("deliveries", data.deliveries, "No deliveries yet: press Test to send one.");
+    state.deliveries = data.deliveries;
+    renderDeliveries();
     if (moveFocus) $("#deliveries-title").focus();
+  }
+
+  function renderDeliveries() {
+    const deliveries = state.deliveries || [];
+    const shown = viewOf("deliveries", deliveries);
+    syncRows($("#deliveries-body"), shown, deliveryRow);
+    showList("deliveries", shown, "No deliveries yet: press Test to send one.", deliveries.length);
   }
 
   async function testAlert(target) {
