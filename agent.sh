@@ -2085,7 +2085,7 @@ acme_args() {
 
 # Ask for a certificate for host $1 by HTTP-01 (staging if $2 is true); C_ERROR says why not.
 certbot_issue() {
-  local h=$1 staging=$2 out rc=0 detail
+  local h=$1 staging=$2 out rc=0
   local -a server=()
   acme_args "$h" "$staging" server
   # shellcheck disable=SC2310  # returns mktemp's status
@@ -2094,14 +2094,21 @@ certbot_issue() {
   run_certbot "$out" 600 certonly --agree-tos --no-eff-email -m "$EMAIL" \
     --webroot -w "$WEBROOT" --cert-name "$h" -d "$h" "${server[@]}" || rc=$?
   if ((rc != 0)); then
-    detail=$(grep -m 1 -E '^[[:space:]]*Detail:' -- "$out" \
-      || grep -v '^[[:space:]]*$' -- "$out" \
-      | grep -v -m 1 -E '^(Saving debug|Ask for help|See the logfile)' \
-      || true)
-    C_ERROR="certbot failed (rc $rc): $(one_line "${detail#"${detail%%[![:space:]]*}"}")"
+    certbot_error "$out" "$rc"
   fi
   rm -f -- "$out"
   return "$rc"
+}
+
+# Set C_ERROR from certbot's output file $1 after it failed with status $2: its first
+# "Detail:" line (the CA's words), else its first line that is not boilerplate.
+certbot_error() {
+  local detail
+  detail=$(grep -m 1 -E '^[[:space:]]*Detail:' -- "$1" \
+    || grep -v '^[[:space:]]*$' -- "$1" \
+    | grep -v -m 1 -E '^(Saving debug|Ask for help|See the logfile)' \
+    || true)
+  C_ERROR="certbot failed (rc $2): $(one_line "${detail#"${detail%%[![:space:]]*}"}")"
 }
 
 # Request missing certificates, one host at a time, within CERT_TIME_BUDGET; then re-render.
@@ -2716,7 +2723,7 @@ fleet_hook_command() {
 # the control plane) for a name, DNS-01 (the control plane publishes TXT) for a wildcard. Its
 # own --config-dir, so that `certbot renew` of the per-edge lineages never renews it alone.
 fleet_certbot() {
-  local h=$1 staging=$2 out rc=0 hook detail base=$STATE_DIR/certbot-fleet
+  local h=$1 staging=$2 out rc=0 hook base=$STATE_DIR/certbot-fleet
   local -a server=() challenge=()
   acme_args "$h" "$staging" server
   # shellcheck disable=SC2310  # each step in fleet_hook_command ends in || return
@@ -2741,11 +2748,7 @@ fleet_certbot() {
     "${server[@]}" --config-dir "$base/config" --work-dir "$base/work" \
     --logs-dir "$base/logs" || rc=$?
   if ((rc != 0)); then
-    detail=$(grep -m 1 -E '^[[:space:]]*Detail:' -- "$out" \
-      || grep -v '^[[:space:]]*$' -- "$out" \
-      | grep -v -m 1 -E '^(Saving debug|Ask for help|See the logfile)' \
-      || true)
-    C_ERROR="certbot failed (rc $rc): $(one_line "${detail#"${detail%%[![:space:]]*}"}")"
+    certbot_error "$out" "$rc"
   fi
   rm -f -- "$out"
   return "$rc"

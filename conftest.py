@@ -134,6 +134,17 @@ def send_request(url, method, path, body=b"", headers=None, source="127.0.0.1", 
         conn.close()
 
 
+def send_json(server, method, path, headers=None, body=None, source="127.0.0.1"):
+    """send_request with a JSON body (if any): (status, headers, parsed JSON or None)."""
+    hdrs = dict(headers or {})
+    data = b""
+    if body is not None:
+        data = json.dumps(body).encode()
+        hdrs["Content-Type"] = "application/json"
+    status, got, raw = send_request(server.url, method, path, data, hdrs, source)
+    return status, got, json.loads(raw) if raw.startswith(b"{") else None
+
+
 def stop_process(proc, timeout=10.0):
     """Terminate a Popen (then kill it) and reap it."""
     if proc.poll() is None:

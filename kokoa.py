@@ -1635,14 +1635,19 @@ POLICY_DEFAULTS = {"users": [], "allow": [], "deny": [], "require": "any", "bypa
                    "forward_auth": None, "pass_authorization": False}
 
 
-def check_list(value, field):
-    """A JSON array of at most POLICY_LIST_LIMITS[field] items."""
-    limit = POLICY_LIST_LIMITS[field]
-    if not isinstance(value, list):
-        raise invalid(field, f"{field} must be a list")
+def check_sized(value, field, limit, kind=list):
+    """A JSON array (kind list) or object (kind dict) of at most `limit` entries, else 400
+    naming `field`."""
+    if not isinstance(value, kind):
+        raise invalid(field, f"{field} must be {'a list' if kind is list else 'an object'}")
     if len(value) > limit:
         raise invalid(field, f"{field} must have at most {limit} entries")
     return value
+
+
+def check_list(value, field):
+    """A JSON array of at most POLICY_LIST_LIMITS[field] items."""
+    return check_sized(value, field, POLICY_LIST_LIMITS[field])
 
 
 def validate_username(value, where):
@@ -2331,12 +2336,7 @@ def health_int(value, field, where, high):
 
 def health_map(value, field):
     """A JSON object of at most HEALTH_LIMITS[field] entries."""
-    limit = HEALTH_LIMITS[field]
-    if not isinstance(value, dict):
-        raise invalid(field, f"{field} must be an object")
-    if len(value) > limit:
-        raise invalid(field, f"{field} must have at most {limit} entries")
-    return value
+    return check_sized(value, field, HEALTH_LIMITS[field], dict)
 
 
 def validate_origin_health(address, entry):

@@ -22,6 +22,7 @@ from conftest import (
     edited_backup,
     make_config,
     run_cli,
+    send_json,
     send_request,
     wg_keypair,
 )
@@ -123,13 +124,7 @@ def test_a_copy_beside_the_database_refuses_a_planted_name(tmp_path):
 
 def call(server, method, path, headers=None, body=None, source="127.0.0.1"):
     """One raw request: (status, parsed JSON error or None)."""
-    hdrs = dict(headers or {})
-    data = b""
-    if body is not None:
-        data = json.dumps(body).encode()
-        hdrs["Content-Type"] = "application/json"
-    status, _, raw = send_request(server.url, method, path, data, hdrs, source)
-    answer = json.loads(raw) if raw.startswith(b"{") else None
+    status, _, answer = send_json(server, method, path, headers, body, source)
     return status, answer["error"] if answer and "error" in answer else answer
 
 

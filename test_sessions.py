@@ -7,7 +7,6 @@ Time is moved by editing the stored session rows, never by patching the clock.
 import base64
 import dataclasses
 import ipaddress
-import json
 import os
 import sqlite3
 from pathlib import Path
@@ -22,6 +21,7 @@ from conftest import (
     make_config,
     remember_secret,
     run_cli,
+    send_json,
     send_request,
 )
 
@@ -33,22 +33,11 @@ def server(tmp_path):
     server.close()
 
 
-def call(server, method, path, headers=None, body=None, source="127.0.0.1"):
-    """(status, headers, parsed JSON or None)."""
-    hdrs = dict(headers or {})
-    data = b""
-    if body is not None:
-        data = json.dumps(body).encode()
-        hdrs["Content-Type"] = "application/json"
-    status, got, raw = send_request(server.url, method, path, data, hdrs, source)
-    return status, got, json.loads(raw) if raw.startswith(b"{") else None
-
-
 def login(server, headers=None, password=None, username=None, source="127.0.0.1"):
     """POST /api/v1/session; (status, Set-Cookie header or None, body)."""
     body = {"username": username or server.admin_user,
             "password": server.admin_password if password is None else password}
-    status, headers, data = call(server, "POST", "/api/v1/session", headers, body, source)
+    status, headers, data = send_json(server, "POST", "/api/v1/session", headers, body, source)
     if headers.get("Set-Cookie"):       # the session audit: no log line may carry a cookie
         remember_secret(cookie_of(headers["Set-Cookie"])[0].split("=", 1)[1])
     return status, headers.get("Set-Cookie"), data
@@ -82,10 +71,10 @@ def test_login_over_plain_http_on_loopback_sets_a_strict_cookie_and_stores_only_
     assert name == kokoa.SESSION_COOKIE and kokoa.SESSION_TOKEN_RE.fullmatch(token)
     assert set(attributes) == {"path", "max-age", "httponly", "samesite"}    # no Secure on http
     assert attributes["path"] == "Path=/" and attributes["samesite"] == "SameSite=Strict"
-    status, _, me = call(server, "GET", "/api/v1/session", {"Cookie": pair})
+    status, _, me = send_json(server, "GET", "/api/v1/session", {"Cookie": pair})
     assert status == 200 and me["username"] == server.admin_user and me["method"] == "session"
     assert kokoa.parse_iso_time(me["expires_at"]) > kokoa.parse_iso_time(me["created_at"])
-    assert call(server, "GET", "/api/v1/origins", {"Cookie": pair})[0] == 200
+    assert send_json(server, "GET", "/api/v1/origins", {"Cookie": pair})[0] == 200
     # at rest: the SHA-256 of the cookie, never the cookie
     [(_, token_hash)] = sessions(server)
     assert token_hash == kokoa.hash_token(token)
@@ -93,7 +82,7 @@ def test_login_over_plain_http_on_loopback_sets_a_strict_cookie_and_stores_only_
     assert token.encode() not in db_bytes
     # Basic keeps working for scripts, and says so
     basic = {"Authorization": basic_auth(server.admin_user, server.admin_password)}
-    assert call(server, "GET", "/api/v1/session", basic)[2]["method"] == "basic"
+    assert send_json(server, "GET", "/api/v1/session", basic)[2]["method"] == "basic"
 
 
 def test_behind_a_trusted_https_proxy_the_cookie_is_secure_and_host_prefixed(tmp_path):
@@ -107,16 +96,16 @@ def test_behind_a_trusted_https_proxy_the_cookie_is_secure_and_host_prefixed(tmp
         assert pair.startswith(kokoa.SESSION_COOKIE_SECURE + "=")
         assert {"secure", "httponly", "samesite", "path"} <= set(attributes)
         assert "domain" not in attributes
-        assert call(server, "GET", "/api/v1/session", {**proxy, "Cookie": pair})[0] == 200
+        assert send_json(server, "GET", "/api/v1/session", {**proxy, "Cookie": pair})[0] == 200
         # the same token under the plain name (as a sibling http page could set it) opens nothing
         token = pair.split("=", 1)[1]
-        assert call(server, "GET", "/api/v1/session",
+        assert send_json(server, "GET", "/api/v1/session",
                     {**proxy, "Cookie": f"{kokoa.SESSION_COOKIE}={token}"})[0] == 401
         # a write through the proxy needs the https origin of the public name
         origin = {"Origin": f"https://127.0.0.1:{server.url.rsplit(':', 1)[1]}"}
-        assert call(server, "POST", "/api/v1/enrollment-keys",
+        assert send_json(server, "POST", "/api/v1/enrollment-keys",
                     {**proxy, "Cookie": pair, "Origin": server.url}, {})[0] == 403
-        assert call(server, "POST", "/api/v1/enrollment-keys",
+        assert send_json(server, "POST", "/api/v1/enrollment-keys",
                     {**proxy, "Cookie": pair, **origin}, {})[0] == 201
     finally:
         server.close()
@@ -133,20 +122,20 @@ def test_behind_a_trusted_https_proxy_the_cookie_is_secure_and_host_prefixed(tmp
 def test_a_forged_cookie_opens_nothing(server, cookie):
     logged_in(server)
     for path in ("/api/v1/session", "/api/v1/origins", "/api/v1/settings"):
-        status, headers, error = call(server, "GET", path, {"Cookie": cookie})
+        status, headers, error = send_json(server, "GET", path, {"Cookie": cookie})
         assert status == 401 and error["error"]["code"] == "unauthorized", path
-    assert call(server, "POST", "/api/v1/enrollment-keys",
+    assert send_json(server, "POST", "/api/v1/enrollment-keys",
                 {"Cookie": cookie, **own_origin(server)}, {})[0] == 401
     assert len(sessions(server)) == 1
 
 
 def test_the_ui_s_fetches_get_no_basic_challenge_and_scripts_still_do(server):
-    status, headers, _ = call(server, "GET", "/api/v1/origins")
+    status, headers, _ = send_json(server, "GET", "/api/v1/origins")
     assert status == 401 and headers["WWW-Authenticate"].startswith("Basic")
-    status, headers, _ = call(server, "GET", "/api/v1/origins", {"X-Requested-With": "kokoa"})
+    status, headers, _ = send_json(server, "GET", "/api/v1/origins", {"X-Requested-With": "kokoa"})
     assert status == 401 and "WWW-Authenticate" not in headers
     stale = f"{kokoa.SESSION_COOKIE}=" + "B" * 43
-    status, headers, error = call(server, "GET", "/api/v1/origins", {"Cookie": stale})
+    status, headers, error = send_json(server, "GET", "/api/v1/origins", {"Cookie": stale})
     assert status == 401 and "WWW-Authenticate" not in headers
     assert "log in again" in error["error"]["message"]
     status, headers, _ = login(server, password="wrong password")
@@ -173,9 +162,9 @@ def age_sessions(server, **columns):
 ])
 def test_an_expired_session_opens_nothing_and_is_deleted(server, columns):
     cookie = {"Cookie": logged_in(server)}
-    assert call(server, "GET", "/api/v1/origins", cookie)[0] == 200
+    assert send_json(server, "GET", "/api/v1/origins", cookie)[0] == 200
     age_sessions(server, **columns)
-    assert call(server, "GET", "/api/v1/origins", cookie)[0] == 401
+    assert send_json(server, "GET", "/api/v1/origins", cookie)[0] == 401
     assert sessions(server) == []
 
 
@@ -183,7 +172,7 @@ def test_a_session_in_use_stays_open_past_twelve_hours_since_login(server):
     cookie = {"Cookie": logged_in(server)}
     age_sessions(server, created_at=kokoa.SESSION_IDLE_SECONDS + 3600,
                  last_used_at=kokoa.SESSION_TOUCH_SECONDS + 5)
-    assert call(server, "GET", "/api/v1/origins", cookie)[0] == 200
+    assert send_json(server, "GET", "/api/v1/origins", cookie)[0] == 200
     [(last_used,)] = server.rows("SELECT last_used_at FROM admin_sessions")
     assert kokoa.time.time() - kokoa.parse_iso_time(last_used) < 30    # the use was noted
 
@@ -193,19 +182,19 @@ def test_a_cookie_from_before_the_password_changed_opens_nothing(tmp_path):
     server = InProcessServer(config)
     try:
         cookie = {"Cookie": logged_in(server)}
-        assert call(server, "GET", "/api/v1/origins", cookie)[0] == 200
+        assert send_json(server, "GET", "/api/v1/origins", cookie)[0] == 200
     finally:
         server.close()
     for changed in ({"admin_password": config.admin_password + "-new"},
                     {"admin_user": "root"}):
         again = InProcessServer(dataclasses.replace(config, **changed))
         try:
-            assert call(again, "GET", "/api/v1/origins", cookie)[0] == 401, changed
+            assert send_json(again, "GET", "/api/v1/origins", cookie)[0] == 401, changed
         finally:
             again.close()
     restarted = InProcessServer(config)       # the same password again: the row is gone
     try:
-        assert call(restarted, "GET", "/api/v1/origins", cookie)[0] == 401
+        assert send_json(restarted, "GET", "/api/v1/origins", cookie)[0] == 401
         assert sessions(restarted) == []
     finally:
         restarted.close()
@@ -218,7 +207,7 @@ def test_a_session_survives_a_restart_with_the_same_credentials(tmp_path):
     server.close()
     server = InProcessServer(config)
     try:
-        assert call(server, "GET", "/api/v1/origins", cookie)[0] == 200
+        assert send_json(server, "GET", "/api/v1/origins", cookie)[0] == 200
     finally:
         server.close()
 
@@ -237,14 +226,15 @@ def test_a_session_survives_a_restart_with_the_same_credentials(tmp_path):
 def test_a_cookie_authenticated_write_must_come_from_the_same_origin(server, headers, want):
     headers = {name: server.url if value == "SELF" else value for name, value in headers.items()}
     cookie = {"Cookie": logged_in(server)}
-    status, _, body = call(server, "POST", "/api/v1/enrollment-keys", {**cookie, **headers}, {})
+    status, _, body = send_json(server, "POST", "/api/v1/enrollment-keys",
+                                {**cookie, **headers}, {})
     assert status == want, body
     assert len(server.rows("SELECT * FROM enrollment_keys")) == (1 if want == 201 else 0)
     for method, path in (("DELETE", "/api/v1/session"), ("PATCH", "/api/v1/settings")):
         if want == 403:
-            assert call(server, method, path, {**cookie, **headers},
+            assert send_json(server, method, path, {**cookie, **headers},
                         {"acme_staging": True} if method == "PATCH" else None)[0] == 403
-    assert call(server, "GET", "/api/v1/origins", cookie)[0] == 200     # reads need no Origin
+    assert send_json(server, "GET", "/api/v1/origins", cookie)[0] == 200     # reads need no Origin
 
 
 def test_login_from_another_page_is_refused(server):
@@ -257,12 +247,12 @@ def test_login_guesses_are_rate_limited_with_basic_s_and_the_password_does_not_h
     statuses = [login(server, password=f"guess {i}", source="127.0.0.7")[0]
                 for i in range(kokoa.AUTH_FAILURE_LIMIT)]
     assert statuses == [401] * kokoa.AUTH_FAILURE_LIMIT
-    status, headers, _ = call(server, "POST", "/api/v1/session", None, {
+    status, headers, _ = send_json(server, "POST", "/api/v1/session", None, {
         "username": server.admin_user, "password": server.admin_password}, "127.0.0.7")
     assert status == 429 and int(headers["Retry-After"]) >= 1
     # the same counter as Basic's: a script's guesses and the form's add up
     for i in range(kokoa.AUTH_FAILURE_LIMIT - 1):
-        call(server, "GET", "/api/v1/origins",
+        send_json(server, "GET", "/api/v1/origins",
              {"Authorization": basic_auth("admin", f"guess {i}")}, source="127.0.0.8")
     assert login(server, password="one more", source="127.0.0.8")[0] == 401
     assert login(server, source="127.0.0.8")[0] == 429
@@ -282,26 +272,26 @@ def test_a_planted_cookie_is_never_adopted_and_login_ends_the_old_session(server
     planted = f"{kokoa.SESSION_COOKIE}=" + "F" * 43
     fresh = logged_in(server, headers={"Cookie": planted})
     assert fresh != planted
-    assert call(server, "GET", "/api/v1/origins", {"Cookie": planted})[0] == 401
-    assert call(server, "GET", "/api/v1/origins", {"Cookie": fresh})[0] == 200
+    assert send_json(server, "GET", "/api/v1/origins", {"Cookie": planted})[0] == 401
+    assert send_json(server, "GET", "/api/v1/origins", {"Cookie": fresh})[0] == 200
     again = logged_in(server, headers={"Cookie": fresh})      # a second login rotates it
     assert again != fresh
-    assert call(server, "GET", "/api/v1/origins", {"Cookie": fresh})[0] == 401
-    assert call(server, "GET", "/api/v1/origins", {"Cookie": again})[0] == 200
+    assert send_json(server, "GET", "/api/v1/origins", {"Cookie": fresh})[0] == 401
+    assert send_json(server, "GET", "/api/v1/origins", {"Cookie": again})[0] == 200
     assert len(sessions(server)) == 1
 
 
 def test_logout_ends_the_session_on_the_server(server):
     pair = logged_in(server)
     other = logged_in(server)
-    status, headers, _ = call(server, "DELETE", "/api/v1/session",
+    status, headers, _ = send_json(server, "DELETE", "/api/v1/session",
                               {"Cookie": pair, **own_origin(server)})
     assert status == 204
     cleared, attributes = cookie_of(headers["Set-Cookie"])
     assert cleared == f"{kokoa.SESSION_COOKIE}=" and attributes["max-age"] == "Max-Age=0"
     # a copy of the cookie kept by an attacker (or a browser that ignored the clearing) is dead
-    assert call(server, "GET", "/api/v1/session", {"Cookie": pair})[0] == 401
-    assert call(server, "GET", "/api/v1/session", {"Cookie": other})[0] == 200
+    assert send_json(server, "GET", "/api/v1/session", {"Cookie": pair})[0] == 401
+    assert send_json(server, "GET", "/api/v1/session", {"Cookie": other})[0] == 200
     assert len(sessions(server)) == 1
 
 
@@ -309,8 +299,8 @@ def test_sessions_are_bounded_and_the_least_recently_used_goes_first(server):
     cookies = [logged_in(server, source=f"127.0.2.{i % 200 + 1}")
                for i in range(kokoa.SESSION_LIMIT + 1)]
     assert len(sessions(server)) == kokoa.SESSION_LIMIT
-    assert call(server, "GET", "/api/v1/origins", {"Cookie": cookies[0]})[0] == 401
-    assert call(server, "GET", "/api/v1/origins", {"Cookie": cookies[-1]})[0] == 200
+    assert send_json(server, "GET", "/api/v1/origins", {"Cookie": cookies[0]})[0] == 401
+    assert send_json(server, "GET", "/api/v1/origins", {"Cookie": cookies[-1]})[0] == 200
 
 
 @pytest.mark.parametrize("body, field", [
@@ -322,7 +312,7 @@ def test_sessions_are_bounded_and_the_least_recently_used_goes_first(server):
     ({"username": "admin", "password": "x", "remember": True}, "remember"),
 ])
 def test_a_malformed_login_is_a_400_naming_the_field(server, body, field):
-    status, _, error = call(server, "POST", "/api/v1/session", None, body)
+    status, _, error = send_json(server, "POST", "/api/v1/session", None, body)
     assert status == 400 and error["error"]["field"] == field
     assert sessions(server) == []
 
@@ -330,10 +320,11 @@ def test_a_malformed_login_is_a_400_naming_the_field(server, body, field):
 def test_without_a_password_loopback_needs_no_login_and_there_is_none(tmp_path):
     server = InProcessServer(make_config(tmp_path / "k.db", admin_password=""))
     try:
-        status, _, me = call(server, "GET", "/api/v1/session")
+        status, _, me = send_json(server, "GET", "/api/v1/session")
         assert status == 200 and me["method"] == "loopback"
         assert login(server, password="")[0] == 403
-        assert call(server, "GET", "/api/v1/session", {"X-Forwarded-For": "203.0.113.9"})[0] == 401
+        assert send_json(server, "GET", "/api/v1/session",
+                         {"X-Forwarded-For": "203.0.113.9"})[0] == 401
     finally:
         server.close()
 
@@ -363,7 +354,7 @@ def test_behind_a_proxy_on_another_port_the_public_url_is_the_page_s_origin(tmp_
         for origin, want in ((url, 201), ("https://kokoa.example.com", 201),
                              ("https://kokoa.example.com:9443", 403),
                              ("http://kokoa.example.com:8443", 403)):
-            status = call(server, "POST", "/api/v1/enrollment-keys",
+            status = send_json(server, "POST", "/api/v1/enrollment-keys",
                           {**proxy, **cookie, "Origin": origin}, {})[0]
             assert status == want, origin
     finally:
@@ -375,6 +366,6 @@ def test_behind_a_proxy_on_another_port_the_public_url_is_the_page_s_origin(tmp_
     "; ".join(f"kokoa_session={'C' * 43}" for _ in range(200)), "a=b; kokoa_session =x",
 ])
 def test_hostile_cookie_headers_are_a_plain_401(server, cookie):
-    status, _, error = call(server, "GET", "/api/v1/origins",
+    status, _, error = send_json(server, "GET", "/api/v1/origins",
                             {"Cookie": cookie.encode("utf-8").decode("latin-1")})
     assert status == 401 and error["error"]["code"] == "unauthorized"
