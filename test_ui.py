@@ -1238,6 +1238,25 @@ def test_every_list_searches_and_sorts_with_one_helper(ui):
     ui.assert_clean()
 
 
+def test_the_edges_page_shows_each_edge_state_and_what_it_measured(ui):
+    server = ui.server
+    make_route(server, make_origin(server, name="home-nas", wg_ip="10.8.0.2"),
+               hostname="app.example.com", port=8080)
+    _, token = server.register_edge("edge1", wg_ip="10.8.0.1")
+    server.register_edge("edge2", wg_ip="10.8.0.5")                # never polls
+    report_health(server, token, {}, {8080: False})
+    ui.open("edges")
+    edge1, edge2 = ui.row("edges", "edge1"), ui.row("edges", "edge2")
+    expect(edge1.locator('td[data-label="Last seen"] .badge')).to_have_text("online")
+    expect(edge1.locator('td[data-label="Agent"]')).to_contain_text(
+        "cannot reach origin 10.8.0.2 port 8080")
+    expect(edge2.locator('td[data-label="Last seen"] .badge')).to_have_text("never polled")
+    report_health(server, token, {}, {8080: True})
+    expect(edge1.locator('td[data-label="Agent"]')).to_contain_text("1 of 1 origins answer",
+                                                                     timeout=EDGE_POLL_TIMEOUT_MS)
+    ui.assert_clean()
+
+
 def test_the_overview_certificates_and_alerts_lists_search_and_sort_too(ui):
     server, page = ui.server, ui.page
     origin = make_origin(server, name="home-nas", wg_ip="10.8.0.2")

@@ -1321,8 +1321,8 @@
       cell("Name", el("strong", {class: "name", title: edge.name, text: edge.name}),
         el("span", {class: "sub"}, "registered ", el("span", {class: "nowrap", text: dateOnly(edge.created_at)}))),
       wg,
-      cell("Last seen", relTime(edge.last_seen)),
-      cell("Agent", agentState(edge)),
+      cell("Last seen", edgeStateBadge(edge), relTime(edge.last_seen)),
+      cell("Agent", agentState(edge), originHealth(edge)),
       cell("Configuration", syncState(edge)),
       cell("Certificates", certSummary(edge)),
       cell("Last error", error),
@@ -1334,6 +1334,25 @@
         }),
       ),
     );
+  }
+
+  const EDGE_BADGES = {online: ["ok", "online"], stale: ["warn", "stale"], offline: ["bad", "offline"], never: ["muted", "never polled"]};
+
+  /** online / stale (missed 3 polls) / offline (missed 10) / never, as the control plane judges it. */
+  function edgeStateBadge(edge) {
+    const [kind, text] = EDGE_BADGES[edge.state] || EDGE_BADGES.never;
+    return el("span", {class: "badges"}, badge(kind, text));
+  }
+
+  /** What the edge measured of the origins last time: how many answer, and which do not. */
+  function originHealth(edge) {
+    const origins = Object.entries(edge.origins || {});
+    if (!origins.length) return null;
+    const closed = (o) => Object.entries(o.ports || {}).filter(([, up]) => !up).map(([port]) => port);
+    const down = origins.filter(([, o]) => !o.reachable || closed(o).length)
+      .map(([ip, o]) => (closed(o).length ? `${ip} port ${closed(o).join(", ")}` : ip));
+    const text = down.length ? `cannot reach origin ${down.join("; ")}` : `${origins.length} of ${origins.length} origins answer`;
+    return el("span", {class: down.length ? "sub error-text" : "sub", text});
   }
 
   function renderEdges() {
