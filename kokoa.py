@@ -1526,9 +1526,7 @@ def validate_route_options(body, current=ROUTE_OPTIONS):
     options = dict(current)
     for field in ("buffering", "hsts", "enabled"):
         if field in body:
-            if not isinstance(body[field], bool):
-                raise invalid(field, f"{field} must be true or false")
-            options[field] = body[field]
+            options[field] = check_bool(body[field], field)
     if "max_body_size" in body:
         size = body["max_body_size"]
         if isinstance(size, bool) or not isinstance(size, int) \
@@ -1809,32 +1807,45 @@ def validate_forward_auth(db, value):
 
 def validate_policy(db, body, current):
     """The policy `body` describes, each field validated, the others as in `current`
-    (POLICY_DEFAULTS for a new one, where `name` is required)."""
+    (POLICY_DEFAULTS for a new one, where `name` is required). Every field at fault is named
+    at once (raise_gathered)."""
     policy = dict(current)
-    if "name" in body:
-        policy["name"] = validate_name(body["name"])
-    if "users" in body:
-        stored = {user["username"]: user["hash"] for user in current["users"]}
-        policy["users"] = validate_users(body["users"], stored)
-    for field in ("allow", "deny"):
+    errors = []
+
+    def take(field, check, *args):
         if field in body:
-            policy[field] = validate_networks(body[field], field)
-    if "require" in body:
-        if body["require"] not in ("any", "all"):
-            raise invalid("require", "require must be \"any\" or \"all\"")
-        policy["require"] = body["require"]
-    if "bypass_paths" in body:
-        policy["bypass_paths"] = validate_bypass_paths(body["bypass_paths"])
-    if "forward_auth" in body:
-        policy["forward_auth"] = validate_forward_auth(db, body["forward_auth"])
-    if "pass_authorization" in body:
-        if not isinstance(body["pass_authorization"], bool):
-            raise invalid("pass_authorization", "pass_authorization must be true or false")
-        policy["pass_authorization"] = body["pass_authorization"]
+            before = len(errors)
+            value = gather(errors, check, body[field], *args)
+            if len(errors) == before:
+                policy[field] = value
+
+    take("name", validate_name)
+    take("users", validate_users, {user["username"]: user["hash"] for user in current["users"]})
+    for field in ("allow", "deny"):
+        take(field, validate_networks, field)
+    take("require", validate_require)
+    take("bypass_paths", validate_bypass_paths)
+    take("forward_auth", lambda value: validate_forward_auth(db, value))
+    take("pass_authorization", check_bool, "pass_authorization")
+    raise_gathered(errors)
     if not any(policy[field] for field in ("users", "allow", "deny", "forward_auth")):
         raise invalid("users", "a policy needs users, allow, deny or forward_auth: without one "
                                "it would look protected and protect nothing")
     return policy
+
+
+def validate_require(value):
+    """A policy's `require`: "any" or "all"."""
+    if value not in ("any", "all"):
+        raise invalid("require", "require must be \"any\" or \"all\"")
+    return value
+
+
+def check_bool(value, field):
+    """true or false (not 0, 1 or a string), else 400 naming `field`."""
+    if not isinstance(value, bool):
+        raise invalid(field, f"{field} must be true or false")
+    return value
 
 
 def policy_of(row):
@@ -2693,31 +2704,47 @@ def get_alert_target_row(db, target_id):
                                              (i,)).fetchall(), db, target_id, "alert target")
 
 
-def alert_target_values(keyring, target_id, body, current):
-    """The columns of a target from `body`, each validated, the others as in `current`."""
+def alert_target_values(keyring, target_id, body, current, required=()):
+    """The columns of a target from `body`, each validated, the others as in `current`;
+    every field at fault (or `required` and absent) is named at once (raise_gathered)."""
+    errors = [invalid(field, f"{field} is required") for field in required
+              if body.get(field) is None]
+    given = {field: body[field] for field in ("name", "url", "format", "events")
+             if field in body and not (field in required and body[field] is None)}
+    name = gather(errors, validate_name, given["name"]) if "name" in given else None
+    url = gather(errors, validate_alert_url, given["url"]) if "url" in given else None
+    if "format" in given:
+        gather(errors, validate_alert_format, given["format"])
+    events = gather(errors, validate_alert_events, given["events"]) if "events" in given \
+        else None
+    raise_gathered(errors)
     values = dict(current)
-    if "name" in body:
-        values["name"] = validate_name(body["name"])
-        values["name_key"] = name_key(values["name"])
-    if "url" in body:
-        url, values["url_display"] = validate_alert_url(body["url"])
-        values["url_enc"] = keyring.seal(url.encode(), secret_aad("alert_targets", target_id,
-                                                                  "url"))
-    if "format" in body:
-        if body["format"] not in ALERT_FORMATS:
-            raise invalid("format", "format must be one of " + ", ".join(ALERT_FORMATS))
-        values["format"] = body["format"]
-    if "events" in body:
-        values["events"] = json.dumps(validate_alert_events(body["events"]))
+    if name is not None:
+        values["name"], values["name_key"] = name, name_key(name)
+    if url is not None:
+        values["url_display"] = url[1]
+        values["url_enc"] = keyring.seal(url[0].encode(), secret_aad("alert_targets", target_id,
+                                                                     "url"))
+    if "format" in given:
+        values["format"] = given["format"]
+    if events is not None:
+        values["events"] = json.dumps(events)
     return values
+
+
+def validate_alert_format(value):
+    """One of ALERT_FORMATS."""
+    if value not in ALERT_FORMATS:
+        raise invalid("format", "format must be one of " + ", ".join(ALERT_FORMATS))
+    return value
 
 
 def insert_alert_target(db, keyring, body):
     """Validate and insert an alert target; returns its row."""
-    check_fields(body, ALERT_TARGET_FIELDS, required=("name", "url"))
+    check_fields(body, ALERT_TARGET_FIELDS)
     target_id = new_id()
     values = alert_target_values(keyring, target_id, body, {
-        "format": "json", "events": json.dumps(list(ALERT_EVENTS))})
+        "format": "json", "events": json.dumps(list(ALERT_EVENTS))}, required=("name", "url"))
     with transaction(db):
         check_unique(db, "alert_targets", "name_key", values["name_key"], "name")
         now = utc_now()

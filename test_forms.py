@@ -120,3 +120,27 @@ def test_a_wildcard_typed_as_a_url_is_refused_without_a_dns_provider(api):
         assert status == 400 and error["error"]["field"] == "hostname", error
         assert "DNS provider" in error["error"]["message"]
     assert api.request("GET", "/api/v1/routes")[2]["routes"] == []
+
+
+def test_a_policy_with_several_faults_names_them_all_and_writes_nothing(api):
+    status, _, error = api.request("POST", "/api/v1/access-policies", {
+        "name": "", "allow": ["not-a-cidr"], "require": "most", "pass_authorization": "yes"})
+    assert status == 400
+    assert fields_of(error) == ["name", "allow", "require", "pass_authorization"]
+    assert error["error"]["field"] == "name"                  # the first, as before
+    assert api.request("GET", "/api/v1/access-policies")[2]["access_policies"] == []
+
+
+def test_an_alert_target_with_several_faults_names_them_all_and_writes_nothing(api):
+    status, _, error = api.request("POST", "/api/v1/alert-targets", {
+        "url": "ftp://hooks.example/x", "format": "telegram", "events": ["everything"]})
+    assert status == 400
+    assert fields_of(error) == ["name", "url", "format", "events"]
+    assert api.request("GET", "/api/v1/alert-targets")[2]["alert_targets"] == []
+    status, _, target = api.request("POST", "/api/v1/alert-targets", {
+        "name": "pager", "url": "https://hooks.example/x"})
+    assert status == 201, target
+    status, _, error = api.request("PATCH", f"/api/v1/alert-targets/{target['id']}", {
+        "name": "x" * 65, "format": "telegram"})
+    assert status == 400 and fields_of(error) == ["name", "format"]
+    assert api.request("GET", f"/api/v1/alert-targets/{target['id']}")[2]["name"] == "pager"
