@@ -570,6 +570,24 @@ def test_access_log_has_the_fields_and_never_a_token(api, caplog):
     assert any(line["edge_id"] for line in access if line["path"].endswith("/me/config"))
 
 
+def test_an_unchanged_poll_is_logged_only_at_debug(api, caplog):
+    _, token = api.register_edge("edge1")
+    etag = api.request("GET", "/api/v1/edge-nodes/me/config", auth=token)[1]["ETag"]
+
+    def poll_lines(level):
+        caplog.clear()
+        with caplog.at_level(level, logger="kokoa"):
+            status = api.request("GET", "/api/v1/edge-nodes/me/config", auth=token,
+                                 headers={"If-None-Match": etag})[0]
+            assert status == 304
+            assert api.request("GET", "/api/v1/edge-nodes/me/config", auth="wrong")[0] == 401
+        return [(r.levelname, r.access["status"]) for r in caplog.records
+                if r.getMessage() == "request"]
+
+    assert poll_lines(logging.INFO) == [("INFO", 401)]          # a refused poll is still seen
+    assert poll_lines(logging.DEBUG) == [("DEBUG", 304), ("INFO", 401)]
+
+
 def test_ui_is_served_with_strict_security_headers(api):
     status, headers, body = api.request("GET", "/")
     assert status in (200, 404)
