@@ -1336,11 +1336,13 @@
     );
   }
 
-  const EDGE_BADGES = {online: ["ok", "online"], stale: ["warn", "stale"], offline: ["bad", "offline"], never: ["muted", "never polled"]};
+  const EDGE_BADGES = {online: ["ok", "online"], stale: ["warn", "stale"], offline: ["bad", "offline"]};
 
-  /** online / stale (missed 3 polls) / offline (missed 10) / never, as the control plane judges it. */
+  /** online / stale (missed 3 polls) / offline (missed 10), as the control plane judges it; an
+   *  edge that never polled has no badge: its last-seen time already says "never". */
   function edgeStateBadge(edge) {
-    const [kind, text] = EDGE_BADGES[edge.state] || EDGE_BADGES.never;
+    if (!EDGE_BADGES[edge.state]) return null;
+    const [kind, text] = EDGE_BADGES[edge.state];
     return el("span", {class: "badges"}, badge(kind, text));
   }
 
