@@ -1111,6 +1111,34 @@ def test_metrics_count_requests_by_route_template_and_fleet_state(api):
     assert token not in text
 
 
+def test_latency_histogram_buckets_are_cumulative_with_the_bounds_inclusive():
+    metrics = kokoa.Metrics()
+    for seconds in (0.0005, 0.001, 0.003, 0.3, 20.0):
+        metrics.observe("/p", "GET", 200, seconds)
+    lines = metrics.render()
+    buckets = {line.split('le="')[1].split('"')[0]: int(line.rsplit(" ", 1)[1])
+               for line in lines if "_bucket{" in line}
+    assert buckets == {"0.001": 2, "0.0025": 2, "0.005": 3, "0.01": 3, "0.025": 3, "0.05": 3,
+                       "0.1": 3, "0.25": 3, "0.5": 4, "1.0": 4, "2.5": 4, "10.0": 4, "+Inf": 5}
+    assert 'kokoa_http_request_duration_seconds_count{route="/p",method="GET"} 5' in lines
+    assert 'kokoa_http_request_duration_seconds_sum{route="/p",method="GET"} 20.304500' in lines
+
+
+def test_a_path_without_parameters_is_matched_the_same_from_the_remembered_hits():
+    for _ in range(2):      # the second time from STATIC_ROUTE_HITS
+        entry, params = kokoa.match_route("GET", "/api/v1/edge-nodes/me/config")
+        assert (entry.pattern, params) == ("/api/v1/edge-nodes/me/config", {})
+        entry, params = kokoa.match_route("HEAD", "/api/v1/edge-nodes/me/config")
+        assert entry.method == "GET" and params == {}
+        with pytest.raises(kokoa.HTTPError) as err:
+            kokoa.match_route("DELETE", "/api/v1/edge-nodes/me/config")
+        assert err.value.status == 405
+    assert ("DELETE", "/api/v1/edge-nodes/me/config") not in kokoa.STATIC_ROUTE_HITS
+    entry, params = kokoa.match_route("GET", "/api/v1/routes/abc")
+    assert params == {"id": "abc"} and ("GET", "/api/v1/routes/abc") not in \
+        kokoa.STATIC_ROUTE_HITS
+
+
 def test_metrics_need_admin_from_elsewhere(tmp_path):
     app = migrated_app(make_config(tmp_path / "k.db"))
     captured = {}
