@@ -415,6 +415,16 @@ fetch_config() {
   return 1
 }
 
+# ": why" for a call to the control plane that got HTTP $1: the error message of its answer
+# (file $2) or, with no answer (000), curl's own last line (file $3).
+call_failure() {
+  if [[ $1 == 000 ]]; then
+    printf ': %s' "$(one_line "$(tail -n 1 -- "$3")")"
+  else
+    error_message "$2"
+  fi
+}
+
 error_message() {
   local msg
   msg=$(jq -r '.error.message // empty' -- "$1" 2>/dev/null) || true
@@ -443,8 +453,8 @@ post_status() {
       2>"$errfile") || true
     [[ $code != 2?? ]] || return 0
   fi
-  warn "could not report status to the control plane (HTTP $code$(
-    [[ $code == 000 ]] && printf ': %s' "$(one_line "$(tail -n 1 -- "$errfile")")"))"
+  warn "could not report status to the control plane (HTTP $code$(call_failure "$code" \
+    "$answer" "$errfile"))"
   return 1
 }
 
@@ -2627,7 +2637,8 @@ fleet_download() {
     304) return 0 ;;
     200) ;;
     *)
-      ERROR="could not download the fleet's certificates (HTTP $code$(error_message "$body"))"
+      ERROR="could not download the fleet's certificates (HTTP $code$(call_failure "$code" \
+        "$body" "$errfile"))"
       return 1
       ;;
   esac
@@ -2764,10 +2775,22 @@ fleet_call() {
     2>/dev/null || true
 }
 
+# Extend this edge's claim on fleet certificate $1 (a claim lasts KOKOA_CERT_CLAIM_SECONDS
+# from its last call): a slow CA must not let another edge issue meanwhile, nor the upload of
+# a certificate already issued be refused. Refused when another edge claimed it since.
+fleet_extend_claim() {
+  local answer
+  # shellcheck disable=SC2310  # returns mktemp's status
+  make_tmp answer "$STATE_DIR/fleet-claim.json" || return 0
+  fleet_call "$1" POST /claim '{}' "$answer" >/dev/null
+  rm -f -- "$answer"
+}
+
 # Claim host $1, run certbot (staging if $2 is true) and share the result with the fleet.
 # 0 only when the certificate was uploaded.
 fleet_issue() {
-  local h=$1 staging=$2 out code next body live
+  local h=$1 staging=$2 out code next body live error
+  C_ERROR=""
   # shellcheck disable=SC2310  # returns mktemp's status
   make_tmp out "$STATE_DIR/fleet-answer.json" || return
   code=$(fleet_call "$h" POST /claim '{}' "$out")
@@ -2801,6 +2824,7 @@ fleet_issue() {
     make_tmp body "$STATE_DIR/fleet-upload.json" || return
     jq -n --rawfile f "$live/fullchain.pem" --rawfile k "$live/privkey.pem" \
       '{fullchain: $f, privkey: $k}' >"$body" || return
+    fleet_extend_claim "$h"
     code=$(fleet_call "$h" PUT "" "@$body" "$out")
     rm -f -- "$body"
     if [[ $code == 204 ]]; then
@@ -2809,8 +2833,9 @@ fleet_issue() {
     fi
     C_ERROR="the control plane refused the new certificate (HTTP $code$(error_message "$out"))"
   fi
+  error=$C_ERROR
   read_cert_state "$h"
-  C_FAILS=$((C_FAILS + 1))
+  C_ERROR=$error C_FAILS=$((C_FAILS + 1))
   # The control plane backs the fleet off as much; no claim is asked for until then.
   now
   C_NEXT=$((NOW + $(backoff_delay "$C_FAILS" "$CERT_BACKOFF_MIN" "$CERT_BACKOFF_MAX")))
@@ -2892,6 +2917,10 @@ cmd_acme_hook() {
         || die "CERTBOT_VALIDATION is not a key authorization of the token"
       install -d -m 0755 -- "$WEBROOT/.well-known" "$WEBROOT/.well-known/acme-challenge"
       printf '%s' "$validation" | write_atomic "$file" 0644
+      # shellcheck disable=SC2310  # a predicate
+      if is_hostname "${KOKOA_FLEET_NAME:-}"; then
+        fleet_extend_claim "$KOKOA_FLEET_NAME"
+      fi
       # shellcheck disable=SC2310  # one pipeline; its status is curl's
       code=$(curl_cp -g -o /dev/null -X PUT -H 'Content-Type: application/json' \
         --data-binary "{\"key_authorization\":\"$validation\"}" \
@@ -2910,6 +2939,7 @@ cmd_acme_hook() {
         return 0
       fi
       [[ $validation =~ ^[A-Za-z0-9_-]{16,128}$ ]] || die "CERTBOT_VALIDATION is not a DNS-01 value"
+      fleet_extend_claim "$name"
       # shellcheck disable=SC2310  # one pipeline; its status is curl's
       code=$(curl_cp -g -o /dev/null --max-time 180 -X PUT -H 'Content-Type: application/json' \
         --data-binary "{\"value\":\"$validation\"}" "$url/dns-challenges/$name" 2>/dev/null) \

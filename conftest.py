@@ -8,6 +8,7 @@ this module (so this one never imports netlab).
 """
 
 import base64
+import contextlib
 import datetime
 import http.client
 import json
@@ -154,6 +155,28 @@ def stop_process(proc, timeout=10.0):
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(timeout=timeout)
+
+
+def kill_session(leader_pid):
+    """SIGKILL every process of the session `leader_pid` leads (a Popen started with
+    start_new_session=True): its process group and the groups its children made (timeout(1)
+    makes its own, so killpg leaves the command it runs behind)."""
+    for _ in range(5):      # a process may fork while we look
+        members = []
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                fields = stat.read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if fields[0] != "Z" and int(fields[3]) == leader_pid:   # state ppid pgrp sid
+                members.append(int(stat.parent.name))
+        if not members:
+            return
+        for pid in members:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        time.sleep(0.05)
+    raise AssertionError(f"processes of session {leader_pid} outlived SIGKILL: {members}")
 
 
 def basic_auth(user, password):

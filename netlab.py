@@ -114,6 +114,7 @@ class Forwarder:
         try:
             with in_netns(self.target_netns) if self.target_netns else contextlib.nullcontext():
                 upstream = socket.create_connection(("127.0.0.1", self.target_port), timeout=10)
+            upstream.settimeout(None)       # 10 s to connect, then as long as the ends wait
         except OSError:
             client.close()
             return
@@ -612,6 +613,7 @@ class ControlPlaneDouble:
         self.status_requests = []   # the headers of each /me/status
         self.refuse_field = None    # answer a /me/status holding this field 400, as an older
                                     # control plane does
+        self.hang_up = set()        # paths whose requests are read and never answered
         double = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -674,6 +676,10 @@ class ControlPlaneDouble:
 
             def do_POST(self):  # noqa: N802 (http.server API)
                 double.status_requests.append(dict(self.headers))
+                if self.path in double.hang_up:
+                    self.rfile.read(int(self.headers.get("Content-Length", "0")))
+                    self.close_connection = True
+                    return
                 if self.path != "/api/v1/edge-nodes/me/status":
                     return self._error(404, "not_found")
                 if not self._authorized():

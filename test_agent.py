@@ -385,6 +385,17 @@ def test_control_plane_down_leaves_nginx_serving(edge, double, backends):
     assert edge.get("a.example.com") == (200, "alpha /")
 
 
+def test_a_status_report_without_an_answer_is_warned_of_with_curls_reason(
+        edge, double, backends):
+    apply_routes(edge, double, {"a.example.com": backends[0].addr})
+    double.hang_up.add("/api/v1/edge-nodes/me/status")
+    double.payload = make_payload({"a.example.com": backends[1].addr})
+    proc = edge.once()
+    assert "could not report status to the control plane (HTTP 000: curl: (52) Empty reply " \
+           "from server)" in proc.stderr, proc.stderr
+    assert edge.get("a.example.com") == (200, "beta /")
+
+
 def test_control_plane_errors_then_slowness_keep_serving_and_converge(edge, double, backends):
     apply_routes(edge, double, {"a.example.com": backends[0].addr})
     double.status = 500

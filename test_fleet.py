@@ -9,12 +9,11 @@ every name with the first edge (127.0.0.1 there) unless a test points a name els
 """
 
 import os
-import signal
 import stat
 
 import pytest
 
-from conftest import require_root, require_tools, wait_until
+from conftest import kill_session, require_root, require_tools, wait_until
 from netlab import TOOLS, Knot, built_world
 
 HOST = "app.example.test"
@@ -103,24 +102,49 @@ def test_a_claim_holder_killed_mid_issue_hands_over_once_its_claim_expires(world
     slow.chmod(0o755)
     holder = edge1.agent("once", env={"CERTBOT_BIN": str(slow)})
     try:
-        wait_until(lambda: (certificate_states(world)[HOST]["claim"] or {}).get(
-            "holder_edge_name") == "edge1", timeout=60, interval=0.2, what="edge1's claim")
+        seen = wait_until(lambda: "claimed" if (certificate_states(world)[HOST]["claim"] or {})
+                          .get("holder_edge_name") == "edge1"
+                          else "exited" if holder.poll() is not None else None,
+                          timeout=60, interval=0.2, what="edge1's claim")
+    except AssertionError:
+        seen = "timed out"
     finally:
-        os.killpg(holder.pid, signal.SIGKILL)
-        holder.wait(timeout=10)
+        kill_session(holder.pid)        # the agent, and certbot under its timeout(1)
+        out = holder.communicate(timeout=10)[0]
+    assert seen == "claimed" and "this edge holds the fleet's claim; asking the CA" in out, out
     out = edge2.once()
     assert f"certificate for {HOST}: not issued here: edge edge1 issues" in out, out
     assert world.issued_orders() == 0
     wait_until(lambda: certificate_states(world)[HOST]["claim"] is None, timeout=30,
                interval=0.5, what="edge1's claim to expire")
     # The CA reaches edge1 (pebble's default answer), whose agent is dead: its nginx still
-    # answers the token from the control plane.
-    out = edge2.once()
+    # answers the token from the control plane. edge2's certbot starts slower than a claim
+    # lasts: its hooks extend the claim, so the certificate is not lost at the upload.
+    slower = tmp_path / "slower-certbot"
+    slower.write_text("#!/bin/sh\nsleep 10\nexec certbot \"$@\"\n")
+    slower.chmod(0o755)
+    out = edge2.once(env={"CERTBOT_BIN": str(slower)})
     assert f"certificate for {HOST} obtained and shared with the fleet" in out, out
     assert world.issued_orders() == 1
     edge1.once()
     assert edge1.served_certificate(HOST) == edge2.served_certificate(HOST)
     assert certificate_states(world)[HOST]["issuer_edge_name"] == "edge2"
+
+
+def test_a_failed_issue_tells_the_fleet_why_in_certbots_words(world, tmp_path):
+    world.route(HOST, world.origin_a, 8080)
+    failing = tmp_path / "failing-certbot"
+    failing.write_text("#!/bin/sh\necho 'Saving debug log to /dev/null'\n"
+                       "echo '  Detail: 192.0.2.7: Fetching http://app.example.test/.well-known/"
+                       "acme-challenge/x: Connection refused'\nexit 1\n")
+    failing.chmod(0o755)
+    out = world.first_edge().once(rc=None, env={"CERTBOT_BIN": str(failing)})
+    reason = ("certbot failed (rc 1): Detail: 192.0.2.7: Fetching "
+              "http://app.example.test/.well-known/acme-challenge/x: Connection refused")
+    assert f"certificate for {HOST}: {reason}" in out, out
+    state = certificate_states(world)[HOST]
+    assert state["last_error"].startswith(reason) and state["next_attempt_at"], state
+    assert world.issued_orders() == 0
 
 
 def test_an_edge_limited_to_schema_2_keeps_its_own_certificates_and_shares_them_upgraded(
