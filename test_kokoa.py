@@ -588,6 +588,17 @@ def test_an_unchanged_poll_is_logged_only_at_debug(api, caplog):
     assert poll_lines(logging.DEBUG) == [("DEBUG", 304), ("INFO", 401)]
 
 
+def test_a_304_sends_only_what_updates_the_stored_response(api):
+    _, token = api.register_edge("edge1")
+    status, headers, _ = api.my_config(token)
+    assert status == 200 and headers["X-Frame-Options"] == "DENY"
+    status, headers, _ = api.my_config(token, headers["ETag"])
+    assert status == 304
+    # RFC 9110 15.4.5: the stored 200 keeps its security headers; a poll parses fewer.
+    assert {name.lower() for name in headers} - {"date", "server", "connection"} == {
+        "etag", "cache-control", "x-request-id"}
+
+
 def test_ui_is_served_with_strict_security_headers(api):
     status, headers, body = api.request("GET", "/")
     assert status in (200, 404)
@@ -1122,6 +1133,26 @@ def test_latency_histogram_buckets_are_cumulative_with_the_bounds_inclusive():
                        "0.1": 3, "0.25": 3, "0.5": 4, "1.0": 4, "2.5": 4, "10.0": 4, "+Inf": 5}
     assert 'kokoa_http_request_duration_seconds_count{route="/p",method="GET"} 5' in lines
     assert 'kokoa_http_request_duration_seconds_sum{route="/p",method="GET"} 20.304500' in lines
+
+
+def test_waitress_queue_warnings_become_one_summary_line_a_minute(monkeypatch):
+    clock = [1000.0]
+    monkeypatch.setattr(kokoa.time, "monotonic", lambda: clock[0])
+    summary = kokoa.QueueDepthSummary(interval=60)
+
+    def warn(depth):
+        record = logging.LogRecord("waitress.queue", logging.WARNING, "task.py", 1,
+                                   "Task queue depth is %d", (depth,), None)
+        return record.getMessage() if summary.filter(record) else None
+
+    first = warn(2)
+    assert first == ("1 request(s) waited for a free thread in the last 60 s (at most 2 in "
+                     "the queue): raise --threads if this recurs")
+    assert [warn(depth) for depth in (7, 3, 5)] == [None, None, None]
+    clock[0] += 60
+    assert warn(1) == ("4 request(s) waited for a free thread in the last 60 s (at most 7 in "
+                       "the queue): raise --threads if this recurs")
+    assert warn(9) is None
 
 
 def test_a_path_without_parameters_is_matched_the_same_from_the_remembered_hits():
