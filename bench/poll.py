@@ -8,7 +8,9 @@ Prints:
        - a Python client: --client-threads threads, each with one keep-alive
          http.client.HTTPConnection, polling for --duration seconds, target >= 0.8.
      Each run measures the baseline and then kokoa with each client; the ratio is per run
-     (machine load drifts), and the medians are printed.
+     (machine load drifts), and the medians are printed. Each run also reads the server's CPU
+     time per request (/proc/PID/stat), whose ratio is much steadier than throughput on a
+     shared 2-core machine (the client competes for the same cores).
   2. The time of the first config build for 10,000 and 100,000 routes (targets < 0.5 s and
      < 5 s) and the server process's peak memory after it (target < 300 MB).
 
@@ -151,6 +153,19 @@ def start_kokoa(workdir, routes, threads):
     return server, token
 
 
+def cpu_seconds(pid):
+    """User + system CPU time of process `pid` so far, in seconds."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def cpu_per_request(pid, duration, measure, *call):
+    """(what measure(*call) returned, the server's CPU microseconds per request in it)."""
+    before = cpu_seconds(pid)
+    result = measure(*call)
+    return result, (cpu_seconds(pid) - before) / (result[0] * duration) * 1e6
+
+
 def peak_rss_mb(pid):
     status = Path(f"/proc/{pid}/status").read_text()
     return int(re.search(r"VmHWM:\s+(\d+) kB", status).group(1)) / 1024
@@ -179,11 +194,15 @@ def bench_poll(args):
                 measure(baseline_url, [], 200)
                 measure(url, poll_headers, 304)
             results = {name: [] for name in clients}
+            cpu = {name: [] for name in clients}
             for _ in range(args.runs):
                 for name, (_, measure) in clients.items():
-                    base, _ = measure(baseline_url, [], 200)
-                    ours, closed = measure(url, poll_headers, 304)
-                    results[name].append((base, ours, closed))
+                    base, base_cpu = cpu_per_request(baseline.pid, args.duration, measure,
+                                                     baseline_url, [], 200)
+                    (ours, closed), ours_cpu = cpu_per_request(
+                        server.proc.pid, args.duration, measure, url, poll_headers, 304)
+                    results[name].append((base[0], ours, closed))
+                    cpu[name].append((base_cpu, ours_cpu))
         finally:
             server.stop()
             stop_process(baseline)
@@ -199,6 +218,11 @@ def bench_poll(args):
         print(f"    kokoa /me/config 304:           median {statistics.median(kokoa_rps):,.0f} "
               f"req/s" + (f" ({sum(closed):,} responses closed the connection)"
                           if any(closed) else ""))
+        base_cpu, kokoa_cpu = zip(*cpu[name], strict=True)
+        print(f"    server CPU per request: baseline median {statistics.median(base_cpu):.0f} "
+              f"us, kokoa {statistics.median(kokoa_cpu):.0f} us; ratio (baseline / kokoa, "
+              f"steadier than throughput on a shared machine) median "
+              f"{statistics.median(b / k for b, k in cpu[name]):.2f}")
         print(f"    ratio: median {statistics.median(ratios):.2f} (runs: "
               f"{', '.join(f'{r:.2f}' for r in ratios)})  target >= {target}")
 
