@@ -157,19 +157,31 @@ def stop_process(proc, timeout=10.0):
             proc.wait(timeout=timeout)
 
 
+def proc_stat(pid):
+    """The fields of /proc/PID/stat after the command name: state, ppid, pgrp, session, ...
+    (utime and stime are [11] and [12])."""
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+
+
+def cpu_seconds(pid):
+    """User + system CPU time of process `pid` so far, in seconds."""
+    fields = proc_stat(pid)
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def kill_session(leader_pid):
     """SIGKILL every process of the session `leader_pid` leads (a Popen started with
     start_new_session=True): its process group and the groups its children made (timeout(1)
     makes its own, so killpg leaves the command it runs behind)."""
     for _ in range(5):      # a process may fork while we look
         members = []
-        for stat in Path("/proc").glob("[0-9]*/stat"):
+        for entry in Path("/proc").glob("[0-9]*"):
             try:
-                fields = stat.read_text().rsplit(")", 1)[1].split()
+                fields = proc_stat(entry.name)
             except OSError:
                 continue
             if fields[0] != "Z" and int(fields[3]) == leader_pid:   # state ppid pgrp sid
-                members.append(int(stat.parent.name))
+                members.append(int(entry.name))
         if not members:
             return
         for pid in members:

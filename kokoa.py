@@ -4553,9 +4553,8 @@ class App:
             response = self.dispatch(req)
         finally:
             req.close()
-        headers = [("X-Request-ID", req.request_id), *response.headers]
-        if response.status != 304:
-            headers[1:1] = SECURITY_HEADERS
+        security = SECURITY_HEADERS if response.status != 304 else ()
+        headers = [("X-Request-ID", req.request_id), *security, *response.headers]
         if response.content_type:
             headers.append(("Content-Type", response.content_type))
         if not any(name.lower() == "cache-control" for name, _ in response.headers):

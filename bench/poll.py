@@ -36,7 +36,14 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 import kokoa  # noqa: E402
-from conftest import KokoaServer, free_port, http_ok, stop_process, wait_until  # noqa: E402
+from conftest import (  # noqa: E402
+    KokoaServer,
+    cpu_seconds,
+    free_port,
+    http_ok,
+    stop_process,
+    wait_until,
+)
 
 BASELINE_APP = '''
 import sys, waitress
@@ -151,12 +158,6 @@ def start_kokoa(workdir, routes, threads):
     server.start()
     _, token = server.register_edge("bench-edge")
     return server, token
-
-
-def cpu_seconds(pid):
-    """User + system CPU time of process `pid` so far, in seconds."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def cpu_per_request(pid, duration, measure, *call):

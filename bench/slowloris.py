@@ -36,28 +36,16 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from conftest import send_request, stop_process  # noqa: E402
+from conftest import cpu_seconds, free_port, send_request, stop_process  # noqa: E402
 
 PY = sys.executable
 PARTIAL = b"GET /api/v1/edge-nodes/me/config HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: "
-
-
-def free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def pct(values, q):
     """The q-th percentile (nearest rank) of a non-empty list."""
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, max(0, round(q / 100 * len(ordered) + 0.5) - 1))]
-
-
-def cpu_seconds(pid):
-    """utime + stime of a process, in seconds."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 # The attacker (a separate process, so its work does not share the poller's GIL) ############
