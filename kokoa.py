@@ -5620,6 +5620,27 @@ def make_server(app, host, port, threads, trusted_proxy=None,
             super().service()
             self.ready_since = time.monotonic()
 
+        def writable(self):                 # main thread, every turn of the loop
+            """Not while a worker is sending on this channel: waitress's handle_write then
+            does nothing, and the socket, writable, woke the loop again at once; the spin
+            took more CPU than the request it waited for."""
+            if self.will_close or self.close_when_flushed:
+                return True
+            if not self.total_outbufs_len:
+                return False
+            if not self.requests or self.total_outbufs_len > self.adj.outbuf_high_watermark:
+                return True                 # (above the mark a worker waits for the loop)
+            if not self.outbuf_lock.acquire(False):
+                return False                # a worker holds it, sending
+            self.outbuf_lock.release()
+            return True
+
+        def write_soon(self, data):         # worker thread
+            written = super().write_soon(data)
+            if self.total_outbufs_len:      # left unsent: the loop skipped us while we held the
+                self.server.pull_trigger()  # lock, so wake it now that the lock is free
+            return written
+
         def del_channel(self, map=None):    # main thread: waitress closes channels only there
             super().del_channel(map)
             key, self.key = self.key, None

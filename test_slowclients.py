@@ -225,3 +225,82 @@ def test_a_304_poll_keeps_its_keep_alive_connection_and_connection_close_still_c
             assert resp.headers["X-Request-ID"]
     finally:
         conn.close()
+
+
+@pytest.fixture
+def bare_server():
+    """kokoa.make_server around a given WSGI app, not running; closed at the end."""
+    servers = []
+
+    def make(app):
+        servers.append(kokoa.make_server(app, "127.0.0.1", 0, 2, **kokoa.WAITRESS_SETTINGS))
+        return servers[-1]
+    yield make
+    for server in servers:
+        server.close()
+        server.task_dispatcher.shutdown(timeout=5)
+
+
+def test_the_loop_leaves_a_channel_alone_while_its_worker_sends(bare_server):
+    """waitress's loop called handle_write on a channel whose worker held its output lock,
+    which then does nothing, and the socket, writable, woke the loop again at once: that spin
+    cost a 304 poll more CPU than the app (bench/poll.py). The loop now waits for the worker,
+    and flushes as soon as it lets go."""
+    server = bare_server(lambda environ, start_response: [])
+    ours, peer = socket.socketpair()
+    channel = server.channel_class(server, ours, ("127.0.0.1", 40000), server.adj, map={})
+    holding, done = threading.Event(), threading.Event()
+
+    def worker():
+        with channel.outbuf_lock:
+            holding.set()
+            done.wait(10)
+    thread = threading.Thread(target=worker)
+    try:
+        channel.total_outbufs_len, channel.requests = 10, [object()]   # a task writing ...
+        thread.start()
+        assert holding.wait(10)
+        assert not channel.writable()           # ... and sending: nothing for the loop to do
+        done.set()
+        thread.join(10)
+        assert channel.writable()               # it let go: what is left is the loop's
+        channel.requests = []
+        assert channel.writable()               # no task: waitress flushes without the lock
+        channel.total_outbufs_len = 0
+        assert not channel.writable()
+        channel.will_close = True
+        assert channel.writable()               # closing is the loop's job
+    finally:
+        done.set()
+        thread.join(10)
+        channel.total_outbufs_len, channel.requests = 0, []
+        channel.close()
+        peer.close()
+
+
+def test_a_response_larger_than_the_socket_buffers_reaches_a_slow_reader_whole(bare_server):
+    """What a worker cannot send at once is sent by the loop: nothing is left behind when the
+    loop skips a channel whose worker is sending."""
+    chunks = [bytes([65 + i]) * (1 << 20) for i in range(4)]
+
+    def app(environ, start_response):
+        start_response("200 OK", [("Content-Type", "application/octet-stream"),
+                                  ("Content-Length", str(sum(map(len, chunks))))])
+        return iter(chunks)
+    server = bare_server(app)
+    threading.Thread(target=server.run, daemon=True).start()
+    client = socket.socket()
+    client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)    # many partial sends
+    client.settimeout(30)
+    try:
+        client.connect(("127.0.0.1", int(server.effective_port)))
+        client.sendall(b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        answer = b""
+        while b"\r\n\r\n" not in answer or len(answer.partition(b"\r\n\r\n")[2]) < (4 << 20):
+            data = client.recv(1 << 16)
+            assert data, f"closed after {len(answer):,} bytes"
+            answer += data
+        head, _, body = answer.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200 ") and body == b"".join(chunks)
+    finally:
+        client.close()

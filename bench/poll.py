@@ -3,7 +3,9 @@
 Prints:
   1. 304-poll throughput of GET /api/v1/edge-nodes/me/config with 1,000 routes, as a ratio to a
      bare waitress app returning a fixed 200-byte JSON, measured in the same run with the same
-     server thread count and the same load generator, for two load generators:
+     server thread count and the same load generator (and, without a target, to the same bare
+     app on kokoa.make_server, whose loop does not spin while a worker sends: that ratio is the
+     app's own cost), for two load generators:
        - wrk (-t2 -c32; if installed), target >= 0.7;
        - a Python client: --client-threads threads, each with one keep-alive
          http.client.HTTPConnection, polling for --duration seconds, target >= 0.8.
@@ -45,6 +47,9 @@ from conftest import (  # noqa: E402
     wait_until,
 )
 
+# Run as `python -c BASELINE_APP port threads server`: server "waitress" is bare
+# waitress.serve (the target's baseline); "kokoa" is kokoa.make_server with serve's settings
+# and logging, which tells the app's own cost from the server's.
 BASELINE_APP = '''
 import sys, waitress
 BODY = (b'{"status":"ok","padding":"' + b"x" * 172 + b'"}')
@@ -53,8 +58,15 @@ def app(environ, start_response):
     start_response("200 OK", [("Content-Type", "application/json"),
                               ("Content-Length", str(len(BODY)))])
     return [BODY]
-waitress.serve(app, host="127.0.0.1", port=int(sys.argv[1]), threads=int(sys.argv[2]),
-               ident="baseline", _quiet=True)
+port, threads = int(sys.argv[1]), int(sys.argv[2])
+if sys.argv[3] == "waitress":
+    waitress.serve(app, host="127.0.0.1", port=port, threads=threads, ident="baseline",
+                   _quiet=True)
+else:
+    sys.path.insert(0, sys.argv[4])
+    import kokoa
+    kokoa.configure_logging({})
+    kokoa.make_server(app, "127.0.0.1", port, threads, **kokoa.WAITRESS_SETTINGS).run()
 '''
 
 # Run as `python -c PY_CLIENT port path expected_status threads seconds [header ...]`: prints
@@ -142,9 +154,10 @@ def py_client(url, duration, headers, expected, threads):
     return float(rate), int(closed)
 
 
-def start_baseline(threads):
+def start_baseline(threads, server="waitress"):
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-c", BASELINE_APP, str(port), str(threads)],
+    proc = subprocess.Popen([sys.executable, "-c", BASELINE_APP, str(port), str(threads),
+                             server, str(REPO)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
     wait_until(lambda: http_ok(f"http://127.0.0.1:{port}/"), timeout=20, what="baseline server")
@@ -172,17 +185,25 @@ def peak_rss_mb(pid):
     return int(re.search(r"VmHWM:\s+(\d+) kB", status).group(1)) / 1024
 
 
+BARE, SAME_SERVER, KOKOA = ("bare waitress, fixed 200-byte JSON",
+                             "the same app on kokoa.make_server",
+                             "kokoa /me/config 304")
+
+
 def bench_poll(args):
     with tempfile.TemporaryDirectory() as tmp:
         server, token = start_kokoa(Path(tmp), 1000, args.threads)
-        baseline, baseline_url = start_baseline(args.threads)
+        baselines = [start_baseline(args.threads, kind) for kind in ("waitress", "kokoa")]
         try:
             status, headers, _ = server.request("GET", "/api/v1/edge-nodes/me/config",
                                                 auth=token)
             assert status == 200
-            poll_headers = [f"Authorization: Bearer {token}",
-                            f"If-None-Match: {headers['ETag']}"]
-            url = server.url + "/api/v1/edge-nodes/me/config"
+            targets = {    # name -> (server pid, url, request headers, expected status)
+                BARE: (baselines[0][0].pid, baselines[0][1], [], 200),
+                SAME_SERVER: (baselines[1][0].pid, baselines[1][1], [], 200),
+                KOKOA: (server.proc.pid, server.url + "/api/v1/edge-nodes/me/config",
+                        [f"Authorization: Bearer {token}",
+                         f"If-None-Match: {headers['ETag']}"], 304)}
             clients = {}
             if shutil.which("wrk"):
                 clients[f"wrk -t2 -c32 -d{args.duration}s"] = (
@@ -192,40 +213,39 @@ def bench_poll(args):
                 0.8, lambda target, hdrs, status: py_client(target, args.duration, hdrs, status,
                                                             args.client_threads))
             for _, measure in clients.values():     # warm-up: connections, caches
-                measure(baseline_url, [], 200)
-                measure(url, poll_headers, 304)
-            results = {name: [] for name in clients}
-            cpu = {name: [] for name in clients}
+                for _, url, hdrs, expected in targets.values():
+                    measure(url, hdrs, expected)
+            # client -> target -> [(requests/s, closed connections, server CPU us/request)]
+            results = {client: {name: [] for name in targets} for client in clients}
             for _ in range(args.runs):
-                for name, (_, measure) in clients.items():
-                    base, base_cpu = cpu_per_request(baseline.pid, args.duration, measure,
-                                                     baseline_url, [], 200)
-                    (ours, closed), ours_cpu = cpu_per_request(
-                        server.proc.pid, args.duration, measure, url, poll_headers, 304)
-                    results[name].append((base[0], ours, closed))
-                    cpu[name].append((base_cpu, ours_cpu))
+                for client, (_, measure) in clients.items():
+                    for name, (pid, url, hdrs, expected) in targets.items():
+                        (rps, closed), cpu = cpu_per_request(pid, args.duration, measure,
+                                                             url, hdrs, expected)
+                        results[client][name].append((rps, closed, cpu))
         finally:
             server.stop()
-            stop_process(baseline)
+            for proc, _ in baselines:
+                stop_process(proc)
     print(f"304 poll, 1,000 routes, {args.threads} server threads, {args.runs} runs")
     if "wrk" not in " ".join(clients):
         print("  wrk: not installed (apt-get install wrk), skipped")
-    for name, (target, _) in clients.items():
-        base_rps, kokoa_rps, closed = zip(*results[name], strict=True)
-        ratios = [ours / base for base, ours, _ in results[name]]
-        print(f"  {name}:")
-        print(f"    baseline (fixed 200-byte JSON): median {statistics.median(base_rps):,.0f} "
-              f"req/s")
-        print(f"    kokoa /me/config 304:           median {statistics.median(kokoa_rps):,.0f} "
-              f"req/s" + (f" ({sum(closed):,} responses closed the connection)"
-                          if any(closed) else ""))
-        base_cpu, kokoa_cpu = zip(*cpu[name], strict=True)
-        print(f"    server CPU per request: baseline median {statistics.median(base_cpu):.0f} "
-              f"us, kokoa {statistics.median(kokoa_cpu):.0f} us; ratio (baseline / kokoa, "
-              f"steadier than throughput on a shared machine) median "
-              f"{statistics.median(b / k for b, k in cpu[name]):.2f}")
-        print(f"    ratio: median {statistics.median(ratios):.2f} (runs: "
-              f"{', '.join(f'{r:.2f}' for r in ratios)})  target >= {target}")
+    for client, (target, _) in clients.items():
+        print(f"  {client}:")
+        for name, runs in results[client].items():
+            closed = sum(run[1] for run in runs)
+            print(f"    {name + ':':40s} median {statistics.median(r[0] for r in runs):6,.0f} "
+                  f"req/s, server CPU {statistics.median(r[2] for r in runs):4.0f} us/request"
+                  + (f" ({closed:,} responses closed the connection)" if closed else ""))
+        for versus, note in ((BARE, f"target >= {target}"),
+                             (SAME_SERVER, "the app's own cost; no target")):
+            ratios = [ours[0] / base[0] for base, ours
+                      in zip(results[client][versus], results[client][KOKOA], strict=True)]
+            cpu = [base[2] / ours[2] for base, ours
+                   in zip(results[client][versus], results[client][KOKOA], strict=True)]
+            print(f"    kokoa / {versus.split(',')[0]}: median {statistics.median(ratios):.2f} "
+                  f"(runs: {', '.join(f'{r:.2f}' for r in ratios)}); by CPU per request "
+                  f"{statistics.median(cpu):.2f}  {note}")
 
 
 def bench_build(count):
