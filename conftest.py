@@ -163,9 +163,9 @@ def proc_stat(pid):
     return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
 
 
-def cpu_seconds(pid):
-    """User + system CPU time of process `pid` so far, in seconds."""
-    fields = proc_stat(pid)
+def cpu_seconds(pid, thread=None):
+    """User + system CPU time of process `pid` (or of its thread `thread`) so far, in s."""
+    fields = proc_stat(pid if thread is None else f"{pid}/task/{thread}")
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 

@@ -174,10 +174,13 @@ def start_kokoa(workdir, routes, threads):
 
 
 def cpu_per_request(pid, duration, measure, *call):
-    """(what measure(*call) returned, the server's CPU microseconds per request in it)."""
-    before = cpu_seconds(pid)
+    """(what measure(*call) returned, the server's CPU microseconds per request in it, those of
+    its main thread: waitress's I/O loop, which reads requests and wakes for answers)."""
+    before, loop_before = cpu_seconds(pid), cpu_seconds(pid, thread=pid)
     result = measure(*call)
-    return result, (cpu_seconds(pid) - before) / (result[0] * duration) * 1e6
+    requests = result[0] * duration
+    return (result, (cpu_seconds(pid) - before) / requests * 1e6,
+            (cpu_seconds(pid, thread=pid) - loop_before) / requests * 1e6)
 
 
 def peak_rss_mb(pid):
@@ -215,14 +218,15 @@ def bench_poll(args):
             for _, measure in clients.values():     # warm-up: connections, caches
                 for _, url, hdrs, expected in targets.values():
                     measure(url, hdrs, expected)
-            # client -> target -> [(requests/s, closed connections, server CPU us/request)]
+            # client -> target -> [(requests/s, closed connections, server CPU us/request,
+            #                       of which the I/O loop's)]
             results = {client: {name: [] for name in targets} for client in clients}
             for _ in range(args.runs):
                 for client, (_, measure) in clients.items():
                     for name, (pid, url, hdrs, expected) in targets.items():
-                        (rps, closed), cpu = cpu_per_request(pid, args.duration, measure,
-                                                             url, hdrs, expected)
-                        results[client][name].append((rps, closed, cpu))
+                        (rps, closed), cpu, loop = cpu_per_request(pid, args.duration, measure,
+                                                                   url, hdrs, expected)
+                        results[client][name].append((rps, closed, cpu, loop))
         finally:
             server.stop()
             for proc, _ in baselines:
@@ -235,7 +239,8 @@ def bench_poll(args):
         for name, runs in results[client].items():
             closed = sum(run[1] for run in runs)
             print(f"    {name + ':':40s} median {statistics.median(r[0] for r in runs):6,.0f} "
-                  f"req/s, server CPU {statistics.median(r[2] for r in runs):4.0f} us/request"
+                  f"req/s, server CPU {statistics.median(r[2] for r in runs):4.0f} us/request "
+                  f"({statistics.median(r[3] for r in runs):3.0f} in the I/O loop)"
                   + (f" ({closed:,} responses closed the connection)" if closed else ""))
         for versus, note in ((BARE, f"target >= {target}"),
                              (SAME_SERVER, "the app's own cost; no target")):
