@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import random
+import re
 import sqlite3
 import stat
 import subprocess
@@ -77,6 +78,25 @@ def test_render_is_deterministic_whatever_the_input_order():
 def test_render_refuses_values_that_could_inject_directives(hostname, address):
     with pytest.raises(ValueError):
         kokoa.render_nginx_map({hostname: address})
+
+
+@pytest.mark.parametrize("hostname, hostnames", [
+    ("b.example.com\nc.example.com", False),   # two valid names in one: the lines are counted
+    ("*.b.example.com\n*.c.example.com", True),
+    ("b.example.com\n", False),
+    ("*.b.example.com", False),                # a wildcard only in a map with `hostnames`
+    ("b.*.example.com", True),
+    ("*.*.example.com", True),
+    ("", False),
+])
+def test_render_refuses_one_bad_name_among_many_good_ones(hostname, hostnames):
+    """The names are checked all at once (joined by newlines); a bad one is still named."""
+    routes = {f"h{i}.example.com": "10.8.0.2:80" for i in range(100)}
+    routes[hostname] = "10.8.0.3:80"
+    with pytest.raises(ValueError, match=f"unvalidated route {re.escape(repr(hostname))}"):
+        kokoa.render_nginx_map(routes, hostnames=hostnames)
+    del routes[hostname]
+    assert kokoa.render_nginx_map(routes, hostnames=hostnames).count(".com kokoa_v4_") == 100
 
 
 def test_map_hash_sizes_grow_with_long_and_many_names():
