@@ -3383,7 +3383,7 @@ def edge_payloads(routes, peers, staging, schemas=SCHEMAS, keep_payloads=True):
     values = {("acme", None): {"staging": bool(staging)}, ("wireguard", None): {"peers": peers}}
     route_forms = {}        # (route keys of a schema, hostname) -> schema_route()
 
-    def part(what, key, make, *args):
+    def build_once(what, key, make, *args):
         if (what, key) not in values:
             values[what, key] = make(*args)
         return what, key
@@ -3392,37 +3392,39 @@ def edge_payloads(routes, peers, staging, schemas=SCHEMAS, keep_payloads=True):
     for schema in schemas:
         served, unserved_of[schema] = served_routes(routes, schema)
         served_key = frozenset(served)      # same names, same route objects: same parts
-        upstreams = part("upstreams", served_key, served_upstreams, served)
+        upstreams = build_once("upstreams", served_key, served_upstreams, served)
         keepalive = UPSTREAM_KEEPALIVE[schema]
         layouts[schema] = layout = {
-            "hostnames": part("hostnames", served_key, sorted, served),
-            "routes": upstreams if schema == 1 else part(
+            "hostnames": build_once("hostnames", served_key, sorted, served),
+            "routes": upstreams if schema == 1 else build_once(
                 ("routes", SCHEMA_ROUTE_KEYS[schema]), served_key, served_forms, served,
                 schema, route_forms),
             "acme": ("acme", None),
-            "nginx_map": part("nginx_map", (keepalive, schema >= 3, served_key),
-                              render_nginx_map, values[upstreams], keepalive, schema >= 3),
+            "nginx_map": build_once("nginx_map", (keepalive, schema >= 3, served_key),
+                                    render_nginx_map, values[upstreams], keepalive,
+                                    schema >= 3),
             "wireguard": ("wireguard", None),
         }
         if schema > 1:
-            layout["schema"] = part("schema", schema, int, schema)
-            layout["access"] = part("access", served_key, served_policies, served)
+            values["schema", schema] = schema
+            layout["schema"] = "schema", schema
+            layout["access"] = build_once("access", served_key, served_policies, served)
     route_forms.clear()                 # the values hold those still needed
-    uses = collections.Counter(part for layout in layouts.values() for part in layout.values())
+    uses = collections.Counter(key for layout in layouts.values() for key in layout.values())
     encoded, built = {}, {}
     for schema, layout in layouts.items():
         fields = {}
-        for field, part in sorted(layout.items()):
-            if part not in encoded:
-                encoded[part] = canonical_json(values[part])
-            fields[field] = encoded[part]
-        payload = {field: values[part] for field, part in layout.items()} if keep_payloads else {}
-        for part in layout.values():
-            uses[part] -= 1
-            if not uses[part]:
-                del encoded[part]
+        for field, key in sorted(layout.items()):
+            if key not in encoded:
+                encoded[key] = canonical_json(values[key])
+            fields[field] = encoded[key]
+        payload = {field: values[key] for field, key in layout.items()} if keep_payloads else {}
+        for key in layout.values():
+            uses[key] -= 1
+            if not uses[key]:
+                del encoded[key]
                 if not keep_payloads:
-                    del values[part]
+                    del values[key]
         config_hash = hashlib.sha256(json_object(fields)).hexdigest()
         fields["config_hash"] = canonical_json(config_hash)
         payload["config_hash"] = config_hash
