@@ -3314,10 +3314,9 @@ def route_objects(db):
     return routes
 
 
-def unserved_reason(route, schema, servable=None):
-    """Why `schema` cannot carry `route` (None if it can); `servable`, the keys it may carry,
-    saves a caller with many routes computing them for each."""
-    servable = servable or SCHEMA_ROUTE_KEYS[schema] | DROPPABLE_ROUTE_KEYS
+def unserved_reason(route, schema, servable):
+    """Why `schema` cannot carry `route` (None if it can); `servable` is the route keys it
+    may carry (or drop): SCHEMA_ROUTE_KEYS[schema] | DROPPABLE_ROUTE_KEYS."""
     if route.keys() <= servable:
         return None
     extra = [key for key in route.keys() - servable if route[key] is not None]
@@ -3339,20 +3338,14 @@ def edge_payload(routes, peers, staging, schema):
     return payload, unserved
 
 
-def schema_route(route, schema, defaults=None):
-    """A served route's object in a schema-2+ payload (its policy named by its key);
-    `defaults`, schema_route_defaults(schema), saves a caller computing it for each route."""
-    keys = SCHEMA_ROUTE_KEYS[schema]
-    found = (defaults or schema_route_defaults(schema)) | (route if route.keys() <= keys else {
+def schema_route(route, keys, defaults):
+    """A served route's object in a schema-2+ payload (its policy named by its key): its
+    fields among the schema's `keys`, `defaults` for those it does not set."""
+    found = defaults | (route if route.keys() <= keys else {
         field: value for field, value in route.items() if field in keys})
     if found.get("access") is not None:
         found["access"] = policy_key(found["access"])
     return found
-
-
-def schema_route_defaults(schema):
-    """{field: its value when a route does not say} of the fields `schema` carries."""
-    return {field: ROUTE_OPTIONS.get(field) for field in SCHEMA_ROUTE_KEYS[schema]}
 
 
 def served_routes(routes, schema):
@@ -3448,10 +3441,11 @@ def served_upstreams(served):
 def served_forms(served, schema, forms):
     """{hostname: schema_route()} of served routes; `forms` keeps each route's form for the
     schemas that carry the same keys."""
-    keys, defaults, found = SCHEMA_ROUTE_KEYS[schema], schema_route_defaults(schema), {}
+    keys, found = SCHEMA_ROUTE_KEYS[schema], {}
+    defaults = {field: ROUTE_OPTIONS.get(field) for field in keys}
     for hostname, route in served.items():
         if (keys, hostname) not in forms:
-            forms[keys, hostname] = schema_route(route, schema, defaults)
+            forms[keys, hostname] = schema_route(route, keys, defaults)
         found[hostname] = forms[keys, hostname]
     return found
 

@@ -5,6 +5,7 @@ trickled in cannot stretch. bench/slowloris.py measures the same at full size (r
 
 import http.client
 import ipaddress
+import itertools
 import json
 import selectors
 import socket
@@ -21,22 +22,32 @@ BODY = PARTIAL + b"a\r\nContent-Type: application/json\r\nContent-Length: 100000
 
 
 @pytest.fixture
-def serve(tmp_path):
-    """Start kokoa.make_server on a loopback port in a thread; returns its ApiClient."""
+def bare_server():
+    """kokoa.make_server around a given WSGI app, not running; closed at the end."""
     servers = []
 
-    def start(**limits):
-        config = make_config(tmp_path / f"k{len(servers)}.db")
-        server = kokoa.make_server(migrated_app(config), "127.0.0.1", 0, 4,
-                                   **kokoa.WAITRESS_SETTINGS, **limits)
-        threading.Thread(target=server.run, daemon=True).start()
-        servers.append(server)
-        return ApiClient(f"http://127.0.0.1:{server.effective_port}", config.admin_user,
-                         config.admin_password, config.bootstrap_token)
-    yield start
+    def make(app, **limits):
+        servers.append(kokoa.make_server(app, "127.0.0.1", 0, 4, **kokoa.WAITRESS_SETTINGS,
+                                         **limits))
+        return servers[-1]
+    yield make
     for server in servers:
         server.close()
         server.task_dispatcher.shutdown(timeout=5)
+
+
+@pytest.fixture
+def serve(tmp_path, bare_server):
+    """Start kokoa.make_server on a loopback port in a thread; returns its ApiClient."""
+    databases = itertools.count()
+
+    def start(**limits):
+        config = make_config(tmp_path / f"k{next(databases)}.db")
+        server = bare_server(migrated_app(config), **limits)
+        threading.Thread(target=server.run, daemon=True).start()
+        return ApiClient(f"http://127.0.0.1:{server.effective_port}", config.admin_user,
+                         config.admin_password, config.bootstrap_token)
+    return start
 
 
 def slow_sockets(url, count, first, source="127.0.0.1"):
@@ -225,20 +236,6 @@ def test_a_304_poll_keeps_its_keep_alive_connection_and_connection_close_still_c
             assert resp.headers["X-Request-ID"]
     finally:
         conn.close()
-
-
-@pytest.fixture
-def bare_server():
-    """kokoa.make_server around a given WSGI app, not running; closed at the end."""
-    servers = []
-
-    def make(app):
-        servers.append(kokoa.make_server(app, "127.0.0.1", 0, 2, **kokoa.WAITRESS_SETTINGS))
-        return servers[-1]
-    yield make
-    for server in servers:
-        server.close()
-        server.task_dispatcher.shutdown(timeout=5)
 
 
 def test_the_loop_leaves_a_channel_alone_while_its_worker_sends(bare_server):
